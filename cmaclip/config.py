@@ -1,0 +1,134 @@
+"""Configuration dataclasses for CMA-CLIP and the loader for `configs/*.json`.
+
+A config is plain data: `CMACLIPConfig` maps one-to-one onto the JSON files in `configs/`, so a run's
+config can be logged, diffed and rebuilt without importing anything but this module.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+STAGES = ("warmup", "end_to_end", "tuning")
+
+
+@dataclass
+class CLIPConfig:
+    """The open_clip model whose towers emit the token sequences."""
+    model_name: str = "ViT-B-32"
+    pretrained: str | None = None        # open_clip tag or local weights path; None = random init
+    overrides: dict[str, Any] = field(default_factory=dict)  # open_clip create_model kwargs (tiny configs)
+    force_quick_gelu: bool = False       # OpenAI weights were trained with QuickGELU
+    context_length: int = 77             # tokenizer context; batches are trimmed below it
+
+
+@dataclass
+class CMAConfig:
+    """Cross-modality attention: SequenceAttention, per-task ModalityAttention and MLP heads."""
+    layers: int = 12
+    width: int = 512
+    heads: int = 8
+    mlp_ratio: float = 4.0
+    dropout: float = 0.1
+    head_hidden: int = 512
+    # Ablations (paper Table 6 and single-modality baselines).
+    sequence_attention: bool = True      # False: pooled CLIP embeddings go straight to modality attention
+    modality_attention: bool = True      # False: lambda fixed at 0.5
+    modalities: str = "image+text"       # "image+text" | "image" | "text"
+
+
+@dataclass
+class StageConfig:
+    """One stage of Algorithm 1: epochs and learning rate per parameter group (0 = frozen)."""
+    epochs: int = 20
+    lr_clip: float = 0.0
+    lr_sequence: float = 1e-5
+    lr_modality: float = 1e-5
+    lr_head: float = 1e-5
+
+
+def _default_stages() -> dict[str, StageConfig]:
+    return {
+        "warmup": StageConfig(lr_clip=0.0),
+        "end_to_end": StageConfig(lr_clip=1e-5),
+        "tuning": StageConfig(lr_clip=0.0, lr_sequence=0.0),
+    }
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 1024               # effective batch; reached by accumulating micro-batches
+    micro_batch_size: int = 32
+    weight_decay: float = 1e-4
+    grad_clip: float = 1.0
+    patience: int = 3                    # early stopping, in epochs without a better validation metric
+    precision: str = "auto"              # "auto" | "fp32" | "bf16" | "fp16"
+    seed: int = 0
+    target_precision: float = 0.9        # recall is measured at this precision
+    monitor: str = "mean_recall_at_precision"
+    stages: dict[str, StageConfig] = field(default_factory=_default_stages)
+
+
+@dataclass
+class CMACLIPConfig:
+    name: str = "paper-vit-b-32"
+    clip: CLIPConfig = field(default_factory=CLIPConfig)
+    cma: CMAConfig = field(default_factory=CMAConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    tasks: dict[str, int] = field(default_factory=dict)  # task -> number of classes, set from the data
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "CMACLIPConfig":
+        d = dict(d)
+        train = dict(d.get("train", {}))
+        stages = _default_stages()
+        for name, s in train.pop("stages", {}).items():
+            if name not in STAGES:
+                raise ValueError(f"unknown stage {name!r}; stages are {STAGES}")
+            stages[name] = StageConfig(**s)
+        return cls(
+            name=d.get("name", "custom"),
+            clip=CLIPConfig(**d.get("clip", {})),
+            cma=CMAConfig(**d.get("cma", {})),
+            train=TrainConfig(**train, stages=stages),
+            tasks={k: int(v) for k, v in d.get("tasks", {}).items()},
+        )
+
+    def with_tasks(self, tasks: dict[str, int]) -> "CMACLIPConfig":
+        return dataclasses.replace(self, tasks=dict(tasks))
+
+
+VARIANTS: dict[str, dict[str, Any]] = {
+    "cma-clip": {},
+    "no-modality-attention": {"modality_attention": False},
+    "no-attention": {"modality_attention": False, "sequence_attention": False},
+    "image-only": {"modalities": "image"},
+    "text-only": {"modalities": "text"},
+}
+
+
+def with_variant(config: CMACLIPConfig, variant: str) -> CMACLIPConfig:
+    """The config of an ablation variant (paper Table 6) or single-modality baseline."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; choose from {sorted(VARIANTS)}")
+    return dataclasses.replace(config, cma=dataclasses.replace(config.cma, **VARIANTS[variant]))
+
+
+def load_config(name_or_path: str | Path) -> CMACLIPConfig:
+    """A config by name (`tiny`, `paper-vit-b-32`: files in configs/) or by path to a JSON file."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.json"
+    if not path.exists():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+        raise FileNotFoundError(f"config {name_or_path!r} not found; known configs: {known}")
+    return CMACLIPConfig.from_dict(json.loads(path.read_text()))

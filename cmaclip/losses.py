@@ -1,0 +1,19 @@
+"""Algorithm 1, lines 13-15: softmax cross-entropy per task, summed over tasks."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -1  # label id of a sample whose label for a task is missing
+
+
+def multitask_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]):
+    """Returns (sum over tasks, {task: loss}). A missing label (-1) masks that task's loss only; a task
+    with no labelled sample in the batch contributes zero rather than NaN."""
+    per_task = {}
+    for task, task_logits in logits.items():
+        target = labels[task]
+        n = (target != IGNORE).sum()
+        loss = F.cross_entropy(task_logits.float(), target, ignore_index=IGNORE, reduction="sum")
+        per_task[task] = loss / n.clamp(min=1)
+    return sum(per_task.values()), per_task

@@ -1,0 +1,69 @@
+"""Building the open_clip model: random weights, an open_clip tag, or a local weights file.
+
+A remote URI (s3://...) is fetched to a local file by `pipeline` first, so this module stays free of
+fsspec. Offline, a tag fails within seconds with a message that says what to do, not after a long retry.
+"""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import open_clip
+from torch import nn
+
+from .config import CLIPConfig
+
+HUB_HOST = ("huggingface.co", 443)
+
+
+class PretrainedWeightsError(RuntimeError):
+    """The configured CLIP weights cannot be loaded; the message says how to fix it."""
+
+
+def _looks_like_path(ref: str) -> bool:
+    return "/" in ref or ref.endswith((".bin", ".pt", ".pth", ".safetensors")) or ref.startswith("local-dir:")
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    try:
+        with socket.create_connection(HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_pretrained(cfg: CLIPConfig) -> str | None:
+    """Check the weights reference before open_clip gets it; returns what to pass as `pretrained`."""
+    ref = cfg.pretrained
+    if not ref:
+        return None
+    if "://" in ref:
+        raise PretrainedWeightsError(
+            f"pretrained={ref!r} is a remote URI: fetch it to a local file first "
+            "(pipeline.storage.fetch_to_cache does this for the CLI and the DAGs)")
+    if _looks_like_path(ref):
+        path = Path(ref.removeprefix("local-dir:")).expanduser()
+        if not path.exists():
+            raise PretrainedWeightsError(f"pretrained weights file {path} does not exist")
+        return ref if ref.startswith("local-dir:") else str(path)
+    tags = open_clip.list_pretrained_tags_by_model(cfg.model_name)
+    if ref not in tags:
+        raise PretrainedWeightsError(f"{ref!r} is not an open_clip tag for {cfg.model_name}; known tags: {tags}")
+    if not _hub_reachable():
+        raise PretrainedWeightsError(
+            f"open_clip weights {cfg.model_name}/{ref} need a download and no model hub is reachable "
+            "(or HF_HUB_OFFLINE is set). Download the weights where a hub is reachable and set "
+            "clip.pretrained to the local file path or an s3:// URI.")
+    return ref
+
+
+def create_clip(cfg: CLIPConfig, *, load_pretrained: bool = True) -> nn.Module:
+    """The open_clip CLIP model named by the config, in train mode like open_clip builds it."""
+    pretrained = resolve_pretrained(cfg) if load_pretrained else None
+    kwargs = dict(cfg.overrides)
+    model = open_clip.create_model(cfg.model_name, pretrained=pretrained,
+                                   force_quick_gelu=cfg.force_quick_gelu, **kwargs)
+    return model

@@ -1,0 +1,101 @@
+"""Where the project keeps its state, and the MLflow connection every pipeline step shares.
+
+Embedded default: `$CMACLIP_HOME/mlflow.db` (SQLite) with artifacts in `$CMACLIP_HOME/mlartifacts`.
+At scale, `MLFLOW_TRACKING_URI` points at an MLflow server and its artifact store takes over.
+
+SQLite and parallel writers (mapped Airflow tasks, pytest workers): MLflow already sets a busy timeout
+per session; what breaks is (1) several processes creating the schema of a fresh file at once, (2) pooled
+connections holding stale locks, and (3) two processes creating the same experiment. `configure()`
+handles (1) with a file lock and WAL mode, (2) with SQLAlchemy's NullPool, and `experiment_id()` (3)
+by re-reading after a lost race.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+_prepared: set[str] = set()  # SQLite files this process has already prepared
+
+
+def home() -> Path:
+    """The project's data directory: `CMACLIP_HOME`, default `<repo>/data`."""
+    return Path(os.environ.get("CMACLIP_HOME") or REPO_ROOT / "data").expanduser().resolve()
+
+
+def tracking_uri() -> str:
+    """`MLFLOW_TRACKING_URI` when set, else the embedded SQLite file under `home()`."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"
+
+
+def artifact_root() -> str:
+    """Artifact location for experiments created against a SQLite store (a server picks its own)."""
+    return os.environ.get("CMACLIP_ARTIFACT_ROOT") or (home() / "mlartifacts").as_uri()
+
+
+def is_sqlite(uri: str) -> bool:
+    return uri.startswith("sqlite:")
+
+
+def _sqlite_path(uri: str) -> Path:
+    return Path(uri.removeprefix("sqlite:///"))
+
+
+def configure(uri: str | None = None) -> str:
+    """Point this process's MLflow client (tracking and registry) at `uri` (default `tracking_uri()`),
+    preparing a SQLite store for concurrent use first. Idempotent and cheap after the first call."""
+    import mlflow
+
+    uri = uri or tracking_uri()
+    if is_sqlite(uri):
+        # Set before MLflow builds its engine: a pooled connection can keep a lock between sessions.
+        os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
+        _prepare_sqlite(uri)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    return uri
+
+
+def _prepare_sqlite(uri: str) -> None:
+    """WAL mode (readers never block the writer) and the schema, created by exactly one process."""
+    if uri in _prepared:
+        return
+    from mlflow import MlflowClient
+
+    path = _sqlite_path(uri)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{path}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            with sqlite3.connect(path, timeout=60) as conn:
+                conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
+            # Building the store runs MLflow's migrations on an empty file; under the lock, only once.
+            MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    _prepared.add(uri)
+
+
+def experiment_id(name: str, retries: int = 5) -> str:
+    """The id of experiment `name`, created if missing. Two processes may race to create it: the
+    loser's create fails on the unique name, and it reads the winner's experiment instead."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    uri = mlflow.get_tracking_uri()
+    location = f"{artifact_root().rstrip('/')}/{name}" if is_sqlite(uri) else None
+    for attempt in range(retries):
+        found = mlflow.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return mlflow.create_experiment(name, artifact_location=location)
+        except MlflowException:
+            time.sleep(0.2 * (attempt + 1))
+    found = mlflow.get_experiment_by_name(name)
+    if found is None:
+        raise RuntimeError(f"could not create or find MLflow experiment {name!r} at {uri}")
+    return found.experiment_id

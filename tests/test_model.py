@@ -1,0 +1,167 @@
+"""The CMA-CLIP model against the paper (section 3.2) and against open_clip itself."""
+import dataclasses
+
+import pytest
+import torch
+
+import cmaclip
+from cmaclip.config import VARIANTS, load_config, with_variant
+from cmaclip.losses import multitask_loss
+from cmaclip.model import ModalityAttention
+from cmaclip.transforms import padding_mask, tokenizer, trim_tokens
+
+TASKS = {"color": 5, "pattern": 3}
+TITLES = ["red striped summer dress", "blue", "", "a very long title " * 3 + "with many words"]
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config("tiny").with_tasks(TASKS)
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    torch.manual_seed(0)
+    return cmaclip.create_model(config).eval()
+
+
+@pytest.fixture(scope="module")
+def batch(config):
+    torch.manual_seed(1)
+    full = tokenizer(config)(TITLES)
+    return torch.randn(len(TITLES), 3, 32, 32), full
+
+
+def test_shapes(model, batch, config):
+    images, full = batch
+    text = trim_tokens(full)
+    tokens = model.encode_tokens(images, text)
+    patches = (32 // 8) ** 2
+    assert tokens.image.shape == (4, 1 + patches, 64)
+    assert tokens.text.shape == (4, text.shape[1], 64)
+    out = model(images, text)
+    for task, n in TASKS.items():
+        assert out.logits[task].shape == (4, n)
+        assert out.image_weight[task].shape == (4,)
+
+
+def test_pooled_tokens_equal_open_clip(model, batch):
+    images, full = batch
+    clip = model.towers.clip
+    with torch.no_grad():
+        image_tokens = model.towers.encode_image_tokens(images)
+        text_tokens, _ = model.towers.encode_text_tokens(full)
+        eot = full.argmax(-1)
+        torch.testing.assert_close(image_tokens[:, 0], clip.encode_image(images), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(text_tokens[torch.arange(4), eot], clip.encode_text(full), atol=1e-5, rtol=1e-5)
+
+
+def test_trimming_is_exact_for_every_non_pad_token(model, batch):
+    images, full = batch
+    trimmed = trim_tokens(full)
+    assert trimmed.shape[1] < full.shape[1]
+    with torch.no_grad():
+        short, short_pad = model.towers.encode_text_tokens(trimmed)
+        long, long_pad = model.towers.encode_text_tokens(full)
+    keep = ~short_pad
+    torch.testing.assert_close(short[keep], long[:, : trimmed.shape[1]][keep], atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        a, b = model(images, trimmed), model(images, full)
+    for task in TASKS:
+        torch.testing.assert_close(a.logits[task], b.logits[task], atol=1e-5, rtol=1e-5)
+
+
+def test_padding_mask_from_positions_not_ids():
+    # Token id 0 is "!", a real token: a title of "!" must not be masked as padding.
+    text = torch.tensor([[49406, 0, 0, 49407, 0, 0]])
+    assert padding_mask(text).tolist() == [[False, False, False, False, True, True]]
+
+
+def test_keyless_attention_formula():
+    torch.manual_seed(0)
+    ma = ModalityAttention(8)
+    image, text = torch.randn(5, 8), torch.randn(5, 8)
+    c, lam = ma(image, text)
+    e_i, e_t = image @ ma.w, text @ ma.w
+    expected_lam = torch.exp(e_i) / (torch.exp(e_i) + torch.exp(e_t))
+    torch.testing.assert_close(lam, expected_lam)
+    torch.testing.assert_close(c, expected_lam[:, None] * image + (1 - expected_lam[:, None]) * text)
+    assert ((lam > 0) & (lam < 1)).all()
+
+
+def test_lambda_in_open_unit_interval(model, batch):
+    images, full = batch
+    with torch.no_grad():
+        out = model(images, trim_tokens(full))
+    for lam in out.image_weight.values():
+        assert ((lam > 0) & (lam < 1)).all()
+
+
+def test_masked_loss_ignores_missing_labels_per_task():
+    torch.manual_seed(0)
+    logits = {"color": torch.randn(4, 5), "pattern": torch.randn(4, 3)}
+    labels = {"color": torch.tensor([0, -1, 2, -1]), "pattern": torch.tensor([-1, -1, -1, -1])}
+    total, per_task = multitask_loss(logits, labels)
+    expected = torch.nn.functional.cross_entropy(logits["color"][[0, 2]], torch.tensor([0, 2]))
+    torch.testing.assert_close(per_task["color"], expected)
+    assert per_task["pattern"].item() == 0.0
+    torch.testing.assert_close(total, expected)
+    # Changing the logits of a masked sample changes nothing.
+    logits["color"][1] += 100
+    torch.testing.assert_close(multitask_loss(logits, labels)[0], expected)
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_every_variant_runs(variant, config, batch):
+    images, full = batch
+    torch.manual_seed(0)
+    model = cmaclip.create_model(with_variant(config, variant)).eval()
+    with torch.no_grad():
+        out = model(images, trim_tokens(full))
+    lam = out.image_weight["color"]
+    assert out.logits["color"].shape == (4, 5)
+    if variant == "image-only":
+        assert (lam == 1).all()
+    elif variant == "text-only":
+        assert (lam == 0).all()
+    elif variant in ("no-modality-attention", "no-attention"):
+        assert (lam == 0.5).all()
+    if variant == "no-attention":
+        assert model.sequence_attention is None
+
+
+def test_single_modality_variants_ignore_the_other_modality(config, batch):
+    images, full = batch
+    text = trim_tokens(full)
+    for variant, change in (("image-only", "text"), ("text-only", "image")):
+        torch.manual_seed(0)
+        model = cmaclip.create_model(with_variant(config, variant)).eval()
+        with torch.no_grad():
+            a = model(images, text).logits["color"]
+            b = model(images if change == "text" else torch.randn_like(images),
+                      text.flip(0) if change == "text" else text).logits["color"]
+        torch.testing.assert_close(a, b)
+
+
+def test_parameter_groups_partition_trainable_parameters(model):
+    groups = model.parameter_groups()
+    ids = [id(p) for ps in groups.values() for p in ps]
+    assert len(ids) == len(set(ids))
+    named = {id(p): n for n, p in model.named_parameters()}
+    missing = [named[i] for i in set(named) - set(ids)]
+    assert all("logit_" in n for n in missing), missing
+
+
+def test_config_round_trip(config):
+    again = cmaclip.CMACLIPConfig.from_dict(config.to_dict())
+    assert again == config
+    paper = load_config("paper-vit-b-32")
+    assert (paper.cma.layers, paper.cma.width, paper.cma.heads) == (12, 512, 8)
+    assert paper.train.batch_size == 1024 and paper.train.weight_decay == 1e-4
+    assert paper.train.stages["end_to_end"].lr_clip == 1e-5
+    assert paper.train.stages["tuning"].lr_sequence == 0 and paper.train.stages["warmup"].lr_clip == 0
+
+
+def test_unknown_config_names_the_known_ones():
+    with pytest.raises(FileNotFoundError, match="tiny"):
+        load_config("nope")
