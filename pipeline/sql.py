@@ -1,0 +1,18 @@
+"""Load the SQL files of the top-level `sql/` folder by name. One statement per file; values are always
+bound as `$name` parameters, never formatted into the text."""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+
+
+@lru_cache(maxsize=None)
+def load_sql(name: str) -> str:
+    """The text of `sql/<name>.sql` (the `.sql` suffix is optional)."""
+    path = SQL_DIR / (name if name.endswith(".sql") else f"{name}.sql")
+    if not path.is_file():
+        known = sorted(p.stem for p in SQL_DIR.glob("*.sql"))
+        raise FileNotFoundError(f"no SQL file {path.name!r} in {SQL_DIR}; known: {known}")
+    return path.read_text(encoding="utf-8")

@@ -1,0 +1,266 @@
+"""One way to read, list and write any fsspec URI: local paths (default), `s3://`, `memory://`.
+
+Writes are atomic: local files go to a temporary name in the target folder and are renamed into place;
+object stores get the finished object in a single put, which they publish all at once. A reader therefore
+never sees half a file, and a crashed writer leaves no file at the final name.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Iterator
+from typing import IO, Any
+
+import fsspec
+import fsspec.asyn
+import pyarrow.dataset as pads
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from fsspec.core import url_to_fs
+from fsspec.implementations.local import LocalFileSystem
+
+# Files that are not data: Spark/Hadoop markers, our own temporary names, hidden files.
+_HIDDEN_PREFIXES = ("_", ".")
+
+
+def has_magic(path: str) -> bool:
+    """True for a glob pattern."""
+    return any(c in path for c in "*?[")
+
+
+def protocol(uri: str) -> str:
+    return uri.split("://", 1)[0] if "://" in uri else "file"
+
+
+def storage_options(uri: str) -> dict[str, Any]:
+    """Per-protocol options. s3fs is given AWS_ENDPOINT_URL explicitly (MinIO, moto, on-prem S3), since
+    not every botocore path reads that variable on its own."""
+    if protocol(uri) in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            return {"client_kwargs": {"endpoint_url": endpoint}}
+    return {}
+
+
+def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The filesystem behind `uri` and the path within it."""
+    return url_to_fs(uri, **storage_options(uri))
+
+
+def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def to_uri(fs: fsspec.AbstractFileSystem, path: str) -> str:
+    """Path back to a URI; local paths stay plain paths so they read naturally in manifests and logs."""
+    return path if is_local(fs) else fs.unstrip_protocol(path)
+
+
+def join(base: str, *parts: str) -> str:
+    out = base.rstrip("/")
+    for part in parts:
+        out = f"{out}/{part.strip('/')}"
+    return out
+
+
+def exists(uri: str) -> bool:
+    fs, path = filesystem(uri)
+    return fs.exists(path)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = filesystem(uri)
+    return fs.cat_file(path)
+
+
+def read_many(uris: list[str]) -> list[bytes | Exception]:
+    """Read many files; each entry is the bytes or the exception. On object stores the reads run
+    concurrently (one event loop, many requests), which is what makes per-row image URIs bearable.
+    Names are taken literally (no glob expansion, unlike `fs.cat(list)`)."""
+    if not uris:
+        return []
+    fs, _ = filesystem(uris[0])
+    paths = [filesystem(u)[1] for u in uris]
+    if getattr(fs, "async_impl", False):
+        return fsspec.asyn.sync(fs.loop, _gather_files, fs, paths)
+    out: list[bytes | Exception] = []
+    for path in paths:
+        try:
+            out.append(fs.cat_file(path))
+        except Exception as exc:
+            out.append(exc)
+    return out
+
+
+async def _gather_files(fs: fsspec.AbstractFileSystem, paths: list[str]) -> list[bytes | Exception]:
+    return list(await asyncio.gather(*(fs._cat_file(p) for p in paths), return_exceptions=True))
+
+
+def read_text(uri: str) -> str:
+    return read_bytes(uri).decode("utf-8")
+
+
+def read_json(uri: str) -> Any:
+    return json.loads(read_bytes(uri))
+
+
+def open_input(uri: str) -> IO[bytes]:
+    fs, path = filesystem(uri)
+    return fs.open(path, "rb")
+
+
+def size(uri: str) -> int:
+    fs, path = filesystem(uri)
+    return int(fs.size(path))
+
+
+def info(uri: str) -> dict[str, Any]:
+    fs, path = filesystem(uri)
+    return fs.info(path)
+
+
+def content_version(uri: str) -> str:
+    """A cheap identity of a file's content: the object store's ETag where there is one, else the
+    sha256 of the bytes (local and in-memory files, where reading them is cheap)."""
+    fs, path = filesystem(uri)
+    meta = fs.info(path)
+    etag = meta.get("ETag") or meta.get("etag")
+    if etag and not is_local(fs):
+        return f"etag:{str(etag).strip(chr(34))}"
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            digest.update(block)
+    return f"sha256:{digest.hexdigest()}"
+
+
+def makedirs(uri: str) -> None:
+    fs, path = filesystem(uri)
+    fs.makedirs(path, exist_ok=True)
+
+
+def remove(uri: str, recursive: bool = False) -> None:
+    """Delete a file (or a folder with `recursive`); a missing target is not an error."""
+    fs, path = filesystem(uri)
+    if fs.exists(path):
+        fs.rm(path, recursive=recursive)
+
+
+def _visible(path: str) -> bool:
+    return not path.rstrip("/").rsplit("/", 1)[-1].startswith(_HIDDEN_PREFIXES)
+
+
+def list_files(uri: str, suffix: str = "") -> list[str]:
+    """Data files under a folder (recursively), matching a glob, or the file itself; sorted URIs.
+
+    Hidden and underscore-prefixed names (temporary files, `_SUCCESS`) are skipped.
+    """
+    fs, path = filesystem(uri)
+    if has_magic(path):
+        found = [p for p in fs.glob(path) if fs.isfile(p)]
+    elif fs.isdir(path):
+        found = [p for p in fs.find(path) if _visible_below(p, path)]
+    elif fs.isfile(path):
+        return [to_uri(fs, path)]
+    else:
+        return []
+    return sorted(to_uri(fs, p) for p in found if _visible(p) and p.endswith(suffix))
+
+
+def _visible_below(path: str, root: str) -> bool:
+    rel = path[len(root.rstrip("/")):].strip("/")
+    return all(not part.startswith(_HIDDEN_PREFIXES) for part in rel.split("/"))
+
+
+@contextlib.contextmanager
+def atomic_output(uri: str) -> Iterator[IO[bytes]]:
+    """A binary file to write; it appears at `uri` only if the block finishes without an exception."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        with _local_atomic(path) as f:
+            yield f
+        return
+    with tempfile.NamedTemporaryFile(prefix="cmaclip-", suffix=".part") as tmp:
+        yield tmp
+        tmp.flush()
+        fs.put_file(tmp.name, path)  # one object, published whole by the store
+
+
+@contextlib.contextmanager
+def _local_atomic(path: str) -> Iterator[IO[bytes]]:
+    folder, name = os.path.split(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        with _local_atomic(path) as f:
+            f.write(data)
+    else:
+        fs.pipe_file(path, data)
+
+
+def write_text(uri: str, text: str) -> None:
+    write_bytes(uri, text.encode("utf-8"))
+
+
+def write_json(uri: str, obj: Any) -> None:
+    write_text(uri, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
+
+
+def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
+    """pyarrow's native local filesystem where possible (faster), else fsspec wrapped for pyarrow."""
+    if is_local(fs):
+        return pafs.LocalFileSystem()
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
+
+
+def parquet_file(uri: str) -> pq.ParquetFile:
+    """An open Parquet file (footer read, no data yet)."""
+    return pq.ParquetFile(open_input(uri))
+
+
+def parquet_files(uri: str) -> list[str]:
+    """The files of a Parquet dataset given as a file, a folder (its `*.parquet` files) or a glob."""
+    fs, path = filesystem(uri)
+    if not has_magic(path) and fs.isdir(path):
+        return list_files(uri, suffix=".parquet")
+    return list_files(uri)
+
+
+def open_parquet_dataset(uri: str) -> pads.Dataset:
+    """A Parquet file, folder or glob as one pyarrow dataset, read through the URI's filesystem."""
+    files = parquet_files(uri)
+    if not files:
+        raise FileNotFoundError(f"no Parquet files at {uri}")
+    fs, _ = filesystem(files[0])
+    paths = [filesystem(f)[1] for f in files]
+    return pads.dataset(paths, format="parquet", filesystem=arrow_filesystem(fs))
+
+
+def register_duckdb(con: Any, uri: str) -> None:
+    """Let DuckDB read `uri` through fsspec: the httpfs extension cannot be downloaded offline, and one
+    code path for every store is simpler anyway. Local paths need nothing."""
+    fs, _ = filesystem(uri)
+    if not is_local(fs):
+        # Once per connection and protocol: DuckDB refuses a second registration (catalog and output on
+        # the same store).
+        names = {fs.protocol} if isinstance(fs.protocol, str) else set(fs.protocol)
+        if not names & set(con.list_filesystems()):
+            con.register_filesystem(fs)

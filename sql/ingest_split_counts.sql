@@ -1,0 +1,6 @@
+-- Kept rows per split.
+-- needs: temp table `kept` (ingest_split.sql)
+SELECT split, count(*) AS n
+FROM kept
+GROUP BY split
+ORDER BY split;
