@@ -5,7 +5,6 @@ display (Airflow workers, CI).
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Sequence
 
@@ -15,23 +14,24 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 
+from cmaclip.metrics import recall_at_precision  # noqa: E402
+
 
 def precision_recall(correct: np.ndarray, confidence: np.ndarray, target_precision: float, task: str):
     """Precision and recall of the top-1 prediction as the confidence threshold sweeps down, with the
-    target precision and the loosest threshold that still reaches it (cmaclip.metrics' definition)."""
+    target precision and the operating point cmaclip.metrics calibrates (the loosest threshold reaching it)."""
     correct, confidence = np.asarray(correct, bool), np.asarray(confidence, float)
     fig, ax = plt.subplots(figsize=(5, 4))
     if correct.size:
         order = np.argsort(-confidence, kind="stable")
         hits = np.cumsum(correct[order])
         kept = np.arange(1, correct.size + 1)
-        precision, recall = hits / kept, hits / correct.size
-        ax.plot(recall, precision, lw=1.5)
-        ok = np.flatnonzero(precision >= target_precision)
-        if ok.size:
-            i = ok[-1]
-            ax.scatter([recall[i]], [precision[i]], color="C3", zorder=3,
-                       label=f"threshold {confidence[order][i]:.3f}: recall {recall[i]:.3f}")
+        ax.plot(hits / correct.size, hits / kept, lw=1.5)
+        recall, threshold = recall_at_precision(correct, confidence, target_precision)
+        if np.isfinite(threshold):
+            precision = correct[confidence >= threshold].mean()
+            ax.scatter([recall], [precision], color="C3", zorder=3,
+                       label=f"threshold {threshold:.3f}: recall {recall:.3f}")
             ax.legend(loc="lower left", fontsize=8)
     ax.axhline(target_precision, color="grey", ls="--", lw=1)
     ax.set(xlim=(0, 1), ylim=(0, 1.02), xlabel="recall", ylabel="precision",
@@ -41,35 +41,37 @@ def precision_recall(correct: np.ndarray, confidence: np.ndarray, target_precisi
 
 
 def confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str], task: str, top_k: int = 10):
-    """Confusion matrix over the `top_k` most frequent true classes; other classes are pooled as 'other'
-    so every row still sums to the class count."""
+    """Confusion matrix: rows are the `top_k` most frequent true classes, columns the same classes plus
+    'other' (predictions outside them), so each row sums to its class count."""
     y_true, y_pred = np.asarray(y_true, int), np.asarray(y_pred, int)
-    counts = np.bincount(y_true, minlength=len(class_names)) if y_true.size else np.zeros(len(class_names), int)
-    top = [c for c in np.argsort(-counts, kind="stable")[:top_k] if counts[c] > 0]
-    index = {c: i for i, c in enumerate(top)}
-    other = len(top)
-    size = other + 1 if len(top) < len(class_names) else other
-    matrix = np.zeros((max(size, 1), max(size, 1)), int)
+    counts = np.bincount(y_true, minlength=len(class_names))
+    top = [int(c) for c in np.argsort(-counts, kind="stable")[:top_k] if counts[c] > 0]
+    column = {c: i for i, c in enumerate(top)}
+    matrix = np.zeros((len(top), len(top) + 1), int)
     for t, p in zip(y_true, y_pred):
-        if t in index:
-            matrix[index[t], index.get(p, other if size > other else index[t])] += 1
-    names = [class_names[c] for c in top] + (["other"] if size > other else [])
-    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(names), 1.0 + 0.5 * len(names)))
-    ax.imshow(matrix, cmap="Blues")
+        if t in column:
+            matrix[column[t], column.get(p, len(top))] += 1
+    if not matrix[:, -1].any():
+        matrix = matrix[:, :-1]
+    rows = [class_names[c] for c in top]
+    cols = rows + ["other"] * (matrix.shape[1] > len(top))
+    fig, ax = plt.subplots(figsize=(2 + 0.45 * len(cols), 1.5 + 0.45 * len(rows)))
+    ax.imshow(matrix if matrix.size else np.zeros((1, 1)), cmap="Blues", aspect="auto")
     for (i, j), v in np.ndenumerate(matrix):
         if v:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
                     color="white" if v > matrix.max() / 2 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-    ax.set_yticks(range(len(names)), names, fontsize=7)
+    ax.set_xticks(range(len(cols)), cols, rotation=60, ha="right", fontsize=7)
+    ax.set_yticks(range(len(rows)), rows, fontsize=7)
     ax.set(xlabel="predicted", ylabel="true", title=f"{task}: confusion (top {len(top)} classes)")
     fig.tight_layout()
     return fig
 
 
 def lambda_histogram(image_weight: np.ndarray, title_mentions_label: np.ndarray, task: str):
-    """Histogram of the image weight λ, split by whether the title names the true label. The paper's
-    point: when the title says the answer the model should lean on text (low λ), otherwise on the image."""
+    """Histogram of the image weight λ, split by whether the title names the true label (see
+    `pipeline.noise.names_label`). The paper's point: when the title says the answer the model can lean
+    on text (low λ); when it does not, on the image."""
     lam, mentioned = np.asarray(image_weight, float), np.asarray(title_mentions_label, bool)
     fig, ax = plt.subplots(figsize=(5, 4))
     bins = np.linspace(0, 1, 26)
@@ -77,18 +79,10 @@ def lambda_histogram(image_weight: np.ndarray, title_mentions_label: np.ndarray,
         if mask.any():
             ax.hist(lam[mask], bins=bins, alpha=0.6, label=f"{name} (n={mask.sum()}, mean {lam[mask].mean():.2f})")
     ax.set(xlim=(0, 1), xlabel="image weight λ", ylabel="products", title=f"{task}: modality weight")
-    ax.legend(fontsize=8)
+    if lam.size:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
-
-
-def title_mentions(titles: Sequence[str | None], labels: Sequence[str | None]) -> np.ndarray:
-    """True where the title contains the label as a whole word (case-insensitive)."""
-    out = np.zeros(len(titles), bool)
-    for i, (title, label) in enumerate(zip(titles, labels)):
-        if title and label:
-            out[i] = re.search(rf"\b{re.escape(str(label))}\b", str(title), re.IGNORECASE) is not None
-    return out
 
 
 def save(fig, path: str | Path) -> Path:

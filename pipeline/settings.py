@@ -12,6 +12,7 @@ by re-reading after a lost race.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import sqlite3
 import time
@@ -50,6 +51,10 @@ def configure(uri: str | None = None) -> str:
     import mlflow
 
     uri = uri or tracking_uri()
+    # MLflow announces every SQLAlchemy engine (one per client) and every start and stop of the system
+    # metrics monitor (once per stage) at INFO: noise in every command's output.
+    for name in ("mlflow.store.db.utils", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if is_sqlite(uri):
         # Set before MLflow builds its engine: a pooled connection can keep a lock between sessions.
         os.environ.setdefault("MLFLOW_SQLALCHEMYSTORE_POOLCLASS", "NullPool")
