@@ -1,0 +1,70 @@
+"""Score the whole catalog with the champion model: every night, and whenever a new champion is promoted.
+
+    plan -> score (one mapped task per group of shards) -> finalize -> publish
+
+The schedule is a cron (`CMACLIP_SCORING_SCHEDULE`, default "0 2 * * *", UTC) OR an event on the champion
+Asset that `cmaclip_retrain` emits, whichever comes first (AssetOrTimeSchedule). `plan` cuts the catalog
+into shards, pins the champion's version (an alias may move mid-run; every shard must be scored by one
+version) and groups the shards so the map stays far below Airflow's max_map_length. Each shard is
+committed atomically with a done marker, so a retried task or a rerun of the DAG skips committed shards
+and redoes the rest. `publish` emits the predictions Asset.
+"""
+from __future__ import annotations
+
+from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+
+from pipeline import orchestration as orch
+
+CHAMPION = Asset(orch.champion_asset_uri())
+PREDICTIONS = Asset(orch.PREDICTIONS_ASSET_URI)
+
+PARAMS = {
+    "catalog_uri": Param(orch.default_catalog_uri(), type="string", minLength=1, title="Catalog",
+                         description="Catalog Parquet: a file, folder or glob; any fsspec URI (s3://...)."),
+    "model": Param(f"models:/{orch.MODEL_NAME}@champion", type="string", minLength=1, title="Model",
+                   description="models:/name@alias, models:/name/<version>, runs:/<id>/model or a checkpoint folder."),
+    "predictions_uri": Param(orch.default_predictions_uri(), type="string", minLength=1, title="Predictions folder"),
+    "rows_per_shard": Param(10_000, type="integer", minimum=1, title="Rows per shard",
+                            description="The unit of commit and of rerun; shards are grouped into mapped tasks."),
+}
+
+
+@dag(schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable(orch.SCORING_SCHEDULE, timezone="UTC"),
+                                  assets=CHAMPION),
+     catchup=False, max_active_runs=1, params=PARAMS, tags=["cmaclip", "scoring"],
+     default_args=orch.retry_policy(), doc_md=__doc__)
+def cmaclip_nightly_scoring():
+
+    # Returns the groups (what `score` maps over: only a return value can be mapped); the run they
+    # belong to (plan, pinned model, run id) goes to the XCom key "run".
+    @task
+    def plan(params=None, ti=None):
+        planned = orch.plan_scoring(params["catalog_uri"], params["model"], params["rows_per_shard"])
+        ti.xcom_push(key="run", value=planned["run"])
+        return planned["groups"]
+
+    # Shards run on few, long-lived tasks: at most SCORING_PARALLELISM at once per run, so the nightly
+    # job leaves workers (and the CPU of a small machine) to the rest.
+    @task(map_index_template="{{ shards }}", max_active_tis_per_dagrun=orch.SCORING_PARALLELISM)
+    def score(group: dict, run: dict, params=None):
+        get_current_context()["shards"] = group["label"]
+        return orch.score_group(run, group, params["predictions_uri"])
+
+    # `scored` orders finalize after every mapped task; the check itself reads the committed files.
+    @task
+    def finalize(run: dict, scored: list[dict], params=None):
+        return orch.finalize_scoring(run, params["predictions_uri"])
+
+    @task(outlets=[PREDICTIONS])
+    def publish(finalized: dict, params=None, outlet_events=None):
+        published = orch.publish_predictions(params["predictions_uri"], params["catalog_uri"])
+        outlet_events[PREDICTIONS].extra = {"uri": published["latest"], "run_id": finalized["run_id"],
+                                            "model_version": finalized["model_version"]}
+        return published
+
+    groups = plan()
+    scored = score.partial(run=groups["run"]).expand(group=groups)
+    publish(finalize(groups["run"], scored))
+
+
+cmaclip_nightly_scoring()

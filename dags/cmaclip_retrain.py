@@ -1,0 +1,120 @@
+"""Retrain CMA-CLIP on demand; the registry decides whether the new model becomes the champion.
+
+    ingest -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
+
+Trigger it from the UI (the form shows the params below, validated by their JSON schema) or with
+`airflow dags trigger cmaclip_retrain -c '{"epochs": {"warmup": 2}}'`. Each task is one call into
+`pipeline.orchestration`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
+named after the run, so a retried training stage resumes after its last completed epoch.
+
+`compare` is a short-circuit: when the gate fails (or `promote` is off, or there is no champion to
+compare with) `promote` shows as skipped. A new champion, promoted here or registered as the very first
+version, emits the champion Asset, which schedules `cmaclip_nightly_scoring` to rescore the catalog.
+"""
+from __future__ import annotations
+
+from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
+
+from pipeline import orchestration as orch
+from pipeline.airflow_home import GPU_POOL
+
+# The registered model name is a param, so the champion Asset (`cmaclip://models/<name>/champion`) is
+# named at run time through an alias, and an event is attached only when a champion actually changed:
+# a refused promotion (which still succeeds as a task) emits nothing.
+CHAMPION_CHANGES = AssetAlias("cmaclip_champion_changes")
+
+PARAMS = {
+    "catalog_uri": Param(orch.default_catalog_uri(), type="string", minLength=1, title="Catalog",
+                         description="Catalog Parquet: a file, folder or glob; any fsspec URI (s3://...)."),
+    "tasks": Param(list(orch.TASKS), type="array", items={"type": "string", "pattern": r"^[A-Za-z_]\w*$"},
+                   minItems=1, uniqueItems=True, title="Tasks", description="Label columns to learn, one per line."),
+    "config": Param("tiny", type="string", minLength=1, title="Model config",
+                    examples=orch.config_names(),
+                    description="A config name in configs/ or the path of a config JSON file."),
+    "epochs": Param({}, type="object", title="Epochs per stage",
+                    properties={s: {"type": "integer", "minimum": 1, "maximum": 1000} for s in orch.STAGES},
+                    additionalProperties=False,
+                    description='Overrides of the config\'s epochs, e.g. {"warmup": 2, "tuning": 1}; {} keeps them.'),
+    "target_precision": Param(0.9, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
+                              title="Target precision",
+                              description="Thresholds are calibrated, and recall reported, at this precision."),
+    "model_name": Param(orch.MODEL_NAME, type="string", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                        title="Registered model name"),
+    "promote": Param(True, type="boolean", title="Promote",
+                     description="Make the new version the champion when it passes the gate."),
+    "training_processes": Param(1, type="integer", minimum=1, maximum=64, title="Training processes",
+                                description="Processes per stage: more than 1 runs the stage under torchrun (DDP), "
+                                            "e.g. one per GPU of the worker."),
+    "work_uri": Param(orch.default_work_uri(), type="string", minLength=1, title="Work folder",
+                      description="Root of the per-run folders: dataset and training checkpoints."),
+}
+
+
+def _run_folder() -> str:
+    context = get_current_context()
+    return orch.run_uri(context["params"]["work_uri"], context["dag"].dag_id, context["run_id"])
+
+
+def _training_failed(context) -> None:
+    # A training task gave up after its retries: close the MLflow parent run as FAILED, not RUNNING forever.
+    orch.mark_training_failed(orch.run_uri(context["params"]["work_uri"], context["dag"].dag_id, context["run_id"]))
+
+
+TRAINING = {"pool": GPU_POOL, "queue": orch.TRAINING_QUEUE, "on_failure_callback": _training_failed}
+
+
+@dag(schedule=None, catchup=False, max_active_runs=1, params=PARAMS, tags=["cmaclip", "training"],
+     default_args=orch.retry_policy(), doc_md=__doc__)
+def cmaclip_retrain():
+
+    @task
+    def ingest(params=None):
+        return orch.ingest_catalog(params["catalog_uri"], params["tasks"], _run_folder())
+
+    @task(**TRAINING)
+    def warmup(dataset: dict, params=None, dag=None, run_id=None):
+        state = orch.open_training(dataset, _run_folder(), params["config"], epochs=params["epochs"],
+                                   target_precision=params["target_precision"], model_name=params["model_name"],
+                                   dag_id=dag.dag_id, run_id=run_id)
+        return orch.train_stage(state, "warmup", params["training_processes"])
+
+    @task(**TRAINING)
+    def end_to_end(state: dict, params=None):
+        return orch.train_stage(state, "end_to_end", params["training_processes"])
+
+    @task(**TRAINING)
+    def tuning(state: dict, params=None):
+        return orch.train_stage(state, "tuning", params["training_processes"])
+
+    @task(on_failure_callback=_training_failed)
+    def evaluate(state: dict):
+        return orch.evaluate(state)
+
+    @task(outlets=[CHAMPION_CHANGES])
+    def register(evaluated: dict, outlet_events=None):
+        registered = orch.register(evaluated)
+        if registered["new_champion"]:
+            outlet_events[CHAMPION_CHANGES].add(Asset(orch.champion_asset_uri(registered["name"])),
+                                                extra={"version": registered["version"]})
+        return registered
+
+    @task.short_circuit
+    def compare(registered: dict, params=None, ti=None) -> bool:
+        decision = orch.compare(registered)
+        ti.xcom_push(key="decision", value=decision)
+        return decision["passed"] and params["promote"]
+
+    @task(outlets=[CHAMPION_CHANGES])
+    def promote(registered: dict, decision: dict, outlet_events=None):
+        promoted = orch.promote(registered, decision)
+        if promoted["promoted"]:
+            outlet_events[CHAMPION_CHANGES].add(Asset(orch.champion_asset_uri(promoted["name"])),
+                                                extra={"version": promoted["challenger"]})
+        return promoted
+
+    registered = register(evaluate(tuning(end_to_end(warmup(ingest())))))
+    gate = compare(registered)
+    gate >> promote(registered, gate["decision"])
+
+
+cmaclip_retrain()

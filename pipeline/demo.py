@@ -1,0 +1,223 @@
+"""`make demo`: the main job end to end on embedded defaults, then a summary.
+
+1. prepares the embedded Airflow under `$CMACLIP_HOME/airflow` (SQLite, LocalExecutor, the `gpu` pool);
+2. writes a synthetic catalog with a few bad rows (undecodable images, duplicates, ...) unless present;
+3. runs `airflow dags test cmaclip_retrain`: ingest, the three training stages (MLflow runs), evaluate,
+   register, compare with the champion, promote by the gate;
+4. runs `airflow dags test cmaclip_nightly_scoring`: plan, score the shards, finalize, publish;
+5. prints what happened, read back from where it landed (the MLflow registry and runs, the ingest and
+   scoring manifests, the published Parquet), and how to open the MLflow and Airflow UIs.
+
+The Airflow output of each DAG goes to `$CMACLIP_HOME/demo/<dag>.log`. Running the demo again retrains
+(a new registry version, compared with the champion) and rescores only if the champion changed.
+Sized for a 2-core CPU machine: a few minutes for both DAGs with the `tiny` config.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from . import airflow_home, orchestration, settings, storage
+
+ROWS = 1200
+EPOCHS = {"warmup": 3, "end_to_end": 1, "tuning": 2}
+ROWS_PER_SHARD = 400
+SEED = 7
+
+
+# --- running -----------------------------------------------------------------------------------------
+
+def make_catalog(uri: str, rows: int) -> dict[str, Any]:
+    from .synthetic import make_catalog as write
+    return write(rows, uri, seed=SEED, with_bad_rows=True)
+
+
+def run_dag(dag_id: str, conf: Mapping[str, Any], env: Mapping[str, str], log_path: Path) -> float:
+    """`airflow dags test <dag_id> -c <conf>` with its output in `log_path`; the seconds it took.
+    Raises with the log's tail when the DAG run fails."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    with open(log_path, "w") as log:
+        code = subprocess.run(airflow_home.airflow_command(["dags", "test", dag_id, "-c", json.dumps(conf)]),
+                              env=dict(env), stdout=log, stderr=subprocess.STDOUT, cwd=settings.REPO_ROOT).returncode
+    if code != 0:
+        tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-60:])
+        raise RuntimeError(f"{dag_id} failed (exit code {code}); the end of {log_path}:\n{tail}")
+    return time.perf_counter() - started
+
+
+# --- reading back what happened --------------------------------------------------------------------------
+
+def training_report(since: float, model_name: str) -> dict[str, Any]:
+    """The newest training started after `since` (epoch seconds): per-stage validation metrics, the
+    registry version it became, the champion, and the ingest counts of its dataset."""
+    import mlflow
+
+    from . import ingest, tracking
+
+    settings.configure()
+    c = tracking.client()
+    experiment = c.get_experiment_by_name(tracking.TRAINING_EXPERIMENT)
+    runs = c.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+                         filter_string=f"tags.`{tracking.KIND_TAG}` = 'training' "
+                                       f"and tags.`{orchestration.AIRFLOW_DAG_TAG}` = 'cmaclip_retrain' "
+                                       f"and attributes.start_time >= {int(since * 1000)}")
+    if not runs:
+        raise RuntimeError(f"no training run in MLflow experiment {tracking.TRAINING_EXPERIMENT} since the demo started")
+    run = runs[0]
+    stages = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/stages.json")
+    versions = c.search_model_versions(f"name = '{model_name}' and run_id = '{run.info.run_id}'")
+    aliases = c.get_registered_model(model_name).aliases
+    version = versions[0] if versions else None
+    tags = version.tags if version else {}
+    compared = tags.get("cmaclip.comparison_run")
+    dataset_uri = run.data.params.get("dataset.uri", "")
+    return {"run_id": run.info.run_id, "stages": {s: r["metrics"] for s, r in stages.items()},
+            "target_precision": float(run.data.params.get("config.train.target_precision", 0.9)),
+            "version": version.version if version else None, "promotion": tags.get("cmaclip.promotion", ""),
+            "gate": mlflow.artifacts.load_dict(f"runs:/{compared}/comparison.json")["gate"] if compared else None,
+            "compared_with": tags.get("cmaclip.compared_with"),
+            "champion": aliases.get("champion"), "dataset_uri": dataset_uri,
+            "ingest": ingest.read_manifest(dataset_uri)["counts"] if dataset_uri else {}}
+
+
+def scoring_report(predictions_uri: str) -> dict[str, Any]:
+    """The most recently finalized scoring run under `predictions_uri` and what is published."""
+    manifests = [storage.read_json(u) for u in storage.list_files(storage.join(predictions_uri, "_manifests"), ".json")]
+    if not manifests:
+        raise RuntimeError(f"no finalized scoring run under {predictions_uri}")
+    latest = max(manifests, key=lambda m: m["finalized_at"])
+    published = {name: storage.join(predictions_uri, "published", f"{name}.parquet") for name in ("latest", "catalog")}
+    rows = {name: storage.parquet_file(uri).metadata.num_rows for name, uri in published.items() if storage.exists(uri)}
+    return {**{k: latest[k] for k in ("run_id", "shards", "rows_in", "predicted", "quarantined", "reasons",
+                                     "model_name", "model_version", "scoring_seconds")},
+            "shard_files": latest["predictions"], "published": published, "published_rows": rows}
+
+
+# --- the summary -------------------------------------------------------------------------------------
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def metrics_table(stages: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], precision: float) -> str:
+    header = ["stage", "task", "accuracy", f"recall@{precision:.0%}P"]
+    rows = [[stage, task, _fmt(m.get(f"{task}/accuracy")), _fmt(m.get(f"{task}/recall_at_precision"))]
+            for stage, m in stages.items() for task in tasks]
+    rows += [[stage, "mean", _fmt(m.get("mean_accuracy")), _fmt(m.get("mean_recall_at_precision"))]
+             for stage, m in stages.items()]
+    rows.sort(key=lambda r: list(stages).index(r[0]))
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
+    return "\n".join("    " + line(r) for r in [header, ["-" * w for w in widths], *rows])
+
+
+def _reasons(reasons: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(reasons.items())) or "none"
+
+
+def registry_outcome(training: Mapping[str, Any]) -> str:
+    """What the registry made of the new version: its promotion note, else the gate's verdict."""
+    gate = training["gate"]
+    if training["promotion"]:
+        outcome = training["promotion"]
+    elif gate is None:
+        outcome = "not compared"
+    elif gate["passed"]:
+        outcome = f"passed the gate against v{training['compared_with']}, not promoted (promote was off)"
+    else:
+        failures = gate["failures"]
+        outcome = (f"failed the gate against v{training['compared_with']}: " + "; ".join(failures[:2])
+                   + (f" (+{len(failures) - 2} more)" if len(failures) > 2 else ""))
+    return f"{orchestration.MODEL_NAME} v{training['version']}: {outcome}. Champion: v{training['champion']}"
+
+
+def summary(training: Mapping[str, Any], scoring: Mapping[str, Any], catalog: Mapping[str, Any],
+            env: Mapping[str, str], timings: Mapping[str, float], tasks: Sequence[str], logs: Sequence[Path]) -> str:
+    ingest = training["ingest"]
+    shard_folder = str(Path(scoring["shard_files"][0]).parent) if scoring["shard_files"] else "-"
+    lines = [
+        "",
+        f"cmaclip demo: done in {timings['total']:.0f} s (retrain DAG {timings['retrain']:.0f} s, "
+        f"scoring DAG {timings['scoring']:.0f} s)",
+        "",
+        f"Catalog        {catalog['uri']}: {catalog['rows']} rows ({catalog['note']})",
+        f"Ingest         {ingest.get('rows_in')} rows in = {ingest.get('rows_kept')} kept + "
+        f"{ingest.get('rows_quarantined')} quarantined ({_reasons(ingest.get('quarantined_by_reason', {}))})",
+        f"Training       MLflow run {training['run_id']}: best epoch of each stage on the validation split",
+        metrics_table(training["stages"], tasks, training["target_precision"]),
+        f"Registry       {registry_outcome(training)}",
+        f"Scoring        run {scoring['run_id']} with v{scoring['model_version']}: {scoring['shards']} shards written, "
+        f"{scoring['rows_in']} rows in = {scoring['predicted']} predicted + {scoring['quarantined']} quarantined "
+        f"({_reasons(scoring['reasons'])})",
+        f"Predictions    {scoring['published']['latest']} ({scoring['published_rows'].get('latest', 0)} products, "
+        "latest attributes per product)",
+        f"               {scoring['published']['catalog']} (the catalog joined with its predicted attributes)",
+        f"               per-shard files: {shard_folder}/",
+        "",
+        "MLflow UI      " + f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {settings.tracking_uri()} "
+        "--port 5000   -> http://127.0.0.1:5000",
+        "Airflow UI     " + airflow_home.ui_hint(env) + "   -> http://127.0.0.1:8080",
+        f"               (user admin; password in {Path(env['AIRFLOW_HOME']) / 'simple_auth_manager_passwords.json.generated'})",
+        "Airflow logs   " + ", ".join(str(p) for p in logs),
+    ]
+    return "\n".join(lines)
+
+
+# --- the command -------------------------------------------------------------------------------------
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipeline.demo", description=__doc__.splitlines()[0])
+    p.add_argument("--rows", type=int, default=ROWS, help="good products in the synthetic catalog")
+    p.add_argument("--epochs", type=json.loads, default=EPOCHS, help='JSON, e.g. \'{"warmup": 3}\'')
+    p.add_argument("--rows-per-shard", type=int, default=ROWS_PER_SHARD)
+    p.add_argument("--config", default="tiny")
+    args = p.parse_args(argv)
+    # Quiet MLflow in this process and in the DAG runs: the summary and the logs are what to read.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+
+    started = time.time()
+    home = settings.home()
+    print(f"cmaclip demo: state under {home}", flush=True)
+    env = airflow_home.prepare()
+    print(f"  Airflow ready ({env['AIRFLOW_HOME']})", flush=True)
+
+    catalog_uri = orchestration.default_catalog_uri()
+    if storage.exists(catalog_uri):  # a rerun keeps the snapshot, so unchanged shards are not rescored
+        catalog = {"uri": catalog_uri, "rows": storage.parquet_file(catalog_uri).metadata.num_rows,
+                   "note": "from an earlier run"}
+    else:
+        made = make_catalog(catalog_uri, args.rows)
+        catalog = {"uri": catalog_uri, "rows": made["rows"], "note": f"{made['bad_rows']} of them deliberately bad"}
+    print(f"  catalog: {catalog_uri} ({catalog['rows']} rows)", flush=True)
+
+    tasks = list(orchestration.TASKS)
+    logs = [home / "demo" / "retrain.log", home / "demo" / "scoring.log"]
+    timings = {}
+    print("  retrain DAG: ingest -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote ...",
+          flush=True)
+    timings["retrain"] = run_dag("cmaclip_retrain", {"catalog_uri": catalog_uri, "tasks": tasks, "config": args.config,
+                                                     "epochs": args.epochs}, env, logs[0])
+    print(f"  retrain DAG succeeded in {timings['retrain']:.0f} s", flush=True)
+    print("  scoring DAG: plan -> score (mapped) -> finalize -> publish ...", flush=True)
+    predictions_uri = orchestration.default_predictions_uri()
+    timings["scoring"] = run_dag("cmaclip_nightly_scoring", {"catalog_uri": catalog_uri, "predictions_uri": predictions_uri,
+                                                             "rows_per_shard": args.rows_per_shard}, env, logs[1])
+    print(f"  scoring DAG succeeded in {timings['scoring']:.0f} s", flush=True)
+
+    training = training_report(started, orchestration.MODEL_NAME)
+    scoring = scoring_report(predictions_uri)
+    timings["total"] = time.time() - started
+    print(summary(training, scoring, catalog, env, timings, tasks, logs))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

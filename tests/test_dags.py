@@ -1,0 +1,251 @@
+"""The Airflow DAGs: they load cleanly and fast, and `dag.test()` runs both end to end on a tiny catalog,
+through a retried training stage and a rerun of an interrupted scoring run.
+
+The module fixture points every variable that locates state (AIRFLOW_*, CMACLIP_HOME, MLflow) at a fresh
+folder, and rebinds Airflow's DB engine should another module have imported airflow first. `dag.test()` runs the tasks in this process,
+which lets a test inject faults by wrapping pipeline functions (the task bodies look them up at call time):
+the failures are real exceptions inside real task attempts, and Airflow's retries handle them.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import airflow_home, orchestration
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DAG_FILES = sorted((REPO_ROOT / "dags").glob("*.py"))
+DAG_IDS = {"cmaclip_retrain", "cmaclip_nightly_scoring"}
+EPOCHS = {"warmup": 1, "end_to_end": 2, "tuning": 1}
+
+
+def _rebind_airflow() -> None:
+    """Airflow reads AIRFLOW__* overrides on every `conf.get`, but binds its metadata DB engine when first
+    imported. If another test module imported airflow already (a module-level provider import does),
+    bind it again to what the environment says now."""
+    if "airflow.settings" in sys.modules:
+        from airflow import settings
+        settings.configure_vars()
+        settings.reconfigure_orm()
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh embedded environment: every variable that locates state points under a temporary folder."""
+    home = tmp_path_factory.mktemp("cmaclip-home")
+    env = airflow_home.environment(home)
+    env.update(CMACLIP_RETRY_DELAY_S="1", CMACLIP_TASK_RETRIES="1")  # retries in seconds, not minutes
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        _rebind_airflow()
+        yield {"home": home, "env": env}
+    _rebind_airflow()
+
+
+@pytest.fixture(scope="module")
+def dagbag(airflow_env):
+    from airflow.dag_processing.dagbag import DagBag
+    return DagBag(dag_folder=str(REPO_ROOT / "dags"), safe_mode=False)
+
+
+def test_dagbag_loads_both_dags_without_errors(dagbag):
+    assert dagbag.import_errors == {}
+    assert DAG_IDS <= set(dagbag.dag_ids)
+
+
+def test_retrain_dag_shape(dagbag):
+    dag = dagbag.dags["cmaclip_retrain"]
+    order = ["ingest", "warmup", "end_to_end", "tuning", "evaluate", "register", "compare", "promote"]
+    for upstream, downstream in zip(order, order[1:]):
+        assert downstream in dag.get_task(upstream).downstream_task_ids
+    assert not dag.timetable.can_be_scheduled  # manual trigger only
+    assert {dag.get_task(t).pool for t in ("warmup", "end_to_end", "tuning")} == {airflow_home.GPU_POOL}
+    assert all(dag.get_task(t).retries >= 1 for t in order)
+    assert dag.get_task("warmup").retry_exponential_backoff > 1
+    assert {"catalog_uri", "tasks", "config", "epochs", "target_precision", "model_name", "promote",
+            "training_processes"} <= set(dag.params)
+    # The JSON schema the trigger form shows also rejects bad values.
+    from airflow.sdk.exceptions import ParamValidationError
+
+    for name, bad in {"target_precision": 1.5, "tasks": [], "epochs": {"warmup": 0}, "promote": "yes",
+                      "model_name": "no spaces please", "training_processes": 0}.items():
+        with pytest.raises(ParamValidationError):
+            dag.params.get_param(name).resolve(bad)
+    assert dag.params.get_param("epochs").resolve({"warmup": 2}) == {"warmup": 2}
+
+
+def test_scoring_dag_shape(dagbag):
+    from airflow.sdk import AssetOrTimeSchedule
+
+    dag = dagbag.dags["cmaclip_nightly_scoring"]
+    assert isinstance(dag.timetable, AssetOrTimeSchedule)  # nightly cron, or a new champion
+    score = dag.get_task("score")
+    assert score.map_index_template and score.max_active_tis_per_dagrun == orchestration.SCORING_PARALLELISM
+    assert [o.uri for o in dag.get_task("publish").outlets] == [orchestration.PREDICTIONS_ASSET_URI]
+    assert orchestration.MAX_SCORING_TASKS < 1024  # far below Airflow's default max_map_length
+
+
+def test_shard_groups_stay_below_the_map_limit():
+    ids = [f"{i:05d}" for i in range(5000)]
+    groups = orchestration.group_shards(ids, 64)
+    assert len(groups) <= 64 and [s for g in groups for s in g["shards"]] == ids
+    assert groups[0]["label"] == "00000-00078"
+    assert orchestration.group_shards(ids[:3], 64) == [{"label": i, "shards": [i]} for i in ids[:3]]
+
+
+PARSE_PROBE = """
+import json, runpy, sys, time, warnings
+import airflow.sdk
+from airflow.sdk import Asset, Param, dag, task  # the lazy attributes, loaded outside the timing
+started = time.perf_counter()
+with warnings.catch_warnings():
+    warnings.simplefilter("error")  # any warning while our DAG file runs fails the probe
+    runpy.run_path(sys.argv[1])
+print(json.dumps({"seconds": time.perf_counter() - started,
+                  "heavy": sorted(m for m in ("torch", "mlflow", "open_clip", "pyarrow") if m in sys.modules)}))
+"""
+
+
+@pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
+def test_dag_file_parses_fast_without_torch_or_warnings(dag_file: Path, airflow_env):
+    proc = subprocess.run([sys.executable, "-c", PARSE_PROBE, str(dag_file)], env=airflow_env["env"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    probe = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert probe["heavy"] == []
+    assert probe["seconds"] < 1.0
+
+
+# --- end to end (slow) ---------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def catalog(airflow_env) -> str:
+    from pipeline.synthetic import make_catalog
+    uri = str(airflow_env["home"] / "catalog" / "catalog.parquet")
+    make_catalog(160, uri, seed=3, with_bad_rows=True)
+    return uri
+
+
+@pytest.fixture(scope="module")
+def airflow_db(airflow_env) -> None:
+    airflow_home.prepare(airflow_env["home"])
+
+
+def _states(dag_run) -> dict[tuple[str, int], tuple[str, int]]:
+    return {(ti.task_id, ti.map_index): (str(ti.state), ti.try_number) for ti in dag_run.get_task_instances()}
+
+
+class _Interrupt(Exception):
+    """A simulated preemption of a worker in the middle of a stage."""
+
+
+@pytest.fixture(scope="module")
+def retrained(dagbag, airflow_db, catalog):
+    """Run cmaclip_retrain once, with end_to_end interrupted after its first epoch on the first attempt."""
+    from cmaclip.train import Callback
+    from pipeline import training
+
+    class StopAfterFirstEpoch(Callback):
+        def on_epoch_end(self, stage, epoch, metrics):
+            raise _Interrupt(f"worker lost after epoch {epoch} of {stage}")
+
+    class RecordEpochs(Callback):
+        def __init__(self):
+            self.epochs = []
+
+        def on_epoch_end(self, stage, epoch, metrics):
+            self.epochs.append(epoch)
+
+    real_run_stage, attempts = training.run_stage, []
+
+    def flaky_run_stage(handle, stage, epochs=None, callbacks=()):
+        if stage != "end_to_end":
+            return real_run_stage(handle, stage, epochs, callbacks)
+        recorder = RecordEpochs()
+        hooks = [*callbacks, recorder] + ([StopAfterFirstEpoch()] if not attempts else [])
+        attempts.append(recorder)
+        return real_run_stage(handle, stage, epochs, hooks)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(training, "run_stage", flaky_run_stage)
+        dag_run = dagbag.dags["cmaclip_retrain"].test(
+            run_conf={"catalog_uri": catalog, "epochs": EPOCHS, "config": "tiny"})
+    return {"dag_run": dag_run, "states": _states(dag_run), "attempts": [r.epochs for r in attempts]}
+
+
+@pytest.mark.slow
+def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained, airflow_env):
+    from airflow.models.asset import AssetEvent
+    from airflow.utils.session import create_session
+    from pipeline import registry, settings, tracking
+
+    assert retrained["dag_run"].state == "success", retrained["states"]
+    states = retrained["states"]
+    for task_id in ("ingest", "warmup", "tuning", "evaluate", "register", "compare"):
+        assert states[(task_id, -1)] == ("success", 1), (task_id, states)
+    # end_to_end failed once, was retried by Airflow, and the retry trained only the missing epoch.
+    assert states[("end_to_end", -1)] == ("success", 2)
+    assert retrained["attempts"] == [[0], [1]]
+    # The first version becomes champion without a comparison, so the gate short-circuits promote...
+    assert states[("promote", -1)][0] == "skipped"
+    settings.configure()
+    versions = registry.list_versions(orchestration.MODEL_NAME)
+    assert [v["aliases"] for v in versions] == [["champion"]]
+    # The MLflow training run names the Airflow run that made it.
+    run = tracking.client().get_run(versions[0]["run_id"])
+    assert run.data.tags[orchestration.AIRFLOW_RUN_TAG] == retrained["dag_run"].run_id
+    # ...and register announced the new champion on the Asset the scoring DAG listens to.
+    with create_session() as session:
+        events = [e for e in session.query(AssetEvent).all() if e.uri == orchestration.champion_asset_uri()]
+    assert [e.extra for e in events] == [{"version": "1"}]
+
+
+@pytest.mark.slow
+def test_scoring_dag_runs_end_to_end_and_a_rerun_skips_committed_shards(retrained, dagbag, catalog, airflow_env):
+    from pipeline import scoring, storage
+
+    dag = dagbag.dags["cmaclip_nightly_scoring"]
+    predictions = str(airflow_env["home"] / "predictions")
+    conf = {"catalog_uri": catalog, "predictions_uri": predictions, "rows_per_shard": 50}
+    real_score_shard, scored = scoring.score_shard, []
+
+    def broken_last_shard(shard, model, out, **kwargs):
+        if shard.id == "00003":
+            raise OSError("storage unavailable for shard 00003")
+        return real_score_shard(shard, model, out, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:  # first run: one shard keeps failing, the run fails
+        mp.setattr(scoring, "score_shard", broken_last_shard)
+        first = dag.test(run_conf=conf)
+    states = _states(first)
+    assert first.state == "failed"
+    assert states[("score", 3)] == ("failed", 2)  # tried, retried, gave up
+    assert {states[("score", i)][0] for i in range(3)} == {"success"}
+    assert states[("finalize", -1)][0] == "upstream_failed"
+
+    def recording(shard, model, out, **kwargs):
+        marker = real_score_shard(shard, model, out, **kwargs)
+        scored.append((shard.id, marker["skipped"]))
+        return marker
+
+    with pytest.MonkeyPatch.context() as mp:  # rerun: only the missing shard is scored
+        mp.setattr(scoring, "score_shard", recording)
+        second = dag.test(run_conf=conf)
+    assert second.state == "success", _states(second)
+    assert sorted(scored) == [("00000", True), ("00001", True), ("00002", True), ("00003", False)]
+
+    manifests = storage.list_files(storage.join(predictions, "_manifests"), ".json")
+    assert len(manifests) == 1
+    manifest = storage.read_json(manifests[0])
+    rows = storage.parquet_file(catalog).metadata.num_rows
+    assert manifest["shards"] == 4 and manifest["rows_in"] == rows
+    assert manifest["predicted"] + manifest["quarantined"] == rows and manifest["quarantined"] > 0
+    assert manifest["model_version"] == "1"
+    assert storage.exists(storage.join(predictions, "published", "latest.parquet"))
+    assert {ti.rendered_map_index for ti in second.get_task_instances() if ti.task_id == "score"} == \
+        {"00000", "00001", "00002", "00003"}
