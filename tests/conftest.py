@@ -112,3 +112,12 @@ def s3_bucket(moto_s3: str) -> str:
 def pytest_report_header(config: pytest.Config) -> str:
     return f"cmaclip shared data: {FASHION_SMALL} ({'present' if FASHION_SMALL.is_file() else 'absent'}); " \
            f"cpus: {os.cpu_count()}"
+
+
+@pytest.fixture(autouse=True)
+def _restore_sys_path() -> Iterator[None]:
+    """Loading an MLflow pyfunc puts its bundled code first on sys.path; a process spawned later by the
+    same test session (DDP workers) would then import that copy instead of the repository's."""
+    saved = list(sys.path)
+    yield
+    sys.path[:] = saved

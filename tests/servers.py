@@ -86,6 +86,8 @@ def mlflow_server(backend_uri: str, artifacts_destination: str, log: Path,
     `artifacts_destination`, e.g. s3://bucket/prefix with MLFLOW_S3_ENDPOINT_URL in `env`). Yields its URL."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # MLflow's job runner (7 huey consumer processes, for GenAI jobs the pipeline never submits): off.
+    env = {**(os.environ if env is None else env), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     proc = start([venv_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                   "--backend-store-uri", backend_uri, "--serve-artifacts",
                   "--artifacts-destination", artifacts_destination], log, env)

@@ -127,7 +127,11 @@ def test_pyfunc_from_the_registry_predicts_the_same_in_a_fresh_process(trained, 
     direct, quarantined = predictor.predict_frame(frame)
     assert list(quarantined["product_id"]) == ["broken-image"]
     for column in predictor.output_columns:
-        assert list(direct[column]) == list(scored[column]), column
+        if pd.api.types.is_float_dtype(direct[column]):
+            # Batches differ by the broken row, and a matmul's last bits depend on the batch it runs in.
+            assert direct[column].to_numpy() == pytest.approx(scored[column].to_numpy(), rel=1e-5), column
+        else:
+            assert list(direct[column]) == list(scored[column]), column
     info = mlflow.models.get_model_info(uri)
     assert [c.name for c in info.signature.inputs.inputs] == ["product_id", "title", "image"]
 

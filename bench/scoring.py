@@ -1,0 +1,255 @@
+"""Scoring throughput against its physical limit, the forward pass, and peak memory against catalog size.
+
+    python bench/scoring.py --config paper-vit-b-32 --rows 2000
+
+Each measurement runs in a fresh process (clean peak-RSS accounting):
+
+  pipeline  over a catalog of --rows rows: the real pipeline (plan, read Parquet, decode, preprocess,
+            tokenize, forward, write, done markers), and the forward pass alone on the same rows prepared
+            beforehand (the limit); the two alternate shard by shard. Run again over --rows / 5 rows:
+            peak RSS at 1x and 5x.
+  naive     fp32 weights, the full 77-token context, read + decode then forward in turn, over
+            --naive-rows rows (it is slow), plus the bf16 pipeline's top-1 agreement with it.
+
+Random weights (no pretrained download); the real fashion-small images when present (60x80 JPEGs,
+upsampled to the model's 224 px), else the synthetic catalog. Ends with ONE JSON line with every figure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+FASHION_SMALL = REPO.parent / "shared" / "data" / "fashion-small" / "products.parquet"
+TASK_COLUMNS = ("color", "article_type", "usage", "gender", "pattern", "style")
+
+
+# --- set-up (parent) ---------------------------------------------------------------------------------------
+
+def make_catalog(rows: int, path: Path) -> str:
+    """The first `rows` products of fashion-small (row groups as shipped), else a synthetic catalog."""
+    import pyarrow.parquet as pq
+
+    if FASHION_SMALL.is_file():
+        source = pq.ParquetFile(FASHION_SMALL)
+        table = source.read_row_groups(list(range(source.num_row_groups)), columns=None).slice(0, rows)
+        pq.write_table(table, path, row_group_size=2048, compression="zstd")
+        return "fashion-small"
+    from pipeline.synthetic import make_catalog as synthetic
+    synthetic(rows, str(path), seed=0, image_size=224)
+    return "synthetic"
+
+
+def make_checkpoint(config_name: str, catalog: str, path: Path) -> dict[str, int]:
+    import pyarrow.parquet as pq
+    import torch
+
+    import cmaclip
+    from cmaclip.checkpoint import Checkpoint, save_checkpoint
+    from cmaclip.config import load_config
+
+    names = [c for c in TASK_COLUMNS if c in pq.read_schema(catalog).names][:4]
+    table = pq.read_table(catalog, columns=names)
+    labels = {c: sorted({str(v) for v in table.column(c).to_pylist() if v is not None}) for c in names}
+    config = load_config(config_name).with_tasks({t: len(v) for t, v in labels.items()})
+    torch.manual_seed(0)
+    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False), Checkpoint(config, labels))
+    return {t: len(v) for t, v in labels.items()}
+
+
+def child(mode: str, args: argparse.Namespace, **extra) -> dict:
+    """Run one measurement in a fresh interpreter; it prints one JSON line."""
+    cmd = [sys.executable, __file__, "--child", mode, "--checkpoint", args.checkpoint, "--catalog", args.catalog_path,
+           "--batch-size", str(args.batch_size), "--workers", str(args.workers), "--precision", args.precision,
+           "--rows-per-shard", str(args.rows_per_shard), "--out", args.out]
+    for key, value in extra.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(f"{mode} failed:\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --- measurements (children) ---------------------------------------------------------------------------------
+
+def peak_rss_mb() -> dict[str, float]:
+    # ru_maxrss is in KiB on Linux; RUSAGE_CHILDREN covers the (joined) DataLoader workers.
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mb": round(own, 1), "worker_peak_rss_mb": round(workers, 1)}
+
+
+def forward_only(shard, predictor, batch_size: int) -> tuple[int, float]:
+    """The limit: forward passes over the shard's rows, each batch decoded and tokenized beforehand exactly
+    as the pipeline does it, untimed. One batch at a time, so memory stays that of the pipeline."""
+    from pipeline import scoring
+
+    rows, seconds = 0, 0.0
+    for slices in scoring.raw_batches(shard, batch_size):
+        batch = scoring.prepare_batch(0, slices, predictor.preprocessor, shard.image_column)
+        start = time.perf_counter()
+        predictor.predict(batch.pixels, batch.tokens)
+        seconds += time.perf_counter() - start
+        rows += batch.pixels.shape[0]
+    return rows, seconds
+
+
+def measure_pipeline(args: argparse.Namespace) -> dict:
+    """The scoring pipeline over a catalog of `limit` rows (plan, then every shard from read to done
+    marker), and the forward-only limit on the same rows. The two alternate shard by shard, so a
+    neighbour's load on a shared machine hits both alike."""
+    import shutil
+
+    import pyarrow.parquet as pq
+
+    from pipeline import scoring
+    from pipeline.predictor import Predictor
+
+    catalog = Path(args.out) / f"catalog-{args.limit}.parquet"
+    pq.write_table(pq.read_table(args.catalog).slice(0, args.limit), catalog, row_group_size=2048)
+    out = Path(args.out) / f"scored-{args.limit}"
+    shutil.rmtree(out, ignore_errors=True)
+    predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
+    start = time.perf_counter()
+    plan = scoring.plan_shards(str(catalog), args.rows_per_shard)
+    e2e_s, forward_s, forward_rows, markers = time.perf_counter() - start, 0.0, 0, []
+    for i, shard in enumerate(plan.shards):
+        if i == 0:
+            forward_only(shard, predictor, args.batch_size)  # warm-up: oneDNN builds kernels on first use
+        start = time.perf_counter()
+        markers.append(scoring.score_shard(shard, predictor, str(out), batch_size=args.batch_size,
+                                           workers=args.workers))
+        e2e_s += time.perf_counter() - start
+        rows, seconds = forward_only(shard, predictor, args.batch_size)
+        forward_rows, forward_s = forward_rows + rows, forward_s + seconds
+    rows = sum(m["rows_in"] for m in markers)
+    return {"e2e_samples_per_s": rows / e2e_s, "forward_samples_per_s": forward_rows / forward_s, "rows": rows,
+            "e2e_s": e2e_s, "forward_s": forward_s, "shards": len(markers), "precision": predictor.precision,
+            "threads": torch_threads(), "e2e_wait_s": sum(m["timings"]["wait_s"] for m in markers),
+            "e2e_forward_s": sum(m["timings"]["forward_s"] for m in markers), **peak_rss_mb()}
+
+
+def torch_threads() -> int:
+    import torch
+    return torch.get_num_threads()
+
+
+def _decode(slices, pre) -> tuple:
+    import pyarrow as pa
+
+    from pipeline.predictor import decode_rows
+    table = pa.Table.from_batches(slices)
+    good, _ = decode_rows(zip(*(table.column(i).to_pylist() for i in range(3))), draft=pre.draft)
+    return pre.images(good.images), good.titles
+
+
+def measure_naive(args: argparse.Namespace) -> dict:
+    """fp32 weights, the full 77-token context, each batch read and decoded then forwarded in turn. Also
+    the bf16 pipeline's top-1 agreement with it on the same inputs (untimed)."""
+    from cmaclip.transforms import tokenizer
+    from pipeline import scoring
+    from pipeline.predictor import Predictor
+
+    naive = Predictor.from_checkpoint(args.checkpoint, precision="fp32")
+    fast = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
+    pre, full_context = naive.preprocessor, tokenizer(naive.checkpoint.config)  # [B, 77], not trimmed
+    shard = scoring.plan_shards(args.catalog, args.limit).shards[0]
+    pixels, titles = _decode(next(scoring.raw_batches(shard, args.batch_size)), pre)
+    naive.predict(pixels, full_context(titles))  # warm-up, as for the other measurements
+    elapsed, n, agree, total = 0.0, 0, 0, 0
+    tick = time.perf_counter()
+    for slices in scoring.raw_batches(shard, args.batch_size):
+        pixels, titles = _decode(slices, pre)
+        reference = naive.predict(pixels, full_context(titles))
+        elapsed += time.perf_counter() - tick
+        n += pixels.shape[0]
+        low = fast.predict(pixels, pre.texts(titles))
+        agree += sum(int((reference[f"{t}_top"] == low[f"{t}_top"]).sum()) for t in naive.tasks)
+        total += pixels.shape[0] * len(naive.tasks)
+        tick = time.perf_counter()
+    return {"samples_per_s": n / elapsed, "rows": n, "seconds": elapsed, "bf16_top1_agreement": agree / total}
+
+
+# --- main ------------------------------------------------------------------------------------------------
+
+def parse() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="paper-vit-b-32")
+    p.add_argument("--rows", type=int, default=2000, help="catalog rows for forward-only, e2e and the 5x memory run")
+    p.add_argument("--memory-rows", type=int, help="the 1x memory run (default rows / 5)")
+    p.add_argument("--naive-rows", type=int, default=192, help="rows for the (slow) naive path")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--precision", default="auto")
+    p.add_argument("--rows-per-shard", type=int, default=1000)
+    p.add_argument("--work-dir", help="default: a temporary folder")
+    # internal: one measurement in a child process
+    p.add_argument("--child", choices=["pipeline", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    p.add_argument("--catalog", help=argparse.SUPPRESS)
+    p.add_argument("--limit", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--out", help=argparse.SUPPRESS)
+    return p.parse_args()
+
+
+def main() -> None:
+    args = parse()
+    if args.child:
+        result = {"pipeline": measure_pipeline, "naive": measure_naive}[args.child](args)
+        print(json.dumps(result))
+        return
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-scoring-"))
+    work.mkdir(parents=True, exist_ok=True)
+    args.catalog_path, args.checkpoint, args.out = str(work / "catalog.parquet"), str(work / "ckpt"), str(work)
+    source = make_catalog(args.rows, Path(args.catalog_path))
+    tasks = make_checkpoint(args.config, args.catalog_path, Path(args.checkpoint))
+    one_x = args.memory_rows or max(args.rows // 5, 1)
+    print(f"scoring bench: config {args.config}, {source} catalog, {args.rows} rows, tasks {tasks}, "
+          f"batch {args.batch_size}, workers {args.workers}, cpus {os.cpu_count()}", flush=True)
+
+    load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
+    big = child("pipeline", args, limit=args.rows)
+    ratio = big["e2e_samples_per_s"] / big["forward_samples_per_s"]
+    print(f"forward only (the limit) : {big['forward_samples_per_s']:7.2f} samples/s ({big['precision']})\n"
+          f"end to end pipeline      : {big['e2e_samples_per_s']:7.2f} samples/s (ratio {ratio:.3f})", flush=True)
+    naive = child("naive", args, limit=args.naive_rows)
+    speedup = big["e2e_samples_per_s"] / naive["samples_per_s"]
+    print(f"naive (fp32, 77 tokens, in turn): {naive['samples_per_s']:7.2f} samples/s (speedup {speedup:.2f}x)",
+          flush=True)
+    small = child("pipeline", args, limit=one_x)
+    growth = big["peak_rss_mb"] / small["peak_rss_mb"] - 1
+    print(f"peak RSS: {small['rows']} rows {small['peak_rss_mb']:.0f} MB, {big['rows']} rows "
+          f"{big['peak_rss_mb']:.0f} MB ({growth:+.1%}); decode worker {small['worker_peak_rss_mb']:.0f} / "
+          f"{big['worker_peak_rss_mb']:.0f} MB", flush=True)
+    figures = {
+        "bench": "scoring", "config": args.config, "catalog": source, "rows": big["rows"], "tasks": tasks,
+        "batch_size": args.batch_size, "workers": args.workers, "rows_per_shard": args.rows_per_shard,
+        "precision": big["precision"], "threads": big["threads"], "cpus": os.cpu_count(),
+        "forward_samples_per_s": round(big["forward_samples_per_s"], 2),
+        "e2e_samples_per_s": round(big["e2e_samples_per_s"], 2), "e2e_over_forward": round(ratio, 3),
+        "e2e_wait_s": round(big["e2e_wait_s"], 2), "e2e_forward_s": round(big["e2e_forward_s"], 2),
+        "e2e_s": round(big["e2e_s"], 2),
+        "naive_rows": naive["rows"], "naive_samples_per_s": round(naive["samples_per_s"], 2),
+        "speedup_over_naive": round(speedup, 2),
+        "bf16_top1_agreement_random_weights": round(naive["bf16_top1_agreement"], 4),
+        "memory_rows_1x": small["rows"], "memory_rows_5x": big["rows"],
+        "peak_rss_mb_1x": small["peak_rss_mb"], "peak_rss_mb_5x": big["peak_rss_mb"],
+        "worker_peak_rss_mb_1x": small["worker_peak_rss_mb"], "worker_peak_rss_mb_5x": big["worker_peak_rss_mb"],
+        "peak_rss_growth": round(growth, 4),
+        "e2e_over_forward_1x": round(small["e2e_samples_per_s"] / small["forward_samples_per_s"], 3),
+        "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+    }
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The `cmaclip` command line. Thin by design: each command parses its flags and calls one pipeline
+function; the result (JSON) goes to stdout, errors to stderr with exit code 2.
+
+To add a command, write `_<name>_args(parser)` and `_<name>(args)` and add them to COMMANDS.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .catalog import CatalogError
+
+AddArgs = Callable[[argparse.ArgumentParser], None]
+Run = Callable[[argparse.Namespace], Any]
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+def _make_catalog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=int, required=True, help="number of (good) products")
+    p.add_argument("--out", required=True, help="output Parquet URI (local path, s3://, memory://)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--with-bad-rows", action="store_true", help="add one row of each bad kind")
+    p.add_argument("--image-size", type=int, default=64)
+
+
+def _make_catalog(args: argparse.Namespace) -> Any:
+    from .synthetic import make_catalog
+    return make_catalog(args.rows, args.out, seed=args.seed, with_bad_rows=args.with_bad_rows,
+                        image_size=args.image_size)
+
+
+def _ingest_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", required=True, help="catalog Parquet: file, folder or glob; any URI")
+    p.add_argument("--tasks", required=True, help="comma-separated label columns, e.g. color,pattern,style")
+    p.add_argument("--out", required=True, help="output folder URI")
+    p.add_argument("--min-class-count", type=int, default=5,
+                   help="labels with fewer kept rows become missing (masked) for their task")
+    p.add_argument("--splits", type=_floats, default=(0.8, 0.1, 0.1), help="train,validation,test fractions")
+    p.add_argument("--label-map", help="JSON file: {task: {synonym: label}}")
+    p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: auto)")
+
+
+def _ingest(args: argparse.Namespace) -> Any:
+    from . import storage
+    from .ingest import ingest
+    label_map = storage.read_json(args.label_map) if args.label_map else None
+    manifest = ingest(args.catalog, args.tasks, args.out, splits=args.splits,
+                      min_class_count=args.min_class_count, label_map=label_map, workers=args.workers)
+    return {"out": args.out, "input_fingerprint": manifest["input"]["fingerprint"], **manifest["counts"]}
+
+
+# --- training and the model registry (pipeline.training, pipeline.registry) ---------------------------
+# Human output (epoch lines, tables) by default; --json prints the result as JSON on stdout instead,
+# with the epoch lines on stderr.
+
+def _epochs(text: str) -> int | dict[str, int]:
+    """`3` (every stage) or `warmup=2,tuning=1`."""
+    if "=" not in text:
+        return int(text)
+    return {k.strip(): int(v) for k, v in (part.split("=", 1) for part in text.split(","))}
+
+
+def _train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", default="tiny", help="config name in configs/ or a JSON file")
+    p.add_argument("--data", required=True, help="ingested dataset URI (the folder with manifest.json)")
+    p.add_argument("--out", required=True, help="training folder URI (checkpoints; s3:// works)")
+    p.add_argument("--stages", default="warmup,end_to_end,tuning", help="comma-separated, in order")
+    p.add_argument("--epochs", type=_epochs, help="epochs for every stage (3) or per stage (warmup=2,tuning=1)")
+    p.add_argument("--model-name", default="cmaclip", help="registered model name")
+    p.add_argument("--no-register", action="store_true", help="log the model but do not register it")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+
+
+def _train(args: argparse.Namespace) -> Any:
+    from .training import train
+    stream = sys.stderr if args.json else sys.stdout
+    result = train(args.config, args.data, args.out, stages=[s for s in args.stages.split(",") if s],
+                   epochs=args.epochs, model_name=args.model_name, register=not args.no_register,
+                   device=args.device, print_fn=lambda line: print(line, file=stream, flush=True))
+    return result if args.json else None
+
+
+def _registry_args(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="action", required=True)
+    for action, help_text in (("list", "versions, aliases and why"), ("compare", "champion vs challenger on "
+                              "the test split"), ("promote", "move champion to the challenger if the gate passes")):
+        a = sub.add_parser(action, help=help_text, description=help_text)
+        a.add_argument("--name", default="cmaclip", help="registered model name")
+        a.add_argument("--json", action="store_true", help="print the result as JSON")
+        if action in ("compare", "promote"):
+            a.add_argument("--tolerance", type=float, default=0.01, help="per task and metric, absolute")
+        if action == "compare":
+            a.add_argument("--data", required=True, help="ingested dataset URI; its test split is used")
+        if action == "promote":
+            source = a.add_mutually_exclusive_group(required=True)
+            source.add_argument("--data", help="compare on this dataset's test split first")
+            source.add_argument("--comparison", help="run id of a recorded comparison (registry compare)")
+            a.add_argument("--force", action="store_true", help="promote even if the gate fails")
+
+
+def _registry(args: argparse.Namespace) -> Any:
+    from . import registry
+    if args.action == "list":
+        rows = registry.list_versions(args.name)
+        return rows if args.json else print(registry.format_versions(rows))
+    if args.action == "compare" or args.data:
+        comparison = registry.compare(args.name, args.data, tolerance=args.tolerance)
+        if args.action == "compare":
+            return comparison.as_dict() if args.json else print(comparison.table)
+    else:
+        comparison = registry.load_comparison(args.comparison)
+    decision = registry.promote(args.name, comparison, tolerance=args.tolerance, force=args.force)
+    if args.json:
+        return decision
+    print(comparison.table)
+    print(("promoted: " if decision["promoted"] else "not promoted: ") + decision["reason"])
+    return None
+
+
+# --- scoring (pipeline.scoring) --------------------------------------------------------------------
+
+def _score_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--catalog", required=True, help="catalog Parquet: file, folder or glob; any URI")
+    p.add_argument("--model", required=True, help="checkpoint folder (models:/name@alias with the registry)")
+    p.add_argument("--out", required=True, help="scoring output root URI")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--shard", help="score this shard id only (no finalize)")
+    which.add_argument("--all", action="store_true", default=True, help="score every shard, then finalize")
+    p.add_argument("--rows-per-shard", type=int, default=10_000)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=1, help="image-decoding DataLoader processes (0: in turn)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
+
+
+def _score(args: argparse.Namespace) -> Any:
+    from .scoring import score
+    return score(args.catalog, args.model, args.out, shard=args.shard, all=args.shard is None,
+                 rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
+                 precision=args.precision, compile=args.compile, run_id=args.run_id)
+
+
+def _publish_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", required=True, help="scoring output root URI")
+    p.add_argument("--catalog", help="also write the catalog joined with its latest attributes")
+
+
+def _publish(args: argparse.Namespace) -> Any:
+    from .scoring import publish
+    return publish(args.out, catalog=args.catalog)
+
+
+# --- the paper's experiments (pipeline.experiments; bench/paper.py runs the same) ------------------------
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    from .paper_options import add_arguments
+    add_arguments(p)
+
+
+def _evaluate(args: argparse.Namespace) -> Any:
+    import shlex
+
+    from .experiments import run_and_report
+    from .paper_options import options_from_args
+    command = " ".join(["HF_HUB_OFFLINE=1 cmaclip", *map(shlex.quote, sys.argv[1:])])
+    return run_and_report(options_from_args(args, command))
+
+
+COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
+    "make-catalog": ("write a synthetic product catalog", _make_catalog_args, _make_catalog),
+    "ingest": ("validate a catalog into a dataset + quarantine + manifest", _ingest_args, _ingest),
+    # training and the model registry
+    "train": ("train the stages over a dataset, logged to MLflow, then register", _train_args, _train),
+    "registry": ("the model registry: list | compare | promote", _registry_args, _registry),
+    # scoring
+    "score": ("score a catalog in shards (resumable), then finalize the run", _score_args, _score),
+    "publish": ("latest prediction per product, and the catalog joined with it", _publish_args, _publish),
+    # the paper's experiments
+    "evaluate": ("the paper's experiments (Tables 2, 5, 6, Figure 2) on a catalog", _evaluate_args, _evaluate),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cmaclip", description="CMA-CLIP batch pipeline")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, run) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        add_args(p)
+        p.set_defaults(run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        result = args.run(args)
+    except (CatalogError, ValueError, FileNotFoundError) as exc:
+        print(f"cmaclip {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    if result is not None:
+        print(json.dumps(result, indent=2, sort_keys=True, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

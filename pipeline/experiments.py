@@ -1,0 +1,355 @@
+"""The paper's experiments on a real catalog, as one fixed protocol (`run_protocol`): ingest with hash
+splits, train CMA-CLIP and its ablations with Algorithm 1, the CLIP baselines, the title-noise test and
+the attention maps; then one results dict, written as JSON, markdown and an MLflow run.
+
+Used by `bench/paper.py` and `cmaclip evaluate`; both take the flags of `paper_options.add_arguments`.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+import cmaclip
+from cmaclip.config import STAGES, CMACLIPConfig, with_variant
+from cmaclip.evaluate import evaluate
+from cmaclip.transforms import tokenizer
+
+from .ingest import SPLITS, ingest
+from .noise import names_label, remove_label_words, swap_titles
+from .paper_data import SplitData, load_split, retitled, subset_catalog
+from .paper_options import VARIANTS, Options
+from .paper_outputs import finite, log_mlflow, write_reports
+
+NOISY_VARIANTS = VARIANTS  # image-only doubles as a check: title noise must not move it
+
+
+# --- set-up -------------------------------------------------------------------------------------------
+
+def build_config(opts: Options, vocab: dict[str, list[str]]) -> CMACLIPConfig:
+    """The protocol's config: the named file, the dataset's tasks, and the flags that override it."""
+    config = cmaclip.load_config(opts.config_name).with_tasks({t: len(vocab[t]) for t in opts.tasks})
+    clip = dataclasses.replace(config.clip, pretrained=opts.pretrained or config.clip.pretrained)
+    stages = {name: dataclasses.replace(s, epochs=opts.epochs.get(name, s.epochs))
+              for name, s in config.train.stages.items()}
+    train = dataclasses.replace(config.train, seed=opts.seed, stages=stages,
+                                precision=opts.precision or config.train.precision)
+    return dataclasses.replace(config, clip=clip, train=train)
+
+
+def prepare_dataset(opts: Options) -> tuple[str, dict[str, Any]]:
+    """Ingest the catalog (or its first `limit` rows in hash order) with hash splits; (uri, manifest)."""
+    work = Path(opts.work_dir)
+    catalog = opts.catalog
+    if opts.limit:
+        catalog = subset_catalog(catalog, opts.limit, work / f"catalog-first-{opts.limit}.parquet")
+    uri = str(work / (f"dataset-first-{opts.limit}" if opts.limit else "dataset"))
+    manifest = ingest(catalog, list(opts.tasks), uri)
+    return uri, manifest
+
+
+def run_key(config: CMACLIPConfig, manifest: dict[str, Any]) -> str:
+    """Checkpoint folder name: same config and data -> same folder, so an interrupted run resumes."""
+    from .tracking import dataset_fingerprint
+    content = json.dumps({"config": config.to_dict(), "data": dataset_fingerprint(manifest)}, sort_keys=True)
+    return hashlib.sha256(content.encode()).hexdigest()[:12]
+
+
+def new_model(config: CMACLIPConfig, seed: int) -> cmaclip.CMACLIP:
+    """Every variant and the CLIP baseline build CLIP first from the same seed: identical CLIP weights."""
+    torch.manual_seed(seed)
+    return cmaclip.create_model(config)
+
+
+# --- metrics ------------------------------------------------------------------------------------------
+
+PER_TASK = ("n", "accuracy", "macro_f1", "recall_at_precision", "image_weight")
+MEANS = ("mean_recall_at_precision", "mean_accuracy", "mean_macro_f1")
+
+
+def nested(flat: dict[str, float], tasks: Sequence[str]) -> dict[str, Any]:
+    """evaluate's flat metrics -> {task: {metric: value}, mean_*: value}."""
+    out: dict[str, Any] = {t: {k: flat[f"{t}/{k}"] for k in PER_TASK if f"{t}/{k}" in flat} for t in tasks}
+    out.update({k: flat[k] for k in MEANS if k in flat})
+    return out
+
+
+@contextlib.contextmanager
+def timed(timing: dict[str, float], key: str):
+    """Adds the block's wall time to timing[key]."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
+
+
+def evaluate_split(model, batches, config: CMACLIPConfig, device: str) -> dict[str, Any]:
+    """Test metrics in fp32: the reported numbers do not depend on the machine's bf16 support."""
+    flat, _ = evaluate(model, batches, config.train.target_precision, device=device, precision="fp32")
+    return nested(flat, list(config.tasks))
+
+
+# --- title noise (Table 5) ----------------------------------------------------------------------------
+
+def noise_conditions(test: SplitData, swap_seed: int) -> dict[str, list[str | None]]:
+    """The test titles under each condition, in test order."""
+    return {"clean": list(test.titles),
+            "label_words_removed": remove_label_words(test.titles, test.product_labels()),
+            "titles_swapped": swap_titles(test.titles, swap_seed)}
+
+
+def noise_stats(test: SplitData, conditions: dict[str, list[str | None]]) -> dict[str, Any]:
+    """How often the test titles name each task's label, per condition, and how many titles changed."""
+    named = {}
+    for cond, titles in conditions.items():
+        named[cond] = {}
+        for task, labels in test.labels.items():
+            has = np.array([lab is not None for lab in labels])
+            named[cond][task] = float(names_label(titles, labels)[has].mean()) if has.any() else float("nan")
+    changed = {c: float(np.mean([a != b for a, b in zip(test.titles, t)])) for c, t in conditions.items()}
+    return {"label_named": named, "titles_changed": changed}
+
+
+def evaluate_conditions(model, test: SplitData, conditions: dict[str, list[str | None]],
+                        config: CMACLIPConfig, opts: Options) -> dict[str, Any]:
+    tokenize = tokenizer(config)
+    out = {}
+    for cond, titles in conditions.items():
+        batches = retitled(test.batches(opts.eval_batch_size), dict(zip(test.product_id, titles)), tokenize)
+        out[cond] = evaluate_split(model, batches, config, opts.device)
+    return out
+
+
+# --- CMA-CLIP and its variants (Tables 2 and 6) --------------------------------------------------------
+
+@dataclass
+class Splits:
+    train: SplitData
+    validation: SplitData
+    test: SplitData
+    vocab: dict[str, list[str]]
+
+
+def choose_threads(policy: str) -> int:
+    """Set torch's thread count. "auto": all cores on an idle machine, one when other processes already
+    keep the cores busy: there OpenMP's threads wait on each other at every barrier, and one thread ran
+    2-3x faster than two (measured on this 2-core machine at load 12). Thread count changes no result
+    beyond float rounding."""
+    import os
+
+    cores = os.cpu_count() or 1
+    if policy != "auto":
+        n = int(policy)
+    else:
+        n = cores if os.getloadavg()[0] <= cores + 0.5 else 1
+    if n != torch.get_num_threads():
+        torch.set_num_threads(n)
+    return n
+
+
+def epochs_with_threads(factory: Callable[[int], Any], policy: str) -> Callable[[int], Any]:
+    """The trainer calls the loader factory at the start of every epoch: the moment to re-check the load."""
+    def batches(epoch: int):
+        choose_threads(policy)
+        return factory(epoch)
+    return batches
+
+
+def _printer(prefix: str) -> Callable[[str], None]:
+    return lambda line: print(f"[{prefix}] {line}", flush=True)
+
+
+def stage_summary(result) -> dict[str, Any]:
+    history = result.history
+    return {"epochs_run": result.epochs_run, "best_epoch": result.best_epoch,
+            "stopped_early": result.stopped_early,
+            "val_mean_recall_at_precision": result.best_metrics.get("mean_recall_at_precision"),
+            "val_mean_accuracy": result.best_metrics.get("mean_accuracy"),
+            "train_seconds": float(sum(h.get("train/seconds", 0.0) for h in history)),
+            "train_samples_per_s": float(np.mean([h["train/samples_per_s"] for h in history])) if history else None}
+
+
+def train_variant(variant: str, config: CMACLIPConfig, data: Splits, run_dir: Path,
+                  opts: Options) -> tuple[Path, dict[str, Any]]:
+    """Algorithm 1's three stages for one variant; (best checkpoint of the last stage, summary)."""
+    from cmaclip.train import PrintCallback, train_stages
+
+    vconfig = with_variant(config, variant)
+    results = train_stages(
+        vconfig, lambda: new_model(vconfig, opts.seed),
+        epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed), opts.threads),
+        data.validation.batches(opts.eval_batch_size), run_dir / variant,
+        stages=[s for s in STAGES if vconfig.train.stages[s].epochs > 0],
+        callbacks=[PrintCallback(_printer(variant))], cache="memory", device=opts.device, labels=data.vocab,
+        resume=True)
+    last = results[list(results)[-1]]
+    return last.best_checkpoint, {"stages": {s: stage_summary(r) for s, r in results.items()}}
+
+
+def run_variants(config: CMACLIPConfig, data: Splits, conditions: dict[str, list[str | None]],
+                 run_dir: Path, opts: Options, timing: dict[str, float]):
+    """Train and test every variant; (models, robustness, checkpoints)."""
+    from cmaclip.checkpoint import load_checkpoint
+
+    models, robustness, checkpoints = {}, {}, {}
+    for variant in opts.variants:
+        with timed(timing, variant):
+            checkpoint, summary = train_variant(variant, config, data, run_dir, opts)
+            model, _ = load_checkpoint(checkpoint, device=opts.device)
+            runs = evaluate_conditions(model, data.test, conditions if variant in NOISY_VARIANTS
+                                       else {"clean": conditions["clean"]}, config, opts)
+        summary["test"] = runs["clean"]
+        summary["parameters"] = sum(p.numel() for p in model.parameters())
+        models[variant], checkpoints[variant] = summary, checkpoint
+        if variant in NOISY_VARIANTS:
+            robustness[variant] = runs
+        _printer(variant)(f"test mean recall {summary['test']['mean_recall_at_precision']:.4f} "
+                          f"mean accuracy {summary['test']['mean_accuracy']:.4f}")
+    return models, robustness, checkpoints
+
+
+# --- CLIP baselines (Table 2) ---------------------------------------------------------------------------
+
+NO_WEIGHTS = "no pretrained CLIP weights (random init); pass --pretrained <path> to run it"
+
+
+def new_towers(config: CMACLIPConfig, seed: int):
+    """CLIP towers with the same starting weights as every CMA-CLIP variant (see `new_model`)."""
+    from cmaclip.encoders import CLIPTowers
+    from cmaclip.pretrained import create_clip
+
+    torch.manual_seed(seed)
+    return CLIPTowers(create_clip(config.clip))
+
+
+def zero_shot_metrics(towers, data: Splits, config: CMACLIPConfig, opts: Options) -> dict[str, Any]:
+    from cmaclip.clip_baseline import zero_shot_predict
+    from cmaclip.evaluate import metrics_from_predictions
+
+    classes = {t: data.vocab[t] for t in config.tasks}
+    preds = zero_shot_predict(towers, data.test.batches(opts.eval_batch_size), classes, tokenizer(config),
+                              precision="fp32", device=opts.device)
+    return nested(metrics_from_predictions(preds, config.train.target_precision), list(config.tasks))
+
+
+def finetuned_towers(config: CMACLIPConfig, data: Splits, opts: Options, out_dir: Path):
+    """(towers, loss per epoch): contrastive fine-tuning, or its stored result from an earlier run with
+    the same config, data and options (the folder name is a function of them)."""
+    from safetensors.torch import load_model, save_model
+
+    from cmaclip.clip_baseline import finetune_contrastive
+
+    towers = new_towers(config, opts.seed)
+    weights, meta = out_dir / "towers.safetensors", out_dir / "losses.json"
+    settings_key = {"epochs": opts.contrastive_epochs, "lr": opts.contrastive_lr, "seed": opts.seed}
+    if meta.exists() and json.loads(meta.read_text()).get("settings") == settings_key:
+        load_model(towers, str(weights))
+        return towers, json.loads(meta.read_text())["losses"]
+    losses = finetune_contrastive(
+        towers, epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed), opts.threads),
+        epochs=opts.contrastive_epochs,
+        lr=opts.contrastive_lr, weight_decay=config.train.weight_decay, grad_clip=config.train.grad_clip,
+        precision=config.train.precision, device=opts.device, log=_printer("fine-tuned-clip"))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_model(towers, str(weights))
+    meta.write_text(json.dumps({"settings": settings_key, "losses": losses}))
+    return towers, losses
+
+
+def clip_baselines(config: CMACLIPConfig, data: Splits, run_dir: Path, opts: Options) -> dict[str, Any]:
+    """Raw CLIP zero-shot (pretrained weights only) and CLIP fine-tuned contrastively on the training
+    image-title pairs, then zero-shot."""
+    from cmaclip.clip_baseline import templates_for
+
+    templates = {t: list(templates_for(t)) for t in config.tasks}
+    out: dict[str, Any] = {"raw-clip": {"not_run": NO_WEIGHTS}}
+    if config.clip.pretrained:
+        out["raw-clip"] = {"test": zero_shot_metrics(new_towers(config, opts.seed), data, config, opts),
+                           "templates": templates}
+    towers, losses = finetuned_towers(config, data, opts, run_dir / "fine-tuned-clip")
+    out["fine-tuned-clip"] = {"test": zero_shot_metrics(towers, data, config, opts),
+                              "contrastive_loss": losses, "templates": templates}
+    return out
+
+
+# --- the protocol ---------------------------------------------------------------------------------------
+
+def machine() -> dict[str, Any]:
+    import os
+    import platform
+
+    return {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
+            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
+
+
+def protocol_info(opts: Options, config: CMACLIPConfig, manifest: dict[str, Any], uri: str,
+                  parameters: int) -> dict[str, Any]:
+    from cmaclip.evaluate import resolve_precision
+    from .tracking import code_version, dataset_fingerprint
+
+    counts = manifest["counts"]
+    return {
+        "catalog": opts.catalog, "limit": opts.limit, "dataset_uri": uri, "tasks": list(config.tasks),
+        "config": opts.config_name, "config_dict": config.to_dict(), "pretrained": config.clip.pretrained,
+        "parameters_m": parameters / 1e6, "precision": resolve_precision(config.train.precision, opts.device),
+        "target_precision": config.train.target_precision,
+        "seeds": {"train": opts.seed, "swap": opts.swap_seed, "split": "md5(product_id)"},
+        "stage_epochs": {s: st.epochs for s, st in config.train.stages.items()},
+        "contrastive": {"epochs": opts.contrastive_epochs, "lr": opts.contrastive_lr},
+        "data": {"input_fingerprint": manifest["input"]["fingerprint"],
+                 "dataset_fingerprint": dataset_fingerprint(manifest), "rows_kept": counts["rows_kept"],
+                 "rows_by_split": counts["rows_by_split"], "classes": {t: len(manifest["vocabularies"][t])
+                                                                       for t in config.tasks}},
+        "machine": machine(), "threads": opts.threads, "code_version": code_version(),
+    }
+
+
+def load_splits(uri: str, config: CMACLIPConfig, vocab: dict[str, list[str]]) -> Splits:
+    return Splits(*(load_split(uri, s, config, vocab) for s in SPLITS), vocab=vocab)
+
+
+def run_protocol(opts: Options) -> dict[str, Any]:
+    """Everything, in order; returns the results dict (see paper_report for its use)."""
+    started, timing = time.perf_counter(), {}
+    choose_threads(opts.threads)
+    with timed(timing, "ingest"):
+        uri, manifest = prepare_dataset(opts)
+        config = build_config(opts, manifest["vocabularies"])
+        data = load_splits(uri, config, manifest["vocabularies"])
+    run_dir = Path(opts.work_dir) / "runs" / run_key(config, manifest)
+    conditions = noise_conditions(data.test, opts.swap_seed)
+    models, robustness, checkpoints = run_variants(config, data, conditions, run_dir, opts, timing)
+    with timed(timing, "clip-baselines"):
+        models.update(clip_baselines(config, data, run_dir, opts))
+    attention = []
+    if "cma-clip" in checkpoints:
+        from .attention_figures import attention_examples
+        with timed(timing, "attention"):
+            attention = attention_examples(checkpoints["cma-clip"], data.test, config,
+                                           Path(opts.results_dir) / "attention", opts.attention_examples)
+    parameters = next(m["parameters"] for m in models.values() if "parameters" in m)
+    return {
+        "protocol": protocol_info(opts, config, manifest, uri, parameters),
+        "models": models, "robustness": robustness, "noise": noise_stats(data.test, conditions),
+        "attention": attention, "run_dir": str(run_dir), "command": opts.command,
+        "timing": {"total_s": time.perf_counter() - started, "parts": timing},
+    }
+
+
+def run_and_report(opts: Options) -> dict[str, Any]:
+    """The one entry point of bench/paper.py and `cmaclip evaluate`: run, write, log; the results."""
+    results = run_protocol(opts)
+    files = write_reports(results, opts)
+    if opts.mlflow:
+        results["mlflow_run_id"] = log_mlflow(results, files)
+        write_reports(results, opts)  # the stored JSON names its MLflow run
+    return finite(results)

@@ -1,0 +1,330 @@
+"""A cmaclip checkpoint ready to predict: weights in the fastest safe precision, label vocabularies and
+calibrated thresholds, and the conversion of logits into the predictions contract.
+
+Two ways in. Scoring uses the tensor path (`Preprocessor` builds pixels and trimmed token ids, possibly in
+DataLoader workers; `Predictor.predict` runs the forward pass). The MLflow pyfunc uses `predict_frame`, which
+takes a pandas frame of raw rows and returns predictions plus the rows it had to quarantine.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+
+from cmaclip.checkpoint import META, WEIGHTS, Checkpoint, load_checkpoint
+from cmaclip.config import CMACLIPConfig
+from cmaclip.model import CMACLIP
+from cmaclip.transforms import image_size, image_transform, tokenizer, trim_tokens
+
+from . import reasons
+from .images import decode_image
+from .text import NotText, as_text, clean
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
+# A task without a stored threshold (an uncalibrated checkpoint) never abstains.
+DEFAULT_THRESHOLD = 0.0
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 matmuls (AVX-512 BF16 or AMX). Elsewhere bf16 is emulated and
+    slower than fp32, so 'auto' must not pick it."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    if check is not None and torch.backends.mkldnn.is_available():
+        try:
+            return bool(check())
+        except RuntimeError:
+            pass
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The weight dtype for `precision` on `device`. fp16 is refused on CPU: it runs ~100x slower there."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+    if device.type == "cuda":
+        if precision == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    if precision == "fp16":
+        raise ValueError("fp16 on CPU has no fast kernels; use precision='bf16' or 'fp32'")
+    if precision == "auto":
+        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def checkpoint_version(path: str | os.PathLike) -> str:
+    """Content hash of a checkpoint folder: the version of a model that has no registry version."""
+    digest = hashlib.sha256()
+    for name in (META, WEIGHTS):
+        with open(Path(path) / name, "rb") as f:
+            for block in iter(functools.partial(f.read, 1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:12]
+
+
+def _cast(model: CMACLIP, dtype: torch.dtype) -> CMACLIP:
+    """The CLIP towers and the sequence attention (~all the FLOPs) in `dtype`; the per-task modality
+    attention and heads stay fp32: they cost nothing, they make the decision, and in fp32 they keep top-1 a
+    little closer to the fp32 model's where the top two classes are close."""
+    model = model.to(dtype)
+    model.modality_attention.float()
+    model.heads.float()
+    return model
+
+
+class Preprocessor:
+    """(PIL image, title) -> model inputs. Holds no weights, pickles as its config alone, and builds the
+    tokenizer lazily, so DataLoader workers get a copy cheaply."""
+
+    def __init__(self, config: CMACLIPConfig):
+        self.config = config
+
+    def __getstate__(self) -> dict:
+        return {"config": self.config.to_dict()}
+
+    def __setstate__(self, state: dict) -> None:
+        self.config = CMACLIPConfig.from_dict(state["config"])
+
+    @functools.cached_property
+    def _image(self):
+        return image_transform(self.config)
+
+    @functools.cached_property
+    def _tokenize(self):
+        return tokenizer(self.config)
+
+    def build(self) -> "Preprocessor":
+        """Build the transform and tokenizer now (loading the BPE vocabulary takes a moment), so forked
+        DataLoader workers inherit them instead of each building its own."""
+        _ = self._image, self._tokenize
+        return self
+
+    @property
+    def draft(self) -> tuple[int, int]:
+        """JPEG draft size for `decode_image`: the training loader decodes with the same one."""
+        size = image_size(self.config)
+        return (size, size)
+
+    def images(self, images: Sequence[Any]) -> torch.Tensor:
+        """PIL RGB images -> [B, 3, H, W] float32."""
+        if not images:
+            size = image_size(self.config)
+            return torch.empty(0, 3, size, size)
+        return torch.stack([self._image(im) for im in images])
+
+    def texts(self, titles: Sequence[str | None]) -> torch.Tensor:
+        """Titles -> [B, L] token ids, L cut to the batch's longest title (exact under the causal mask)."""
+        return trim_tokens(self._tokenize(list(titles)))
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Which model made a prediction; goes into every row and the Parquet metadata."""
+    name: str
+    version: str
+    source: str = ""
+
+    def as_dict(self) -> dict[str, str]:
+        return {"model_name": self.name, "model_version": self.version, "model_source": self.source}
+
+
+class Predictor:
+    """A CMACLIP model in inference form, with its labels and calibrated thresholds."""
+
+    def __init__(self, model: CMACLIP, checkpoint: Checkpoint, lineage: Lineage, *,
+                 device: str | torch.device = "cpu", precision: str = "auto", compile: bool = False):
+        self.device = torch.device(device)
+        self.dtype = resolve_dtype(precision, self.device)
+        self.checkpoint = checkpoint
+        self.lineage = lineage
+        self.tasks = list(checkpoint.config.tasks)
+        self.labels = {t: list(checkpoint.labels[t]) for t in self.tasks}
+        self.thresholds = {t: float(checkpoint.thresholds.get(t, DEFAULT_THRESHOLD)) for t in self.tasks}
+        self.preprocessor = Preprocessor(checkpoint.config)
+        self._check_vocabularies()
+        self.model = _cast(model.eval().to(self.device), self.dtype)
+        self._run = torch.compile(self._logits, dynamic=True) if compile else self._logits
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, *, name: str | None = None, version: str | None = None,
+                        **kwargs) -> "Predictor":
+        """Load a checkpoint folder. Without a registry, name defaults to the config name and the version
+        to a content hash of the folder, so identical weights always get the same output paths."""
+        model, ckpt = load_checkpoint(path)
+        lineage = Lineage(name or ckpt.config.name, version or checkpoint_version(path), str(path))
+        return cls(model, ckpt, lineage, **kwargs)
+
+    def predictor(self) -> "Predictor":
+        """A Predictor is its own model reference (see `pipeline.scoring.load_predictor`)."""
+        return self
+
+    def _check_vocabularies(self) -> None:
+        for task, classes in self.checkpoint.config.tasks.items():
+            if len(self.labels[task]) != classes:
+                raise ValueError(f"task {task!r}: the model has {classes} classes, "
+                                 f"the checkpoint's vocabulary {len(self.labels[task])}")
+
+    @property
+    def precision(self) -> str:
+        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
+
+    @property
+    def output_columns(self) -> list[str]:
+        """The per-task prediction columns, in contract order."""
+        return [c for t in self.tasks for c in (t, f"{t}_top", f"{t}_confidence", f"{t}_image_weight")]
+
+    @torch.inference_mode()
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, np.ndarray]:
+        """Model inputs -> per task top-1 class id, its confidence and lambda (float32 numpy)."""
+        non_blocking = self.device.type == "cuda"
+        pixels = pixels.to(self.device, self.dtype, non_blocking=non_blocking)
+        tokens = tokens.to(self.device, non_blocking=non_blocking)
+        out = self._run(pixels, tokens)
+        result = {}
+        for task in self.tasks:
+            conf, top = torch.softmax(out.logits[task], dim=-1).max(dim=-1)  # fp32: the heads are fp32
+            result[f"{task}_top_id"] = top.cpu().numpy()
+            result[f"{task}_confidence"] = conf.cpu().numpy().astype(np.float32)
+            result[f"{task}_image_weight"] = out.image_weight[task].float().cpu().numpy()
+        return result
+
+    def _logits(self, pixels: torch.Tensor, tokens: torch.Tensor):
+        image, text = self.model.fuse(self.model.encode_tokens(pixels, tokens))
+        as_fp32 = lambda x: None if x is None else x.float()
+        return self.model.classify(as_fp32(image), as_fp32(text))
+
+    def decode(self, raw: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Class ids -> the contract's columns: `<task>` (None below the threshold), `<task>_top`,
+        `<task>_confidence`, `<task>_image_weight`."""
+        columns: dict[str, Any] = {}
+        for task in self.tasks:
+            names = np.asarray(self.labels[task], dtype=object)
+            top = names[raw[f"{task}_top_id"]]
+            keep = raw[f"{task}_confidence"] >= self.thresholds[task]
+            columns[task] = np.where(keep, top, None)
+            columns[f"{task}_top"] = top
+            columns[f"{task}_confidence"] = raw[f"{task}_confidence"]
+            columns[f"{task}_image_weight"] = raw[f"{task}_image_weight"]
+        return columns
+
+    def predict(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
+        """The fast path: prepared tensors -> contract columns (in `output_columns` order)."""
+        if pixels.shape[0] == 0:
+            return self.decode(self._empty_raw())
+        return self.decode(self.forward(pixels, tokens))
+
+    def _empty_raw(self) -> dict[str, np.ndarray]:
+        raw = {}
+        for task in self.tasks:
+            raw[f"{task}_top_id"] = np.zeros(0, dtype=np.int64)
+            raw[f"{task}_confidence"] = np.zeros(0, dtype=np.float32)
+            raw[f"{task}_image_weight"] = np.zeros(0, dtype=np.float32)
+        return raw
+
+    def predict_batch(self, product_ids: Sequence[str], titles: Sequence[str | None],
+                      images: Sequence[Any]) -> pd.DataFrame:
+        """Decoded PIL images and titles -> one contract row per product."""
+        pixels = self.preprocessor.images(images)
+        tokens = self.preprocessor.texts(titles)
+        frame = pd.DataFrame(self.predict(pixels, tokens))
+        frame.insert(0, "product_id", list(product_ids))
+        return frame
+
+    def predict_frame(self, df: pd.DataFrame, batch_size: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """Raw rows (`product_id`, `title`, `image` bytes) -> (predictions, quarantine).
+
+        Rows whose image does not decode go to the quarantine frame (stage 'score', the reason code of
+        `pipeline.images`) instead of failing the call; len(df) == len(predictions) + len(quarantine).
+        """
+        missing = {"product_id", "image"} - set(df.columns)
+        if missing:
+            raise ValueError(f"predict_frame needs columns product_id, image (and title); missing {sorted(missing)}")
+        titles = df["title"] if "title" in df.columns else [None] * len(df)
+        parts, quarantined = [], []
+        records = zip(df["product_id"], titles, df["image"])
+        for chunk in _chunks(records, batch_size):
+            good, bad = decode_rows(chunk, draft=self.preprocessor.draft)
+            quarantined.extend(bad)
+            if good.product_ids:
+                parts.append(self.predict_batch(good.product_ids, good.titles, good.images))
+        predictions = pd.concat(parts, ignore_index=True) if parts else self._empty_frame()
+        return predictions, pd.DataFrame(quarantined, columns=QUARANTINE_COLUMNS)
+
+    def _empty_frame(self) -> pd.DataFrame:
+        frame = pd.DataFrame(self.decode(self._empty_raw()))
+        frame.insert(0, "product_id", pd.Series([], dtype=object))
+        return frame
+
+
+@dataclass
+class DecodedRows:
+    """The rows of a batch that can be scored, in input order."""
+    product_ids: list[str]
+    titles: list[str]
+    images: list[Any]  # PIL RGB
+
+
+def _missing(value: Any) -> bool:
+    # pandas turns a null cell into NaN (or pd.NA) on the way through a frame.
+    return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def check_row(product_id: Any, title: Any, image: bytes | None, draft: tuple[int, int] | None = None):
+    """One raw row -> ((product_id, title, PIL RGB image), None) or (None, quarantine row) where a quarantine
+    row is (product_id, stage, reason, detail).
+
+    Titles are cleaned exactly as ingest cleaned the training titles (`pipeline.text`). An empty or null title
+    is fine (the model learned to ignore it); a missing id or a bad image is not.
+    """
+    try:
+        product_id = None if _missing(product_id) else as_text(product_id)
+    except NotText as exc:
+        return None, (None, "score", reasons.PRODUCT_ID_MISSING, str(exc))
+    if product_id is None or not product_id.strip():
+        return None, (product_id, "score", reasons.PRODUCT_ID_MISSING, "null or blank product_id")
+    try:
+        title = clean(None if _missing(title) else as_text(title)) or ""
+    except NotText as exc:
+        return None, (product_id, "score", reasons.TITLE_NOT_TEXT, str(exc))
+    decoded = decode_image(None if _missing(image) else image, draft=draft)
+    if not decoded.ok:
+        return None, (product_id, "score", decoded.reason, decoded.detail)
+    return (product_id, title, decoded.image), None
+
+
+def decode_rows(rows: Iterable[tuple[Any, Any, bytes | None]],
+                draft: tuple[int, int] | None = None) -> tuple[DecodedRows, list[tuple]]:
+    """Raw (product_id, title, image bytes) rows -> the scorable rows and the quarantine rows."""
+    good, bad = DecodedRows([], [], []), []
+    for product_id, title, image in rows:
+        row, refused = check_row(product_id, title, image, draft)
+        if refused is not None:
+            bad.append(refused)
+            continue
+        good.product_ids.append(row[0])
+        good.titles.append(row[1])
+        good.images.append(row[2])
+    return good, bad
+
+
+def _chunks(items: Iterable, size: int) -> Iterable[list]:
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

@@ -1,0 +1,639 @@
+"""Sharded batch scoring: plan shards -> score each shard (idempotent, atomic, done marker) -> finalize ->
+publish. The img2dataset pattern: a shard's output path is a function of (input snapshot, shard id, model
+version); outputs are committed by rename (or a single object put) and a done marker with the row counts is
+written last, so a rerun skips committed shards and redoes the rest, in any order, on any worker.
+
+Layout under `out` (Hive-style partitions, readable by pyarrow.dataset, DuckDB and Spark):
+
+    predictions/model=<name>/version=<v>/run=<id>/shard-<id>.parquet
+    quarantine/model=<name>/version=<v>/run=<id>/shard-<id>.parquet   (only shards that quarantined rows)
+    _markers/run=<id>/shard-<id>.json                                  (done markers, written last)
+    _manifests/run=<id>.json                                           (finalize: the run is complete)
+    published/latest.parquet, published/catalog.parquet                (publish)
+
+Speed: the main thread only runs the forward pass; DataLoader workers read the shard's Parquet row groups,
+decode and preprocess images and tokenize titles ahead of it. Memory: a shard is streamed batch by batch
+and predictions are flushed every `ROW_GROUP_ROWS` rows, so peak memory does not depend on catalog size.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import hashlib
+import json
+import logging
+import multiprocessing
+import re
+import time
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable, Iterator
+from urllib.parse import quote
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from . import catalog as catalog_files
+from . import reasons, storage
+from .predictor import QUARANTINE_COLUMNS, Predictor, Preprocessor, decode_rows
+from .sql import load_sql
+
+CONTRACT = "cmaclip.predictions/v1"
+METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
+ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
+PREFETCH_BATCHES = 4               # per worker: enough to hide a slow image, little memory
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+# --- plan -------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Piece:
+    """Rows [start, stop) of one row group of one file."""
+    file: str
+    row_group: int
+    start: int
+    stop: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """What one task scores. Self-contained and small, so Airflow can map over `plan.shards` as JSON."""
+    id: str
+    plan_id: str
+    input_fingerprint: str
+    image_column: str
+    pieces: tuple[Piece, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(p.stop - p.start for p in self.pieces)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Shard":
+        return cls(d["id"], d["plan_id"], d["input_fingerprint"], d["image_column"],
+                   tuple(Piece(**p) for p in d["pieces"]))
+
+
+@dataclass(frozen=True)
+class CatalogLayout:
+    uri: str
+    image_column: str
+    row_groups: tuple[int, ...]   # rows per row group
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The shards of one input snapshot. Stores the file layout, not the shards: shards are derived from
+    it, which keeps the JSON small (one line per file) however many shards there are."""
+    catalog: str
+    fingerprint: str
+    rows_per_shard: int
+    files: tuple[CatalogLayout, ...]
+
+    @property
+    def id(self) -> str:
+        return _digest(self.fingerprint, self.rows_per_shard)[:16]
+
+    @property
+    def rows(self) -> int:
+        return sum(sum(f.row_groups) for f in self.files)
+
+    @functools.cached_property
+    def _by_id(self) -> dict[str, Shard]:
+        return {s.id: s for s in _cut(self)}
+
+    @property
+    def shards(self) -> list[Shard]:
+        return list(self._by_id.values())
+
+    @property
+    def shard_ids(self) -> list[str]:
+        return list(self._by_id)
+
+    def shard(self, shard_id: str) -> Shard:
+        if shard_id not in self._by_id:
+            raise KeyError(f"no shard {shard_id!r} in plan {self.id} ({len(self._by_id)} shards)")
+        return self._by_id[shard_id]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"catalog": self.catalog, "fingerprint": self.fingerprint, "rows_per_shard": self.rows_per_shard,
+                "files": [[f.uri, f.image_column, list(f.row_groups)] for f in self.files],
+                "plan_id": self.id, "rows": self.rows}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Plan":
+        files = tuple(CatalogLayout(uri, column, tuple(groups)) for uri, column, groups in d["files"])
+        return cls(d["catalog"], d["fingerprint"], int(d["rows_per_shard"]), files)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> "Plan":
+        return cls.from_dict(json.loads(text))
+
+
+def _digest(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def plan_shards(catalog: str, rows_per_shard: int = 10_000) -> Plan:
+    """Cut the catalog into shards of `rows_per_shard` rows (the last may be shorter), following file and
+    row-group order. Deterministic: the same files give the same plan, shard ids and fingerprint. Reads
+    footers and content versions only; a file-level problem raises `catalog.CatalogError` here, before any
+    shard runs."""
+    if rows_per_shard < 1:
+        raise ValueError("rows_per_shard must be at least 1")
+    scanned = catalog_files.scan(catalog, tasks=())
+    layouts = []
+    for f in scanned:
+        meta = storage.parquet_file(f.uri).metadata
+        layouts.append(CatalogLayout(f.uri, f.image_column,
+                                     tuple(meta.row_group(i).num_rows for i in range(meta.num_row_groups))))
+    if len({f.image_column for f in layouts}) > 1:
+        # A batch may span files, and one batch has one image column.
+        raise catalog_files.CatalogError(catalog, "some files have 'image' and others 'image_uri'; use one")
+    return Plan(catalog, catalog_files.fingerprint(scanned), rows_per_shard, tuple(layouts))
+
+
+def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
+    """Consecutive row ranges, `rows_per_shard` rows per group, in file and row-group order."""
+    pieces, taken = [], 0
+    for f in plan.files:
+        for group, rows in enumerate(f.row_groups):
+            start = 0
+            while start < rows:
+                stop = min(rows, start + plan.rows_per_shard - taken)
+                pieces.append(Piece(f.uri, group, start, stop))
+                taken, start = taken + stop - start, stop
+                if taken == plan.rows_per_shard:
+                    yield pieces
+                    pieces, taken = [], 0
+    if pieces:
+        yield pieces
+
+
+def _cut(plan: Plan) -> Iterator[Shard]:
+    column = plan.files[0].image_column if plan.files else "image"
+    for index, pieces in enumerate(_piece_groups(plan)):
+        yield Shard(f"{index:05d}", plan.id, plan.fingerprint, column, tuple(pieces))
+
+
+# --- model reference --------------------------------------------------------------------------------
+
+def load_predictor(model: Any, *, precision: str = "auto", device: str = "cpu", compile: bool = False) -> Predictor:
+    """A Predictor from a model reference: an object with `.predictor()` (a Predictor is one), or a local
+    checkpoint folder. `models:/name@alias` needs the MLflow registry."""
+    if hasattr(model, "predictor"):
+        return model.predictor()
+    ref = str(model)
+    if ref.startswith("models:/"):
+        raise ValueError(f"cannot resolve {ref}: MLflow support lands with pipeline.registry; "
+                         "pass a local checkpoint folder for now")
+    if "://" in ref and not ref.startswith("file://"):
+        raise ValueError(f"model {ref!r}: only local checkpoint folders are supported; fetch it first")
+    path = Path(ref.removeprefix("file://"))
+    if not (path / "cmaclip.json").is_file():
+        raise FileNotFoundError(f"model {ref!r} is not a cmaclip checkpoint folder (no cmaclip.json)")
+    return Predictor.from_checkpoint(path, precision=precision, device=device, compile=compile)
+
+
+def default_run_id(plan_id: str, predictor: Predictor) -> str:
+    """Same input snapshot + same model -> same run, so rerunning a command resumes it."""
+    return _digest(plan_id, predictor.lineage.name, predictor.lineage.version)[:16]
+
+
+# --- output paths -----------------------------------------------------------------------------------
+
+def _partition(name: str, version: str, run_id: str) -> str:
+    # Hive escapes partition values the same way: '/' or '=' in a model name must not create folders.
+    return f"model={quote(name, safe='-_.')}/version={quote(version, safe='-_.')}/run={run_id}"
+
+
+def output_uris(out: str, shard_id: str, name: str, version: str, run_id: str) -> dict[str, str]:
+    part, file = _partition(name, version, run_id), f"shard-{shard_id}.parquet"
+    return {"predictions": storage.join(out, "predictions", part, file),
+            "quarantine": storage.join(out, "quarantine", part, file),
+            "marker": storage.join(out, "_markers", f"run={run_id}", f"shard-{shard_id}.json")}
+
+
+def manifest_uri(out: str, run_id: str) -> str:
+    return storage.join(out, "_manifests", f"run={run_id}.json")
+
+
+def _check_run_id(run_id: str) -> str:
+    if not RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (it becomes a path)")
+    return run_id
+
+
+# --- reading and preparing a shard --------------------------------------------------------------------
+
+@dataclass
+class PreparedBatch:
+    """One batch of a shard, ready for the forward pass, plus the rows that could not be prepared."""
+    index: int
+    rows_in: int
+    product_ids: list[str]
+    pixels: torch.Tensor
+    tokens: torch.Tensor
+    quarantine: list[tuple]
+
+    def pin_memory(self) -> "PreparedBatch":
+        return dataclasses.replace(self, pixels=self.pixels.pin_memory(), tokens=self.tokens.pin_memory())
+
+
+def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]:
+    """The shard's rows (product_id, title, image) as Arrow slices, `batch_size` rows per batch, in plan
+    order. Reads one row group's column chunks at a time: memory is bounded by the row-group size."""
+    columns = ["product_id", "title", shard.image_column]
+    pending, pending_rows, opened = [], 0, None
+    for piece in shard.pieces:
+        if opened is None or opened[0] != piece.file:
+            opened = (piece.file, storage.parquet_file(piece.file))
+        offset = 0
+        for batch in opened[1].iter_batches(batch_size=batch_size, row_groups=[piece.row_group], columns=columns):
+            lo, hi = max(piece.start - offset, 0), min(piece.stop - offset, batch.num_rows)
+            offset += batch.num_rows
+            while lo < hi:  # cut into batches of exactly batch_size rows across piece boundaries
+                take = min(hi - lo, batch_size - pending_rows)
+                pending.append(batch.slice(lo, take))
+                pending_rows, lo = pending_rows + take, lo + take
+                if pending_rows == batch_size:
+                    yield pending
+                    pending, pending_rows = [], 0
+            if offset >= piece.stop:
+                break
+    if pending:
+        yield pending
+
+
+def _fetch_images(uris: list[Any]) -> tuple[list[bytes | None], dict[int, str]]:
+    """`image_uri` catalogs: the bytes behind each URI, and the rows whose fetch failed (with why)."""
+    data, failed = [], {}
+    for i, uri in enumerate(uris):
+        try:
+            data.append(None if uri is None else storage.read_bytes(uri if isinstance(uri, str) else uri.decode()))
+        except Exception as exc:  # a missing or unreachable image is a row problem, not a shard failure
+            data.append(None)
+            failed[i] = f"{type(exc).__name__}: {exc}"
+    return data, failed
+
+
+def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
+                  image_column: str) -> PreparedBatch:
+    """Decode, check and preprocess one batch; runs in a DataLoader worker."""
+    table = pa.Table.from_batches(slices)
+    ids, titles, images = (table.column(i).to_pylist() for i in range(3))
+    quarantine = []
+    if image_column == "image_uri":
+        images, failed = _fetch_images(images)
+        quarantine = [(ids[i], "score", reasons.IMAGE_FETCH_FAILED, why) for i, why in failed.items()]
+        keep = [i for i in range(len(ids)) if i not in failed]
+        ids, titles, images = [ids[i] for i in keep], [titles[i] for i in keep], [images[i] for i in keep]
+    good, bad = decode_rows(zip(ids, titles, images), draft=preprocessor.draft)
+    return PreparedBatch(index, table.num_rows, good.product_ids, preprocessor.images(good.images),
+                         preprocessor.texts(good.titles), quarantine + bad)
+
+
+class ShardBatches(IterableDataset):
+    """The prepared batches of one shard. With n workers, worker w prepares batches w, w+n, ...; the
+    DataLoader takes them round-robin, so batches come out in shard order whatever the worker count."""
+
+    def __init__(self, shard: Shard, preprocessor: Preprocessor, batch_size: int):
+        self.shard, self.preprocessor, self.batch_size = shard, preprocessor, batch_size
+
+    def __iter__(self) -> Iterator[PreparedBatch]:
+        info = get_worker_info()
+        workers, me = (1, 0) if info is None else (info.num_workers, info.id)
+        for index, slices in enumerate(raw_batches(self.shard, self.batch_size)):
+            if index % workers == me:  # every worker reads the (compressed) rows; each decodes only its own
+                yield prepare_batch(index, slices, self.preprocessor, self.shard.image_column)
+
+
+def _as_is(batch: PreparedBatch) -> PreparedBatch:
+    return batch
+
+
+def batch_loader(shard: Shard, preprocessor: Preprocessor, batch_size: int, workers: int,
+                 pin_memory: bool = False) -> DataLoader:
+    if workers and multiprocessing.current_process().daemon:
+        # A task forked from a Celery prefork pool process inherits its daemon flag, and a daemonic
+        # process may not start children: prepare batches in this process rather than fail the shard.
+        logging.getLogger(__name__).warning("daemonic process (Celery prefork worker?): scoring with "
+                                            "workers=0 instead of %d", workers)
+        workers = 0
+    return DataLoader(ShardBatches(shard, preprocessor.build(), batch_size), batch_size=None, collate_fn=_as_is,
+                      num_workers=workers, pin_memory=pin_memory,
+                      prefetch_factor=PREFETCH_BATCHES if workers else None)
+
+
+# --- writing a shard ---------------------------------------------------------------------------------
+
+def prediction_schema(predictor: Predictor) -> pa.Schema:
+    fields = [pa.field("product_id", pa.string(), nullable=False)]
+    for task in predictor.tasks:
+        fields += [pa.field(task, pa.string()), pa.field(f"{task}_top", pa.string()),
+                   pa.field(f"{task}_confidence", pa.float32()), pa.field(f"{task}_image_weight", pa.float32())]
+    fields += [pa.field("model_name", pa.string()), pa.field("model_version", pa.string()),
+               pa.field("run_id", pa.string()), pa.field("scored_at", pa.timestamp("us", tz="UTC"))]
+    return pa.schema(fields)
+
+
+QUARANTINE_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in QUARANTINE_COLUMNS])
+
+
+def _with_lineage(schema: pa.Schema, lineage: dict[str, Any]) -> pa.Schema:
+    meta = {"contract": CONTRACT, "columns": {f.name: str(f.type) for f in schema}, **lineage}
+    return schema.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+
+
+class ShardWriter:
+    """Streams a shard's predictions to a Parquet file that appears only when the shard completes, and
+    collects its quarantine rows (few) to write at the end."""
+
+    def __init__(self, uris: dict[str, str], predictor: Predictor, lineage: dict[str, Any], run_id: str,
+                 scored_at: datetime):
+        self.uris, self.predictor, self.lineage = uris, predictor, lineage
+        self.schema = _with_lineage(prediction_schema(predictor), lineage)
+        self.constants = {"model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
+                          "run_id": run_id, "scored_at": scored_at}
+        self.buffer: list[pa.RecordBatch] = []
+        self.buffered = self.predicted = 0
+        self.quarantine: list[tuple] = []
+
+    def __enter__(self) -> "ShardWriter":
+        self._stack = contextlib.ExitStack()
+        sink = self._stack.enter_context(storage.atomic_output(self.uris["predictions"]))
+        self._parquet = self._stack.enter_context(pq.ParquetWriter(sink, self.schema, compression="zstd"))
+        return self
+
+    def add(self, product_ids: list[str], columns: dict[str, Any], quarantine: list[tuple]) -> None:
+        self.quarantine.extend(quarantine)
+        if not product_ids:
+            return
+        n = len(product_ids)
+        arrays = {"product_id": product_ids, **columns, **{k: [v] * n for k, v in self.constants.items()}}
+        self.buffer.append(pa.RecordBatch.from_pydict(arrays, schema=self.schema))
+        self.buffered += n
+        self.predicted += n
+        if self.buffered >= ROW_GROUP_ROWS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self._parquet.write_table(pa.Table.from_batches(self.buffer), row_group_size=ROW_GROUP_ROWS)
+        self.buffer, self.buffered = [], 0
+
+    def __exit__(self, kind, value, tb) -> None:
+        if kind is None:
+            self._flush()
+        # Closing the ExitStack closes the Parquet footer, then commits (or, on an exception, discards).
+        self._stack.__exit__(kind, value, tb)
+        if kind is None and self.quarantine:
+            table = pa.Table.from_pylist([dict(zip(QUARANTINE_COLUMNS, r)) for r in self.quarantine],
+                                         schema=_with_lineage(QUARANTINE_SCHEMA, self.lineage))
+            with storage.atomic_output(self.uris["quarantine"]) as sink:
+                pq.write_table(table, sink, compression="zstd")
+
+
+def _remove_stale_temps(uri: str) -> None:
+    """Temporary files of a killed writer (hidden `.<name>.tmp-*`, invisible to readers) are removed
+    when the shard is redone, so a crash leaves nothing behind for long."""
+    fs, path = storage.filesystem(uri)
+    folder, name = path.rsplit("/", 1)
+    if storage.is_local(fs) and fs.isdir(folder):
+        for stale in fs.glob(f"{folder}/.{name}.tmp-*"):
+            fs.rm(stale)
+
+
+# --- scoring a shard ---------------------------------------------------------------------------------
+
+def _matching_marker(uris: dict[str, str], shard: Shard, predictor: Predictor) -> dict | None:
+    """The shard's marker if this exact work (plan, shard, model) is committed; None if it must run."""
+    if not storage.exists(uris["marker"]):
+        return None
+    marker = storage.read_json(uris["marker"])
+    same = (marker.get("plan_id"), marker.get("shard"), marker.get("model_name"), marker.get("model_version")) \
+        == (shard.plan_id, shard.id, predictor.lineage.name, predictor.lineage.version)
+    if not same:
+        raise ValueError(f"{uris['marker']} records plan {marker.get('plan_id')} / model "
+                         f"{marker.get('model_name')}:{marker.get('model_version')}, not plan {shard.plan_id} / "
+                         f"{predictor.lineage.name}:{predictor.lineage.version}: use another run id")
+    outputs = [marker["predictions"]] + ([marker["quarantine"]] if marker.get("quarantine") else [])
+    return marker if all(storage.exists(u) for u in outputs) else None
+
+
+def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None = None, batch_size: int = 32,
+                workers: int = 1, precision: str = "auto", compile: bool = False,
+                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+    """Score one shard and commit it: predictions Parquet, quarantine Parquet (if any), then the done
+    marker. Skips the shard if its matching marker exists. Returns the marker (with `skipped`)."""
+    shard = Shard.from_dict(shard) if isinstance(shard, dict) else shard
+    predictor = load_predictor(model, precision=precision, compile=compile)
+    run_id = _check_run_id(run_id or default_run_id(shard.plan_id, predictor))
+    uris = output_uris(out, shard.id, predictor.lineage.name, predictor.lineage.version, run_id)
+    done = _matching_marker(uris, shard, predictor)
+    if done is not None:
+        if progress:
+            progress(shard.rows)
+        return {**done, "skipped": True}
+    _remove_stale_temps(uris["predictions"])
+    marker = _run_shard(shard, predictor, uris, run_id, batch_size, workers, progress)
+    storage.write_json(uris["marker"], marker)  # last: the shard counts as done only from here
+    return {**marker, "skipped": False}
+
+
+def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], run_id: str, batch_size: int,
+               workers: int, progress: Callable[[int], None] | None) -> dict[str, Any]:
+    started, scored_at = time.perf_counter(), datetime.now(timezone.utc)
+    lineage = {**predictor.lineage.as_dict(), "run_id": run_id, "plan_id": shard.plan_id, "shard": shard.id,
+               "input_fingerprint": shard.input_fingerprint, "labels": predictor.labels,
+               "thresholds": predictor.thresholds, "precision": predictor.precision}
+    loader = batch_loader(shard, predictor.preprocessor, batch_size, workers,
+                          pin_memory=predictor.device.type == "cuda")
+    rows_in, waited, forward = 0, 0.0, 0.0
+    with ShardWriter(uris, predictor, lineage, run_id, scored_at) as writer:
+        tick = time.perf_counter()
+        for batch in loader:
+            t0 = time.perf_counter()
+            waited += t0 - tick
+            columns = predictor.predict(batch.pixels, batch.tokens)
+            tick = time.perf_counter()
+            forward += tick - t0
+            writer.add(batch.product_ids, columns, batch.quarantine)
+            rows_in += batch.rows_in
+            if progress:
+                progress(batch.rows_in)
+    if rows_in != shard.rows:
+        raise RuntimeError(f"shard {shard.id}: read {rows_in} rows, the plan says {shard.rows}")
+    total = time.perf_counter() - started
+    return {
+        **{k: v for k, v in lineage.items() if k not in ("labels", "thresholds")},
+        "rows_in": rows_in, "predicted": writer.predicted, "quarantined": len(writer.quarantine),
+        "reasons": dict(Counter(r[2] for r in writer.quarantine)),
+        "predictions": uris["predictions"], "quarantine": uris["quarantine"] if writer.quarantine else None,
+        "batch_size": batch_size, "workers": workers, "scored_at": scored_at.isoformat(),
+        "timings": {"total_s": round(total, 3), "forward_s": round(forward, 3), "wait_s": round(waited, 3),
+                    "rows_per_s": round(rows_in / max(total, 1e-9), 2)},
+    }
+
+
+# --- finalize and publish ------------------------------------------------------------------------------
+
+class RunIncomplete(RuntimeError):
+    """finalize found shards that are missing or whose counts do not reconcile; `problems` lists them."""
+
+    def __init__(self, run_id: str, problems: list[str]):
+        super().__init__(f"run {run_id} is not complete: " + "; ".join(problems[:20])
+                         + (f" (+{len(problems) - 20} more)" if len(problems) > 20 else ""))
+        self.problems = problems
+
+
+def _parquet_rows(uri: str | None) -> int:
+    return 0 if uri is None else storage.parquet_file(uri).metadata.num_rows
+
+
+def _shard_problems(shard: Shard, marker: dict | None) -> list[str]:
+    if marker is None:
+        return [f"shard {shard.id}: no done marker"]
+    if marker.get("plan_id") != shard.plan_id:
+        return [f"shard {shard.id}: marker is from plan {marker.get('plan_id')}"]
+    problems = []
+    if marker["rows_in"] != shard.rows:
+        problems.append(f"shard {shard.id}: {marker['rows_in']} rows in, the plan has {shard.rows}")
+    if marker["rows_in"] != marker["predicted"] + marker["quarantined"]:
+        problems.append(f"shard {shard.id}: rows in {marker['rows_in']} != predicted {marker['predicted']} "
+                        f"+ quarantined {marker['quarantined']}")
+    try:
+        files = (_parquet_rows(marker["predictions"]), _parquet_rows(marker.get("quarantine")))
+    except (FileNotFoundError, OSError) as exc:
+        return problems + [f"shard {shard.id}: output missing ({exc})"]
+    if files != (marker["predicted"], marker["quarantined"]):
+        problems.append(f"shard {shard.id}: files hold {files} rows, the marker says "
+                        f"{(marker['predicted'], marker['quarantined'])}")
+    return problems
+
+
+def finalize(plan: Plan | dict, out: str, run_id: str) -> dict[str, Any]:
+    """Check that every shard of the plan is committed and that rows in = predicted + quarantined, shard by
+    shard (against the files' own row counts) and in total; then write the run manifest. Idempotent: an
+    existing manifest for the same run is returned unchanged."""
+    plan = Plan.from_dict(plan) if isinstance(plan, dict) else plan
+    _check_run_id(run_id)
+    target = manifest_uri(out, run_id)
+    if storage.exists(target):
+        manifest = storage.read_json(target)
+        if manifest.get("plan_id") == plan.id:
+            return manifest
+    markers, problems = [], []
+    for shard in plan.shards:
+        uri = storage.join(out, "_markers", f"run={run_id}", f"shard-{shard.id}.json")
+        marker = storage.read_json(uri) if storage.exists(uri) else None
+        problems += _shard_problems(shard, marker)
+        markers.append(marker)
+    models = {(m["model_name"], m["model_version"]) for m in markers if m}
+    if len(models) > 1:
+        problems.append(f"shards were scored by different models: {sorted(models)}")
+    if problems:
+        raise RunIncomplete(run_id, problems)
+    manifest = _manifest(plan, run_id, markers)
+    storage.write_json(target, manifest)
+    return manifest
+
+
+def _manifest(plan: Plan, run_id: str, markers: list[dict]) -> dict[str, Any]:
+    total = lambda key: sum(m[key] for m in markers)
+    reasons_total = Counter()
+    for m in markers:
+        reasons_total.update(m["reasons"])
+    first = markers[0]
+    return {
+        "contract": CONTRACT, "run_id": run_id, "plan_id": plan.id, "catalog": plan.catalog,
+        "input_fingerprint": plan.fingerprint, "rows_per_shard": plan.rows_per_shard, "shards": len(markers),
+        "model_name": first["model_name"], "model_version": first["model_version"],
+        "model_source": first.get("model_source", ""), "precision": first.get("precision"),
+        "rows_in": total("rows_in"), "predicted": total("predicted"), "quarantined": total("quarantined"),
+        "reasons": dict(sorted(reasons_total.items())),
+        "predictions": [m["predictions"] for m in markers],
+        "quarantine": [m["quarantine"] for m in markers if m.get("quarantine")],
+        "scoring_seconds": round(sum(m["timings"]["total_s"] for m in markers), 3),
+        "finalized_at": datetime.now(timezone.utc).isoformat(),
+    }
+
+
+def _write_query(con: Any, sql: str, params: dict[str, Any], uri: str) -> int:
+    """Stream a query's result into a Parquet file committed atomically; returns its row count."""
+    reader = con.sql(sql, params=params).to_arrow_reader(ROW_GROUP_ROWS)
+    rows = 0
+    with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, reader.schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+            rows += batch.num_rows
+    return rows
+
+
+def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
+    """From every finalized run under `out`: the latest prediction per product (`published/latest.parquet`)
+    and, given the catalog, the catalog joined with its predicted attributes (`published/catalog.parquet`).
+    Only runs with a manifest count: a half-scored run never leaks into what is published."""
+    import duckdb
+
+    manifests = [storage.read_json(u) for u in storage.list_files(storage.join(out, "_manifests"), ".json")]
+    files = sorted(f for m in manifests for f in m["predictions"])
+    if not files:
+        raise FileNotFoundError(f"no finalized scoring run under {out}: run score and finalize first")
+    con = duckdb.connect()
+    storage.register_duckdb(con, out)
+    latest = storage.join(out, "published", "latest.parquet")
+    summary = {"runs": sorted(m["run_id"] for m in manifests), "files": len(files), "latest": latest,
+               "products": _write_query(con, load_sql("publish_latest"), {"predictions": files}, latest)}
+    if catalog is not None:
+        storage.register_duckdb(con, catalog)
+        view = storage.join(out, "published", "catalog.parquet")
+        params = {"catalog": storage.parquet_files(catalog), "latest": [latest]}
+        summary.update(catalog=view, catalog_rows=_write_query(con, load_sql("publish_catalog_view"), params, view))
+    return summary
+
+
+# --- the command ----------------------------------------------------------------------------------------
+
+def score(catalog: str, model: Any, out: str, shard: str | None = None, all: bool = True,
+          rows_per_shard: int = 10_000, batch_size: int = 32, workers: int = 1, precision: str = "auto",
+          compile: bool = False, run_id: str | None = None, progress: bool = True) -> dict[str, Any]:
+    """Plan, score one shard (`shard=ID`) or every shard (`all`), and finalize a complete run. Reruns
+    resume: committed shards are skipped. Returns a summary dict."""
+    from tqdm.auto import tqdm
+
+    started = time.perf_counter()
+    plan = plan_shards(catalog, rows_per_shard)
+    predictor = load_predictor(model, precision=precision, compile=compile)
+    run_id = _check_run_id(run_id or default_run_id(plan.id, predictor))
+    shards = [plan.shard(shard)] if shard is not None else (plan.shards if all else [])
+    if not shards:
+        raise ValueError("nothing to score: give shard=ID or all=True")
+    bar = tqdm(total=sum(s.rows for s in shards), unit="row", desc=f"score {run_id}", disable=not progress)
+    markers = []
+    with bar:
+        for s in shards:
+            markers.append(score_shard(s, predictor, out, run_id=run_id, batch_size=batch_size,
+                                       workers=workers, progress=bar.update))
+    summary = {"run_id": run_id, "plan_id": plan.id, "shards": len(plan.shards), "scored": len(markers),
+               "skipped": sum(m["skipped"] for m in markers), "rows_in": sum(m["rows_in"] for m in markers),
+               "predicted": sum(m["predicted"] for m in markers),
+               "quarantined": sum(m["quarantined"] for m in markers),
+               "model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
+               "precision": predictor.precision, "seconds": round(time.perf_counter() - started, 3)}
+    if shard is None:
+        summary["manifest"] = manifest_uri(out, run_id)
+        finalize(plan, out, run_id)
+    return summary

@@ -1,0 +1,12 @@
+-- The latest prediction per product across every finalized scoring run (one row per product_id).
+-- Newest scored_at wins; ties (a product listed twice in one catalog, scored in the same shard) break on
+-- run, file and row position, so the result is deterministic.
+-- params: $predictions (list of prediction Parquet files, from the run manifests)
+SELECT * EXCLUDE (filename, file_row_number)
+FROM read_parquet($predictions, union_by_name = true, hive_partitioning = false,
+                  filename = true, file_row_number = true)
+QUALIFY row_number() OVER (
+    PARTITION BY product_id
+    ORDER BY scored_at DESC, run_id DESC, filename DESC, file_row_number DESC
+) = 1
+ORDER BY product_id;

@@ -1,0 +1,301 @@
+"""Sharded batch scoring: deterministic plans, exact resume after SIGKILL, idempotent reruns, reconciled
+counts over bad rows, publish, and bf16 against fp32."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import cmaclip
+from cmaclip.checkpoint import Checkpoint, save_checkpoint
+from cmaclip.config import load_config
+from cmaclip.losses import multitask_loss
+from cmaclip.metrics import task_metrics
+from pipeline import reasons, scoring, synthetic
+from pipeline.predictor import Predictor, Preprocessor, decode_rows
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
+# What scoring quarantines among synthetic.BAD_ROWS: labels are not read, and duplicate ids are scored
+# (publish keeps one row per product).
+SCORE_REASONS = {kind: r for kind, r in synthetic.BAD_ROWS.items()
+                 if r not in (None, reasons.LABEL_NOT_TEXT, reasons.DUPLICATE_ID)}
+TIMING_COLUMNS = ["scored_at"]
+
+
+def _train_briefly(model, catalog: str, steps: int = 80):
+    """A few steps on the synthetic catalog, so the tiny model has real margins between classes: a random
+    init puts the top two classes ~0.001 apart, where any rounding flips the argmax. One thread: the tiny
+    model gains nothing from more, and on a busy machine OpenMP threads thrash."""
+    config = model.config
+    rows = pq.read_table(catalog).to_pylist()
+    good, _ = decode_rows([(r["product_id"], r["title"], r["image"]) for r in rows])
+    pre = Preprocessor(config)
+    pixels, tokens = pre.images(good.images), pre.texts(good.titles)
+    labels = {t: torch.tensor([TASKS[t].index(r[t]) for r in rows]) for t in TASKS}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    generator = torch.Generator().manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    model.train()
+    for _ in range(steps):
+        idx = torch.randint(0, len(rows), (32,), generator=generator)
+        loss, _ = multitask_loss(model(pixels[idx], tokens[idx]).logits, {t: y[idx] for t, y in labels.items()})
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        out = model(pixels, tokens)
+    # Calibrated thresholds, as training stores them: the loosest confidence with precision >= 0.9.
+    return {t: task_metrics(out.logits[t].softmax(-1).numpy(), labels[t].numpy(), 0.9).threshold for t in TASKS}
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tmp_catalog) -> str:
+    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
+    torch.manual_seed(0)
+    model = cmaclip.create_model(config, load_pretrained=False)
+    thresholds = _train_briefly(model, tmp_catalog)
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    save_checkpoint(path, model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
+    return str(path)
+
+
+def _read(out: str, kind: str = "predictions"):
+    files = sorted(str(p) for p in Path(out, kind).rglob("*.parquet"))
+    table = pads.dataset(files, format="parquet").to_table()
+    return table.drop_columns(TIMING_COLUMNS if kind == "predictions" else []).sort_by("product_id")
+
+
+def _snapshot(root: str) -> dict[str, tuple]:
+    """Every file under root, hidden ones included: (mtime_ns, sha256)."""
+    snap = {}
+    for p in sorted(Path(root).rglob("*")):
+        if p.is_file():
+            snap[str(p.relative_to(root))] = (p.stat().st_mtime_ns, hashlib.sha256(p.read_bytes()).hexdigest())
+    return snap
+
+
+# --- plan -------------------------------------------------------------------------------------------------
+
+def test_plan_is_deterministic_small_and_covers_every_row_once(tmp_path):
+    folder = tmp_path / "catalog"
+    synthetic.make_catalog(150, str(folder / "a.parquet"), seed=1)
+    synthetic.make_catalog(100, str(folder / "b.parquet"), seed=2)
+    plan = scoring.plan_shards(str(folder), rows_per_shard=60)
+    again = scoring.plan_shards(str(folder), rows_per_shard=60)
+    assert plan == again and plan.to_json() == again.to_json()
+    assert scoring.Plan.from_json(plan.to_json()) == plan
+    assert [s.id for s in plan.shards] == ["00000", "00001", "00002", "00003", "00004"]
+    assert [s.rows for s in plan.shards] == [60, 60, 60, 60, 10] and plan.rows == 250
+    assert len(plan.to_json()) < 1000  # small enough for an Airflow XCom
+    crossing = plan.shard("00002")      # rows 120..180: the end of a.parquet and the start of b.parquet
+    assert [Path(p.file).name for p in crossing.pieces] == ["a.parquet", "b.parquet"]
+    assert scoring.Shard.from_dict(json.loads(json.dumps(crossing.to_dict()))) == crossing
+    read = [pid for s in plan.shards for batch in scoring.raw_batches(s, 7) for b in batch
+            for pid in b.column("product_id").to_pylist()]
+    expected = [r for f in ("a", "b") for r in pq.read_table(folder / f"{f}.parquet").column("product_id").to_pylist()]
+    assert read == expected
+    # Another input snapshot (or shard size) is another plan.
+    assert scoring.plan_shards(str(folder), rows_per_shard=50).id != plan.id
+    synthetic.make_catalog(100, str(folder / "b.parquet"), seed=3)
+    assert scoring.plan_shards(str(folder), rows_per_shard=60).fingerprint != plan.fingerprint
+
+
+# --- predictor --------------------------------------------------------------------------------------------
+
+def test_predictions_contract_and_calibrated_abstention(checkpoint, tmp_catalog):
+    predictor = Predictor.from_checkpoint(checkpoint, precision="fp32")
+    frame = pq.read_table(tmp_catalog).to_pandas().head(64)
+    predictions, quarantine = predictor.predict_frame(frame)
+    assert len(predictions) == 64 and quarantine.empty
+    assert list(predictions.columns) == ["product_id", *predictor.output_columns]
+    for task in TASKS:
+        threshold = predictor.thresholds[task]
+        assert predictions[f"{task}_top"].isin(TASKS[task]).all()
+        abstains = predictions[f"{task}_confidence"] < threshold
+        assert predictions.loc[abstains, task].isna().all()
+        assert (predictions.loc[~abstains, task] == predictions.loc[~abstains, f"{task}_top"]).all()
+        assert predictions[f"{task}_image_weight"].between(0, 1).all()
+
+
+def test_predict_frame_quarantines_what_it_cannot_score(checkpoint, bad_catalog):
+    frame = pq.read_table(bad_catalog).to_pandas()
+    predictions, quarantine = Predictor.from_checkpoint(checkpoint).predict_frame(frame, batch_size=50)
+    assert len(predictions) + len(quarantine) == len(frame)
+    assert sorted(quarantine["reason"]) == sorted(SCORE_REASONS.values())
+    assert set(quarantine["stage"]) == {"score"}
+    messy = predictions.loc[predictions["product_id"] == "bad-messy_title"]
+    assert len(messy) == 1  # control characters and emoji in a title are cleaned, not fatal
+
+
+def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
+    frame = pq.read_table(tmp_catalog).to_pandas()
+    fp32, _ = Predictor.from_checkpoint(checkpoint, precision="fp32").predict_frame(frame)
+    bf16 = Predictor.from_checkpoint(checkpoint, precision="bf16")
+    assert bf16.model.towers.clip.visual.proj.dtype == torch.bfloat16
+    low, _ = bf16.predict_frame(frame)
+    agreement = np.mean([(fp32[f"{t}_top"] == low[f"{t}_top"]).mean() for t in TASKS])
+    assert len(frame) >= 300 and agreement >= 0.995, agreement
+
+
+def test_model_references(checkpoint):
+    predictor = Predictor.from_checkpoint(checkpoint, precision="fp32", name="cmaclip", version="7")
+    assert scoring.load_predictor(predictor) is predictor
+    with pytest.raises(ValueError, match="pipeline.registry"):
+        scoring.load_predictor("models:/cmaclip@champion")
+    with pytest.raises(FileNotFoundError, match="not a cmaclip checkpoint"):
+        scoring.load_predictor(str(Path(checkpoint).parent))
+    with pytest.raises(ValueError, match="fp16 on CPU"):
+        Predictor.from_checkpoint(checkpoint, precision="fp16")
+
+
+# --- resume after SIGKILL, idempotent reruns ----------------------------------------------------------------
+
+SCORE_IN_SUBPROCESS = (
+    "import sys; from pipeline.scoring import score; "
+    "score(sys.argv[1], sys.argv[2], sys.argv[3], rows_per_shard=100, batch_size=16, workers=1, progress=False)"
+)
+
+
+def _kill_mid_shard(catalog: str, checkpoint: str, out: Path) -> None:
+    """Start scoring in a subprocess, SIGKILL it once shard 0 is committed and shard 1 is being written."""
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-c", SCORE_IN_SUBPROCESS, catalog, checkpoint, str(out)],
+                            env=env, cwd=REPO_ROOT, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if list(out.rglob("shard-00000.json")) and list(out.rglob(".shard-00001.parquet.tmp-*")):
+                break
+            time.sleep(0.01)
+        else:
+            pytest.fail(f"scoring never reached shard 1: {proc.communicate()[0].decode()[-2000:]}")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the scorer and its DataLoader worker
+        proc.wait()
+
+
+def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_catalog, tmp_path):
+    # Workers only prepare inputs, so the worker count must not change a single output byte: the
+    # reference and the resumed run decode in-process, the killed run in a DataLoader worker.
+    reference = scoring.score(tmp_catalog, checkpoint, str(tmp_path / "ref"), rows_per_shard=100,
+                              batch_size=16, workers=0, progress=False)
+    assert reference["shards"] == 4 and reference["predicted"] == 400
+
+    out = tmp_path / "killed"
+    _kill_mid_shard(tmp_catalog, checkpoint, out)
+    assert len(list(out.rglob("_markers/*/*.json"))) == 1
+    assert list(out.rglob(".shard-00001.parquet.tmp-*")), "the kill should land inside shard 1"
+    assert not list(out.rglob("shard-00001.parquet"))
+
+    resumed = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=16, workers=0,
+                            progress=False)
+    assert resumed["skipped"] == 1 and resumed["run_id"] == reference["run_id"]
+    assert _read(str(out)).equals(_read(str(tmp_path / "ref")))
+    # No partial or duplicate files: the same visible files as the uninterrupted run, and no temporaries.
+    files = lambda root: sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file()
+                                and "_manifests" not in p.parts)
+    assert files(out) == files(tmp_path / "ref")
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
+
+    before = _snapshot(str(out))
+    again = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=16, workers=0,
+                          progress=False)
+    assert again["skipped"] == 4 and _snapshot(str(out)) == before
+
+
+# --- bad rows, finalize, layout ---------------------------------------------------------------------------
+
+def test_bad_rows_reconcile_and_land_in_quarantine(checkpoint, bad_catalog, tmp_path):
+    out = str(tmp_path / "out")
+    rows = pq.read_metadata(bad_catalog).num_rows
+    plan = scoring.plan_shards(bad_catalog, rows_per_shard=120)
+    first = scoring.score_shard(plan.shards[0].to_dict(), checkpoint, out, batch_size=32, workers=0)
+    with pytest.raises(scoring.RunIncomplete, match="00001: no done marker"):
+        scoring.finalize(plan.to_dict(), out, first["run_id"])
+
+    summary = scoring.score(bad_catalog, checkpoint, out, rows_per_shard=120, batch_size=32, workers=0,
+                            progress=False)
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert manifest["rows_in"] == rows == manifest["predicted"] + manifest["quarantined"]
+    assert manifest["quarantined"] == len(SCORE_REASONS)
+    quarantine = _read(out, "quarantine").to_pylist()
+    assert {q["product_id"] for q in quarantine} == {None if k == "missing_id" else f"bad-{k}" for k in SCORE_REASONS}
+    by_id = {q["product_id"]: q for q in quarantine}
+    for kind, reason in SCORE_REASONS.items():
+        row = by_id[None if kind == "missing_id" else f"bad-{kind}"]
+        assert (row["stage"], row["reason"]) == ("score", reason) and row["detail"]
+    assert manifest["reasons"] == dict(sorted(
+        {r: list(SCORE_REASONS.values()).count(r) for r in SCORE_REASONS.values()}.items()))
+
+
+def test_layout_lineage_metadata_and_readers(checkpoint, tmp_catalog, tmp_path):
+    import duckdb
+
+    out = str(tmp_path / "out")
+    summary = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=250, batch_size=32, workers=0,
+                            progress=False)
+    run, version = summary["run_id"], summary["model_version"]
+    folder = Path(out, "predictions", "model=tiny", f"version={version}", f"run={run}")
+    assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
+    assert Path(out, "_markers", f"run={run}", "shard-00001.json").is_file()
+    meta = json.loads(pq.read_schema(folder / "shard-00000.parquet").metadata[b"cmaclip"])
+    assert (meta["model_name"], meta["model_version"], meta["run_id"]) == ("tiny", version, run)
+    assert meta["labels"] == TASKS and meta["columns"]["color_confidence"] == "float"
+    hive = pads.dataset(str(Path(out, "predictions")), format="parquet", partitioning="hive").to_table()
+    assert hive.num_rows == 400 and set(hive.column("run").to_pylist()) == {run}
+    count = duckdb.sql(f"SELECT count(*) FROM read_parquet('{out}/predictions/**/*.parquet')").fetchall()[0][0]
+    assert count == 400
+
+
+def test_publish_latest_per_product_and_catalog_view(checkpoint, tmp_catalog, tmp_path):
+    out = str(tmp_path / "out")
+    first = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=200, workers=0, progress=False)
+    subset = str(tmp_path / "subset.parquet")
+    pq.write_table(pq.read_table(tmp_catalog).slice(0, 50), subset)
+    newer = Predictor.from_checkpoint(checkpoint, name="cmaclip", version="2")
+    second = scoring.score(subset, newer, out, rows_per_shard=200, workers=0, progress=False)
+    # An unfinished run (no manifest) is never published.
+    unfinished = scoring.plan_shards(subset, rows_per_shard=20)
+    scoring.score_shard(unfinished.shards[0], Predictor.from_checkpoint(checkpoint, version="3"), out, workers=0)
+
+    summary = scoring.publish(out, catalog=tmp_catalog)
+    assert summary["runs"] == sorted([first["run_id"], second["run_id"]]) and summary["products"] == 400
+    latest = pq.read_table(summary["latest"]).to_pylist()
+    assert len({r["product_id"] for r in latest}) == 400
+    subset_ids = set(pq.read_table(subset).column("product_id").to_pylist())
+    for row in latest:
+        assert row["run_id"] == (second["run_id"] if row["product_id"] in subset_ids else first["run_id"])
+    view = pq.read_table(summary["catalog"])
+    assert view.num_rows == 400 and "image" not in view.column_names
+    assert {"title", "color", "predicted_color", "predicted_color_top", "predicted_run_id"} <= set(view.column_names)
+
+
+def test_object_store_paths_end_to_end(checkpoint, bad_catalog):
+    """memory:// stands in for s3:// (same code path: single-put commits, DuckDB through fsspec)."""
+    from pipeline import storage
+
+    catalog, out = "memory://scoring-test/catalog.parquet", "memory://scoring-test/out"
+    storage.write_bytes(catalog, Path(bad_catalog).read_bytes())
+    summary = scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
+    assert summary["rows_in"] == summary["predicted"] + summary["quarantined"] == pq.read_metadata(bad_catalog).num_rows
+    published = scoring.publish(out, catalog=catalog)
+    assert published["catalog_rows"] == summary["rows_in"]
+    again = scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
+    assert again["skipped"] == summary["shards"]
