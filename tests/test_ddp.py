@@ -7,12 +7,14 @@ closely but not exactly: the comparison is on metrics within a tolerance, not on
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import torch
 
+from cmaclip.config import load_config
 from pipeline import launch
 
 EPOCHS = 10
@@ -58,8 +60,12 @@ def one_thread():
 def test_torchrun_two_processes_reaches_single_process_quality(dataset, home, one_thread):
     from pipeline.training import start_training
 
+    # Both runs train every epoch: early stopping would compare runs of different lengths.
+    config = dataclasses.replace(load_config("tiny"), train=dataclasses.replace(load_config("tiny").train,
+                                                                                patience=EPOCHS))
+
     def train(name: str, nproc: int) -> dict:
-        handle = start_training("tiny", dataset, str(home / name), stages=["warmup"], epochs=EPOCHS,
+        handle = start_training(config, dataset, str(home / name), stages=["warmup"], epochs=EPOCHS,
                                 device="cpu", run_name=name)
         return launch.run_stage_distributed(handle, "warmup", nproc)
 
