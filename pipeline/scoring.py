@@ -192,13 +192,14 @@ def _cut(plan: Plan) -> Iterator[Shard]:
 
 def load_predictor(model: Any, *, precision: str = "auto", device: str = "cpu", compile: bool = False) -> Predictor:
     """A Predictor from a model reference: an object with `.predictor()` (a Predictor is one), or a local
-    checkpoint folder. `models:/name@alias` needs the MLflow registry."""
+    checkpoint folder, or a registry or run URI (`models:/name@alias`, `models:/name/3`, `runs:/id/path`)."""
     if hasattr(model, "predictor"):
         return model.predictor()
     ref = str(model)
-    if ref.startswith("models:/"):
-        raise ValueError(f"cannot resolve {ref}: MLflow support lands with pipeline.registry; "
-                         "pass a local checkpoint folder for now")
+    if ref.startswith(("models:/", "runs:/")):
+        from . import registry  # MLflow is imported only when a registry reference is scored
+
+        return registry.load_predictor(ref, precision=precision, device=device, compile=compile)
     if "://" in ref and not ref.startswith("file://"):
         raise ValueError(f"model {ref!r}: only local checkpoint folders are supported; fetch it first")
     path = Path(ref.removeprefix("file://"))
