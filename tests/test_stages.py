@@ -1,6 +1,5 @@
 """Stage definitions (Algorithm 1): what each stage freezes, its learning rates, and that training a stage
 leaves the frozen parts bit-identical while the trainable parts move."""
-import dataclasses
 import random
 
 import pytest
@@ -11,28 +10,7 @@ from cmaclip.stages import (STAGE_DEFS, apply_stage, frozen_forward, frozen_grou
                             group_modules, learning_rates, padding_mask_from_eot, trainable_forward)
 from cmaclip.train import train_stage
 from cmaclip.transforms import padding_mask, tokenizer, trim_tokens
-
-TASKS = {"color": 3, "pattern": 2}
-WORDS = "red green blue plain striped dotted cotton shirt dress long sleeve slim fit jeans for men women".split()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors gain nothing from a second thread and lose ~20x when another process shares the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def tiny_config(**train) -> cmaclip.CMACLIPConfig:
-    cfg = cmaclip.load_config("tiny").with_tasks(TASKS)
-    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, **{"precision": "fp32", **train}))
-
-
-def tiny_model(cfg, seed=0):
-    torch.manual_seed(seed)
-    return cmaclip.create_model(cfg, load_pretrained=False)
+from tiny_training import TASKS, WORDS, one_thread, tiny_config, tiny_model  # noqa: F401
 
 
 def batches(cfg, n=32, micro=16, seed=0):
