@@ -152,11 +152,18 @@ def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
     assert len(frame) >= 300 and agreement >= 0.995, agreement
 
 
-def test_model_references(checkpoint):
+def test_model_references(checkpoint, monkeypatch):
+    from pipeline import registry
+
     predictor = Predictor.from_checkpoint(checkpoint, precision="fp32", name="cmaclip", version="7")
     assert scoring.load_predictor(predictor) is predictor
-    with pytest.raises(ValueError, match="pipeline.registry"):
-        scoring.load_predictor("models:/cmaclip@champion")
+    # Registry and run URIs are resolved by the registry (its own tests cover the MLflow side).
+    calls = []
+    monkeypatch.setattr(registry, "load_predictor", lambda ref, **kw: calls.append((ref, kw)) or predictor)
+    assert scoring.load_predictor("models:/cmaclip@champion", precision="fp32") is predictor
+    assert scoring.load_predictor("runs:/abc/model") is predictor
+    assert [ref for ref, _ in calls] == ["models:/cmaclip@champion", "runs:/abc/model"]
+    assert calls[0][1] == {"precision": "fp32", "device": "cpu", "compile": False}
     with pytest.raises(FileNotFoundError, match="not a cmaclip checkpoint"):
         scoring.load_predictor(str(Path(checkpoint).parent))
     with pytest.raises(ValueError, match="fp16 on CPU"):
