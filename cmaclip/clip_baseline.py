@@ -79,6 +79,22 @@ def finetune_contrastive(towers: CLIPTowers, epochs_of_batches: Callable[[int], 
 
 
 @torch.no_grad()
+def title_retrieval(towers: CLIPTowers, batches: Iterable[dict], device: str = "cpu") -> dict[str, float]:
+    """Image -> title top-1 retrieval over every (image, title) pair of the batches: the share of images
+    whose own title is the most similar of all titles. Checks that contrastive training aligned the towers
+    whatever zero-shot prompting then makes of it."""
+    towers.to(device).eval()
+    images, titles = [], []
+    for batch in batches:
+        image, text = embed(towers, batch["images"].to(device), trim_tokens(batch["text"]).to(device))
+        images.append(image.float())
+        titles.append(text.float())
+    images, titles = torch.cat(images), torch.cat(titles)
+    hits = (images @ titles.T).argmax(dim=1) == torch.arange(len(images), device=images.device)
+    return {"top1": float(hits.float().mean()), "n": len(images), "chance": 1.0 / max(len(images), 1)}
+
+
+@torch.no_grad()
 def class_embeddings(towers: CLIPTowers, tokenize: Callable[[Sequence[str]], torch.Tensor],
                      class_names: Sequence[str], templates: Sequence[str], device: str = "cpu") -> torch.Tensor:
     """[C, D]: per class, the normalised mean of its normalised prompt embeddings (prompt ensembling)."""

@@ -268,7 +268,7 @@ def finetuned_towers(config: CMACLIPConfig, data: Splits, opts: Options, out_dir
 def clip_baselines(config: CMACLIPConfig, data: Splits, run_dir: Path, opts: Options) -> dict[str, Any]:
     """Raw CLIP zero-shot (pretrained weights only) and CLIP fine-tuned contrastively on the training
     image-title pairs, then zero-shot."""
-    from cmaclip.clip_baseline import templates_for
+    from cmaclip.clip_baseline import templates_for, title_retrieval
 
     templates = {t: list(templates_for(t)) for t in config.tasks}
     out: dict[str, Any] = {"raw-clip": {"not_run": NO_WEIGHTS}}
@@ -277,6 +277,8 @@ def clip_baselines(config: CMACLIPConfig, data: Splits, run_dir: Path, opts: Opt
                            "templates": templates}
     towers, losses = finetuned_towers(config, data, opts, run_dir / "fine-tuned-clip")
     out["fine-tuned-clip"] = {"test": zero_shot_metrics(towers, data, config, opts),
+                              "title_retrieval": title_retrieval(towers, data.test.batches(opts.eval_batch_size),
+                                                                 opts.device),
                               "contrastive_loss": losses, "templates": templates}
     return out
 

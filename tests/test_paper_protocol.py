@@ -52,7 +52,9 @@ def test_outputs_are_written(run):
 def test_raw_clip_is_not_run_without_weights(run):
     _, results = run
     assert "random init" in results["models"]["raw-clip"]["not_run"]
-    assert "test" in results["models"]["fine-tuned-clip"]
+    baseline = results["models"]["fine-tuned-clip"]
+    assert "test" in baseline and 0.0 <= baseline["title_retrieval"]["top1"] <= 1.0
+    assert len(baseline["contrastive_loss"]) == 1
 
 
 def test_every_model_is_scored_on_the_same_test_products(run):
