@@ -98,3 +98,15 @@ def sample_frame(dataset: str, rows: int = 6):
     extra = pd.DataFrame([{"product_id": "broken-image", "title": "Acme Red Dress", "image": b"not an image"},
                           {"product_id": "no-title", "title": None, "image": frame.loc[0, "image"]}])
     return pd.concat([frame, extra], ignore_index=True)
+
+
+# Fixtures shared by the MLflow test modules (imported there by name).
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tmp_catalog):
+    return shared_training(tmp_path_factory, tmp_catalog)
+
+
+@pytest.fixture
+def home(trained):
+    with mlflow_home(trained["home"]) as path:
+        yield path

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_support import log_untrained_model, mlflow_home, shared_training
+from mlflow_support import home, log_untrained_model, trained  # noqa: F401 (fixtures)
 from pipeline import registry, settings, tracking
 from pipeline.cli import main
 
@@ -19,15 +19,6 @@ NAME = "cmaclip-gate"  # its own registered model: the training's `cmaclip` vers
 TOLERANCE = 0.05
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tmp_catalog):
-    return shared_training(tmp_path_factory, tmp_catalog)
-
-
-@pytest.fixture
-def home(trained):
-    with mlflow_home(trained["home"]) as path:
-        yield path
 
 
 def _aliases() -> dict[str, str]:

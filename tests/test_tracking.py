@@ -15,7 +15,7 @@ import torch
 
 from cmaclip.checkpoint import is_checkpoint
 from cmaclip.config import STAGES
-from mlflow_support import EPOCHS, REPO_ROOT, fresh_process_predict, mlflow_home, sample_frame, shared_training
+from mlflow_support import EPOCHS, REPO_ROOT, fresh_process_predict, home, mlflow_home, sample_frame, trained  # noqa: F401,E501
 from pipeline import reasons, registry, settings, tracking, training
 
 pytestmark = pytest.mark.slow
@@ -28,15 +28,6 @@ ARTIFACTS = ["checkpoint/model.safetensors", "checkpoint/cmaclip.json", "config.
              *[f"plots/{t}/{p}.png" for t in TASKS for p in ("precision_recall", "confusion", "lambda")]]
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory, tmp_catalog):
-    return shared_training(tmp_path_factory, tmp_catalog)
-
-
-@pytest.fixture
-def home(trained):
-    with mlflow_home(trained["home"]) as path:
-        yield path
 
 
 def _runs(c, kind_or_parent: dict[str, str]):
