@@ -2,14 +2,14 @@
 
     python bench/scoring.py --config paper-vit-b-32 --rows 2000
 
-Each measurement runs in a fresh process (clean peak-RSS accounting):
+Each measurement runs in a fresh process:
 
-  pipeline  over a catalog of --rows rows: the real pipeline (plan, read Parquet, decode, preprocess,
-            tokenize, forward, write, done markers), and the forward pass alone on the same rows prepared
-            beforehand (the limit); the two alternate shard by shard. Run again over --rows / 5 rows:
-            peak RSS at 1x and 5x.
-  naive     fp32 weights, the full 77-token context, read + decode then forward in turn, over
-            --naive-rows rows (it is slow), plus the bf16 pipeline's top-1 agreement with it.
+  compare   over a catalog of --rows rows, shard by shard in alternation (so a neighbour's load on a
+            shared machine hits all three alike): the real pipeline (plan, read Parquet, decode,
+            preprocess, tokenize, forward, write, done marker); the forward pass alone on the same rows
+            prepared beforehand (the limit); and the naive path (fp32 weights, the full 77-token context,
+            read + decode then forward in turn) on --naive-rows of them, with the bf16 top-1 agreement.
+  memory    the pipeline alone over --rows / 5 rows and over --rows rows: peak RSS at 1x and 5x.
 
 Random weights (no pretrained download); the real fashion-small images when present (60x80 JPEGs,
 upsampled to the model's 224 px), else the synthetic catalog. Ends with ONE JSON line with every figure.
@@ -88,7 +88,7 @@ def peak_rss_mb() -> dict[str, float]:
     return {"peak_rss_mb": round(own, 1), "worker_peak_rss_mb": round(workers, 1)}
 
 
-def forward_only(shard, predictor, batch_size: int) -> tuple[int, float]:
+def forward_only(shard, predictor, batch_size: int, limit: int | None = None) -> tuple[int, float]:
     """The limit: forward passes over the shard's rows, each batch decoded and tokenized beforehand exactly
     as the pipeline does it, untimed. One batch at a time, so memory stays that of the pipeline."""
     from pipeline import scoring
@@ -100,83 +100,116 @@ def forward_only(shard, predictor, batch_size: int) -> tuple[int, float]:
         predictor.predict(batch.pixels, batch.tokens)
         seconds += time.perf_counter() - start
         rows += batch.pixels.shape[0]
+        if limit is not None and rows >= limit:
+            break
     return rows, seconds
 
 
-def measure_pipeline(args: argparse.Namespace) -> dict:
-    """The scoring pipeline over a catalog of `limit` rows (plan, then every shard from read to done
-    marker), and the forward-only limit on the same rows. The two alternate shard by shard, so a
-    neighbour's load on a shared machine hits both alike."""
-    import shutil
+def naive_path(shard, naive, fast, batch_size: int, limit: int) -> dict[str, float]:
+    """fp32 weights, the full 77-token context, open_clip's per-image preprocessing, each batch read and
+    decoded then forwarded in turn, over the shard's first `limit` rows. Also the bf16 pipeline's top-1
+    agreement with it (untimed)."""
+    import pyarrow as pa
+    import torch
 
+    from cmaclip.transforms import image_transform, tokenizer
+    from pipeline import scoring
+    from pipeline.predictor import decode_rows
+
+    config, pre = naive.checkpoint.config, fast.preprocessor
+    per_image, full_context = image_transform(config), tokenizer(config)  # [B, 77], not trimmed
+    rows = seconds = agree = total = 0
+    tick = time.perf_counter()
+    for slices in scoring.raw_batches(shard, batch_size):
+        table = pa.Table.from_batches(slices)
+        good, _ = decode_rows(zip(*(table.column(i).to_pylist() for i in range(3))), draft=pre.draft)
+        pixels = torch.stack([per_image(im) for im in good.images])
+        reference = naive.predict(pixels, full_context(good.titles))
+        seconds += time.perf_counter() - tick
+        rows += pixels.shape[0]
+        low = fast.predict(pre.images(good.images), pre.texts(good.titles))
+        agree += sum(int((reference[f"{t}_top"] == low[f"{t}_top"]).sum()) for t in naive.tasks)
+        total += pixels.shape[0] * len(naive.tasks)
+        if rows >= limit:
+            break
+        tick = time.perf_counter()
+    return {"rows": rows, "seconds": seconds, "agree": agree, "total": total}
+
+
+def _catalog(args: argparse.Namespace) -> Path:
     import pyarrow.parquet as pq
+
+    catalog = Path(args.out) / f"catalog-{args.limit}.parquet"
+    pq.write_table(pq.read_table(args.catalog).slice(0, args.limit), catalog, row_group_size=2048)
+    return catalog
+
+
+def _score(shard, predictor, out: Path, args: argparse.Namespace) -> tuple[dict, float]:
+    from pipeline import scoring
+
+    start = time.perf_counter()
+    workers = None if args.workers == "auto" else int(args.workers)
+    marker = scoring.score_shard(shard, predictor, str(out), batch_size=args.batch_size, workers=workers)
+    return marker, time.perf_counter() - start
+
+
+def measure_compare(args: argparse.Namespace) -> dict:
+    """Over a catalog of `limit` rows: the pipeline (plan, then each shard from Parquet read to done marker),
+    the forward-only limit on the same rows, and the naive path on a slice of them. The three alternate
+    shard by shard, so a neighbour's load on a shared machine hits them alike."""
+    import math
+    import shutil
 
     from pipeline import scoring
     from pipeline.predictor import Predictor
 
-    catalog = Path(args.out) / f"catalog-{args.limit}.parquet"
-    pq.write_table(pq.read_table(args.catalog).slice(0, args.limit), catalog, row_group_size=2048)
-    out = Path(args.out) / f"scored-{args.limit}"
+    catalog, out = _catalog(args), Path(args.out) / f"compare-{args.limit}"
     shutil.rmtree(out, ignore_errors=True)
-    predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
+    fast = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
+    naive = Predictor.from_checkpoint(args.checkpoint, precision="fp32")
     start = time.perf_counter()
     plan = scoring.plan_shards(str(catalog), args.rows_per_shard)
-    e2e_s, forward_s, forward_rows, markers = time.perf_counter() - start, 0.0, 0, []
-    for i, shard in enumerate(plan.shards):
-        if i == 0:
-            forward_only(shard, predictor, args.batch_size)  # warm-up: oneDNN builds kernels on first use
-        start = time.perf_counter()
-        markers.append(scoring.score_shard(shard, predictor, str(out), batch_size=args.batch_size,
-                                           workers=args.workers))
-        e2e_s += time.perf_counter() - start
-        rows, seconds = forward_only(shard, predictor, args.batch_size)
-        forward_rows, forward_s = forward_rows + rows, forward_s + seconds
+    e2e_s, markers = time.perf_counter() - start, []
+    forward_only(plan.shards[0], fast, args.batch_size, limit=1)  # warm-up: oneDNN builds kernels on first use
+    naive_path(plan.shards[0], naive, fast, args.batch_size, limit=1)
+    fwd, slow = [0, 0.0], {"rows": 0, "seconds": 0.0, "agree": 0, "total": 0}
+    per_shard = math.ceil(args.naive_rows / len(plan.shards))
+    for shard in plan.shards:
+        marker, seconds = _score(shard, fast, out, args)
+        markers.append(marker)
+        e2e_s += seconds
+        rows, seconds = forward_only(shard, fast, args.batch_size)
+        fwd = [fwd[0] + rows, fwd[1] + seconds]
+        measured = naive_path(shard, naive, fast, args.batch_size, per_shard)
+        slow = {k: v + measured[k] for k, v in slow.items()}
     rows = sum(m["rows_in"] for m in markers)
-    return {"e2e_samples_per_s": rows / e2e_s, "forward_samples_per_s": forward_rows / forward_s, "rows": rows,
-            "e2e_s": e2e_s, "forward_s": forward_s, "shards": len(markers), "precision": predictor.precision,
-            "threads": torch_threads(), "e2e_wait_s": sum(m["timings"]["wait_s"] for m in markers),
-            "e2e_forward_s": sum(m["timings"]["forward_s"] for m in markers), **peak_rss_mb()}
+    return {"e2e_samples_per_s": rows / e2e_s, "forward_samples_per_s": fwd[0] / fwd[1], "rows": rows,
+            "e2e_s": e2e_s, "forward_s": fwd[1], "shards": len(markers), "precision": fast.precision,
+            "threads": torch_threads(), "workers": markers[0]["workers"],
+            "e2e_wait_s": sum(m["timings"]["wait_s"] for m in markers),
+            "e2e_forward_s": sum(m["timings"]["forward_s"] for m in markers),
+            "naive_rows": slow["rows"], "naive_samples_per_s": slow["rows"] / slow["seconds"],
+            "bf16_top1_agreement": slow["agree"] / slow["total"]}
+
+
+def measure_memory(args: argparse.Namespace) -> dict:
+    """The pipeline alone over a catalog of `limit` rows, for its peak RSS."""
+    import shutil
+
+    from pipeline import scoring
+    from pipeline.predictor import Predictor
+
+    catalog, out = _catalog(args), Path(args.out) / f"memory-{args.limit}"
+    shutil.rmtree(out, ignore_errors=True)
+    predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
+    plan = scoring.plan_shards(str(catalog), args.rows_per_shard)
+    seconds = sum(_score(shard, predictor, out, args)[1] for shard in plan.shards)
+    return {"rows": plan.rows, "e2e_samples_per_s": plan.rows / seconds, **peak_rss_mb()}
 
 
 def torch_threads() -> int:
     import torch
     return torch.get_num_threads()
-
-
-def _decode(slices, pre) -> tuple:
-    import pyarrow as pa
-
-    from pipeline.predictor import decode_rows
-    table = pa.Table.from_batches(slices)
-    good, _ = decode_rows(zip(*(table.column(i).to_pylist() for i in range(3))), draft=pre.draft)
-    return pre.images(good.images), good.titles
-
-
-def measure_naive(args: argparse.Namespace) -> dict:
-    """fp32 weights, the full 77-token context, each batch read and decoded then forwarded in turn. Also
-    the bf16 pipeline's top-1 agreement with it on the same inputs (untimed)."""
-    from cmaclip.transforms import tokenizer
-    from pipeline import scoring
-    from pipeline.predictor import Predictor
-
-    naive = Predictor.from_checkpoint(args.checkpoint, precision="fp32")
-    fast = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
-    pre, full_context = naive.preprocessor, tokenizer(naive.checkpoint.config)  # [B, 77], not trimmed
-    shard = scoring.plan_shards(args.catalog, args.limit).shards[0]
-    pixels, titles = _decode(next(scoring.raw_batches(shard, args.batch_size)), pre)
-    naive.predict(pixels, full_context(titles))  # warm-up, as for the other measurements
-    elapsed, n, agree, total = 0.0, 0, 0, 0
-    tick = time.perf_counter()
-    for slices in scoring.raw_batches(shard, args.batch_size):
-        pixels, titles = _decode(slices, pre)
-        reference = naive.predict(pixels, full_context(titles))
-        elapsed += time.perf_counter() - tick
-        n += pixels.shape[0]
-        low = fast.predict(pixels, pre.texts(titles))
-        agree += sum(int((reference[f"{t}_top"] == low[f"{t}_top"]).sum()) for t in naive.tasks)
-        total += pixels.shape[0] * len(naive.tasks)
-        tick = time.perf_counter()
-    return {"samples_per_s": n / elapsed, "rows": n, "seconds": elapsed, "bf16_top1_agreement": agree / total}
 
 
 # --- main ------------------------------------------------------------------------------------------------
@@ -188,12 +221,12 @@ def parse() -> argparse.Namespace:
     p.add_argument("--memory-rows", type=int, help="the 1x memory run (default rows / 5)")
     p.add_argument("--naive-rows", type=int, default=192, help="rows for the (slow) naive path")
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--workers", default="auto", help="decode workers: a number, or auto (the pipeline's default)")
     p.add_argument("--precision", default="auto")
     p.add_argument("--rows-per-shard", type=int, default=1000)
     p.add_argument("--work-dir", help="default: a temporary folder")
     # internal: one measurement in a child process
-    p.add_argument("--child", choices=["pipeline", "naive"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["compare", "memory"], help=argparse.SUPPRESS)
     p.add_argument("--checkpoint", help=argparse.SUPPRESS)
     p.add_argument("--catalog", help=argparse.SUPPRESS)
     p.add_argument("--limit", type=int, help=argparse.SUPPRESS)
@@ -204,7 +237,7 @@ def parse() -> argparse.Namespace:
 def main() -> None:
     args = parse()
     if args.child:
-        result = {"pipeline": measure_pipeline, "naive": measure_naive}[args.child](args)
+        result = {"compare": measure_compare, "memory": measure_memory}[args.child](args)
         print(json.dumps(result))
         return
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-scoring-"))
@@ -217,35 +250,33 @@ def main() -> None:
           f"batch {args.batch_size}, workers {args.workers}, cpus {os.cpu_count()}", flush=True)
 
     load_before = os.getloadavg()[0]  # a shared machine: say how busy it was
-    big = child("pipeline", args, limit=args.rows)
+    big = child("compare", args, limit=args.rows, naive_rows=args.naive_rows)
     ratio = big["e2e_samples_per_s"] / big["forward_samples_per_s"]
+    speedup = big["e2e_samples_per_s"] / big["naive_samples_per_s"]
     print(f"forward only (the limit) : {big['forward_samples_per_s']:7.2f} samples/s ({big['precision']})\n"
-          f"end to end pipeline      : {big['e2e_samples_per_s']:7.2f} samples/s (ratio {ratio:.3f})", flush=True)
-    naive = child("naive", args, limit=args.naive_rows)
-    speedup = big["e2e_samples_per_s"] / naive["samples_per_s"]
-    print(f"naive (fp32, 77 tokens, in turn): {naive['samples_per_s']:7.2f} samples/s (speedup {speedup:.2f}x)",
-          flush=True)
-    small = child("pipeline", args, limit=one_x)
-    growth = big["peak_rss_mb"] / small["peak_rss_mb"] - 1
-    print(f"peak RSS: {small['rows']} rows {small['peak_rss_mb']:.0f} MB, {big['rows']} rows "
-          f"{big['peak_rss_mb']:.0f} MB ({growth:+.1%}); decode worker {small['worker_peak_rss_mb']:.0f} / "
-          f"{big['worker_peak_rss_mb']:.0f} MB", flush=True)
+          f"end to end pipeline      : {big['e2e_samples_per_s']:7.2f} samples/s (ratio {ratio:.3f})\n"
+          f"naive (fp32, 77 tokens, in turn): {big['naive_samples_per_s']:7.2f} samples/s "
+          f"(speedup {speedup:.2f}x, over {big['naive_rows']} rows)", flush=True)
+    small, large = child("memory", args, limit=one_x), child("memory", args, limit=args.rows)
+    growth = large["peak_rss_mb"] / small["peak_rss_mb"] - 1
+    print(f"peak RSS: {small['rows']} rows {small['peak_rss_mb']:.0f} MB, {large['rows']} rows "
+          f"{large['peak_rss_mb']:.0f} MB ({growth:+.1%}); decode worker {small['worker_peak_rss_mb']:.0f} / "
+          f"{large['worker_peak_rss_mb']:.0f} MB", flush=True)
     figures = {
         "bench": "scoring", "config": args.config, "catalog": source, "rows": big["rows"], "tasks": tasks,
-        "batch_size": args.batch_size, "workers": args.workers, "rows_per_shard": args.rows_per_shard,
+        "batch_size": args.batch_size, "workers": big["workers"], "rows_per_shard": args.rows_per_shard,
         "precision": big["precision"], "threads": big["threads"], "cpus": os.cpu_count(),
         "forward_samples_per_s": round(big["forward_samples_per_s"], 2),
         "e2e_samples_per_s": round(big["e2e_samples_per_s"], 2), "e2e_over_forward": round(ratio, 3),
-        "e2e_wait_s": round(big["e2e_wait_s"], 2), "e2e_forward_s": round(big["e2e_forward_s"], 2),
-        "e2e_s": round(big["e2e_s"], 2),
-        "naive_rows": naive["rows"], "naive_samples_per_s": round(naive["samples_per_s"], 2),
+        "e2e_s": round(big["e2e_s"], 2), "e2e_forward_s": round(big["e2e_forward_s"], 2),
+        "e2e_wait_s": round(big["e2e_wait_s"], 2),
+        "naive_rows": big["naive_rows"], "naive_samples_per_s": round(big["naive_samples_per_s"], 2),
         "speedup_over_naive": round(speedup, 2),
-        "bf16_top1_agreement_random_weights": round(naive["bf16_top1_agreement"], 4),
-        "memory_rows_1x": small["rows"], "memory_rows_5x": big["rows"],
-        "peak_rss_mb_1x": small["peak_rss_mb"], "peak_rss_mb_5x": big["peak_rss_mb"],
-        "worker_peak_rss_mb_1x": small["worker_peak_rss_mb"], "worker_peak_rss_mb_5x": big["worker_peak_rss_mb"],
+        "bf16_top1_agreement_random_weights": round(big["bf16_top1_agreement"], 4),
+        "memory_rows_1x": small["rows"], "memory_rows_5x": large["rows"],
+        "peak_rss_mb_1x": small["peak_rss_mb"], "peak_rss_mb_5x": large["peak_rss_mb"],
         "peak_rss_growth": round(growth, 4),
-        "e2e_over_forward_1x": round(small["e2e_samples_per_s"] / small["forward_samples_per_s"], 3),
+        "worker_peak_rss_mb_1x": small["worker_peak_rss_mb"], "worker_peak_rss_mb_5x": large["worker_peak_rss_mb"],
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
     print(json.dumps(figures))

@@ -136,17 +136,19 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     which.add_argument("--all", action="store_true", default=True, help="score every shard, then finalize")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--workers", type=int, default=1, help="image-decoding DataLoader processes (0: in turn)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="image-decoding DataLoader processes (0: in turn; default: auto, see README)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
+    p.add_argument("--threads", type=int, help="torch threads (default: one per core)")
 
 
 def _score(args: argparse.Namespace) -> Any:
     from .scoring import score
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.shard is None,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
-                 precision=args.precision, compile=args.compile, run_id=args.run_id)
+                 precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads)
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:

@@ -8,7 +8,7 @@ import cmaclip
 from cmaclip.config import VARIANTS, load_config, with_variant
 from cmaclip.losses import multitask_loss
 from cmaclip.model import ModalityAttention
-from cmaclip.transforms import padding_mask, tokenizer, trim_tokens
+from cmaclip.transforms import image_batch_transform, image_transform, padding_mask, tokenizer, trim_tokens
 
 TASKS = {"color": 5, "pattern": 3}
 TITLES = ["red striped summer dress", "blue", "", "a very long title " * 3 + "with many words"]
@@ -75,6 +75,23 @@ def test_padding_mask_from_positions_not_ids():
     # Token id 0 is "!", a real token: a title of "!" must not be masked as padding.
     text = torch.tensor([[49406, 0, 0, 49407, 0, 0]])
     assert padding_mask(text).tolist() == [[False, False, False, False, True, True]]
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_batch_image_transform_is_bit_identical_to_open_clip(size):
+    from PIL import Image
+    config = load_config("tiny")
+    config = dataclasses.replace(config, clip=dataclasses.replace(
+        config.clip, overrides={**config.clip.overrides, "vision_cfg": {"image_size": size}}))
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(60, 80), (80, 60), (size, size), (7, 300), (513, 97)]  # portrait, landscape, exact, extreme
+    images = [Image.fromarray(torch.randint(0, 256, (h, w, 3), generator=generator, dtype=torch.uint8).numpy())
+              for w, h in shapes] + [Image.new("RGB", (40, 40), "red"), Image.new("L", (50, 30), 128)]
+    per_image = image_transform(config)
+    batched = image_batch_transform(config)(images)
+    assert batched.dtype == torch.float32 and batched.shape == (len(images), 3, size, size)
+    assert torch.equal(batched, torch.stack([per_image(im) for im in images]))
+    assert image_batch_transform(config)([]).shape == (0, 3, size, size)
 
 
 def test_keyless_attention_formula():

@@ -34,10 +34,19 @@ SCORE_REASONS = {kind: r for kind, r in synthetic.BAD_ROWS.items()
 TIMING_COLUMNS = ["scored_at"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model gains nothing from more threads, and on a busy machine OpenMP threads wait for each
+    other at every op (10-20x slower). The subprocess in the SIGKILL test gets one thread too."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train_briefly(model, catalog: str, steps: int = 80):
     """A few steps on the synthetic catalog, so the tiny model has real margins between classes: a random
-    init puts the top two classes ~0.001 apart, where any rounding flips the argmax. One thread: the tiny
-    model gains nothing from more, and on a busy machine OpenMP threads thrash."""
+    init puts the top two classes ~0.001 apart, where any rounding flips the argmax."""
     config = model.config
     rows = pq.read_table(catalog).to_pylist()
     good, _ = decode_rows([(r["product_id"], r["title"], r["image"]) for r in rows])
@@ -46,8 +55,6 @@ def _train_briefly(model, catalog: str, steps: int = 80):
     labels = {t: torch.tensor([TASKS[t].index(r[t]) for r in rows]) for t in TASKS}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     model.train()
     for _ in range(steps):
         idx = torch.randint(0, len(rows), (32,), generator=generator)
@@ -55,7 +62,6 @@ def _train_briefly(model, catalog: str, steps: int = 80):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-    torch.set_num_threads(threads)
     model.eval()
     with torch.no_grad():
         out = model(pixels, tokens)
@@ -142,6 +148,31 @@ def test_predict_frame_quarantines_what_it_cannot_score(checkpoint, bad_catalog)
     assert len(messy) == 1  # control characters and emoji in a title are cleaned, not fatal
 
 
+def test_workers_prepare_pixels_in_the_model_dtype(checkpoint, tmp_catalog):
+    import pickle
+    bf16 = Predictor.from_checkpoint(checkpoint, precision="bf16")
+    fp32 = Predictor.from_checkpoint(checkpoint, precision="fp32")
+    shard = scoring.plan_shards(tmp_catalog, 100).shards[0]
+    pre = pickle.loads(pickle.dumps(bf16.preprocessor))  # what a spawned DataLoader worker gets
+    assert pre.dtype == torch.bfloat16
+    low = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), pre, shard.image_column)
+    high = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), fp32.preprocessor, shard.image_column)
+    assert low.pixels.dtype == torch.bfloat16 and high.pixels.dtype == torch.float32
+    assert torch.equal(low.pixels, high.pixels.to(torch.bfloat16))  # the cast the forward would have done
+
+
+def test_default_workers_leave_the_cores_to_the_forward_on_cpu(monkeypatch):
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert scoring.default_workers(cpu) == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert scoring.default_workers(cpu) == 1
+    assert scoring.default_workers(cuda) == 1
+    monkeypatch.setattr(scoring, "available_cpus", lambda: 16)
+    assert scoring.default_workers(cuda) == 4
+
+
 def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
     frame = pq.read_table(tmp_catalog).to_pandas()
     fp32, _ = Predictor.from_checkpoint(checkpoint, precision="fp32").predict_frame(frame)
@@ -174,13 +205,13 @@ def test_model_references(checkpoint, monkeypatch):
 
 SCORE_IN_SUBPROCESS = (
     "import sys; from pipeline.scoring import score; "
-    "score(sys.argv[1], sys.argv[2], sys.argv[3], rows_per_shard=100, batch_size=16, workers=1, progress=False)"
+    "score(sys.argv[1], sys.argv[2], sys.argv[3], rows_per_shard=100, batch_size=8, workers=1, progress=False)"
 )
 
 
 def _kill_mid_shard(catalog: str, checkpoint: str, out: Path) -> None:
     """Start scoring in a subprocess, SIGKILL it once shard 0 is committed and shard 1 is being written."""
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, "-c", SCORE_IN_SUBPROCESS, catalog, checkpoint, str(out)],
                             env=env, cwd=REPO_ROOT, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -189,7 +220,7 @@ def _kill_mid_shard(catalog: str, checkpoint: str, out: Path) -> None:
         while time.monotonic() < deadline and proc.poll() is None:
             if list(out.rglob("shard-00000.json")) and list(out.rglob(".shard-00001.parquet.tmp-*")):
                 break
-            time.sleep(0.01)
+            time.sleep(0.002)
         else:
             pytest.fail(f"scoring never reached shard 1: {proc.communicate()[0].decode()[-2000:]}")
     finally:
@@ -202,7 +233,7 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
     # Workers only prepare inputs, so the worker count must not change a single output byte: the
     # reference and the resumed run decode in-process, the killed run in a DataLoader worker.
     reference = scoring.score(tmp_catalog, checkpoint, str(tmp_path / "ref"), rows_per_shard=100,
-                              batch_size=16, workers=0, progress=False)
+                              batch_size=8, workers=0, progress=False)
     assert reference["shards"] == 4 and reference["predicted"] == 400
 
     out = tmp_path / "killed"
@@ -211,7 +242,7 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
     assert list(out.rglob(".shard-00001.parquet.tmp-*")), "the kill should land inside shard 1"
     assert not list(out.rglob("shard-00001.parquet"))
 
-    resumed = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=16, workers=0,
+    resumed = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=8, workers=0,
                             progress=False)
     assert resumed["skipped"] == 1 and resumed["run_id"] == reference["run_id"]
     assert _read(str(out)).equals(_read(str(tmp_path / "ref")))
@@ -222,7 +253,7 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
     before = _snapshot(str(out))
-    again = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=16, workers=0,
+    again = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=8, workers=0,
                           progress=False)
     assert again["skipped"] == 4 and _snapshot(str(out)) == before
 
