@@ -1,4 +1,4 @@
-"""Read a catalog by its contract (../shared/ARCHITECTURE.md): a Parquet file, folder or glob on any URI.
+"""Read a catalog by its contract (docs/contracts.md): a Parquet file, folder or glob on any URI.
 
 File-level problems (no files, empty or unreadable file, missing or mistyped column, no rows at all) raise
 one `CatalogError` naming the file and the problem, before any row is processed. Row-level problems are
