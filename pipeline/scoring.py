@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import catalog as catalog_files
 from . import reasons, storage
+from .images import fetch_images
 from .predictor import QUARANTINE_COLUMNS, Predictor, Preprocessor, decode_rows
 from .sql import load_sql
 
@@ -49,6 +50,7 @@ CONTRACT = "cmaclip.predictions/v1"
 METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
 ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
 PREFETCH_BATCHES = 4               # per worker: enough to hide a slow image, little memory
+SOURCE_FILE = "_catalog_file"      # raw_batches of image_uri catalogs: the file each row came from
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -257,7 +259,8 @@ class PreparedBatch:
 
 def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]:
     """The shard's rows (product_id, title, image) as Arrow slices, `batch_size` rows per batch, in plan
-    order. Reads one row group's column chunks at a time: memory is bounded by the row-group size."""
+    order. Reads one row group's column chunks at a time: memory is bounded by the row-group size.
+    `image_uri` catalogs get a 4th column, the catalog file of each row: relative URIs start from there."""
     columns = ["product_id", "title", shard.image_column]
     pending, pending_rows, opened = [], 0, None
     for piece in shard.pieces:
@@ -265,6 +268,8 @@ def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]
             opened = (piece.file, storage.parquet_file(piece.file))
         offset = 0
         for batch in opened[1].iter_batches(batch_size=batch_size, row_groups=[piece.row_group], columns=columns):
+            if shard.image_column == "image_uri":
+                batch = batch.append_column(SOURCE_FILE, pa.array([piece.file] * batch.num_rows, pa.string()))
             lo, hi = max(piece.start - offset, 0), min(piece.stop - offset, batch.num_rows)
             offset += batch.num_rows
             while lo < hi:  # cut into batches of exactly batch_size rows across piece boundaries
@@ -280,18 +285,6 @@ def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]
         yield pending
 
 
-def _fetch_images(uris: list[Any]) -> tuple[list[bytes | None], dict[int, str]]:
-    """`image_uri` catalogs: the bytes behind each URI, and the rows whose fetch failed (with why)."""
-    data, failed = [], {}
-    for i, uri in enumerate(uris):
-        try:
-            data.append(None if uri is None else storage.read_bytes(uri if isinstance(uri, str) else uri.decode()))
-        except Exception as exc:  # a missing or unreachable image is a row problem, not a shard failure
-            data.append(None)
-            failed[i] = f"{type(exc).__name__}: {exc}"
-    return data, failed
-
-
 def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
                   image_column: str) -> PreparedBatch:
     """Decode, check and preprocess one batch; runs in a DataLoader worker."""
@@ -299,7 +292,7 @@ def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Prepro
     ids, titles, images = (table.column(i).to_pylist() for i in range(3))
     quarantine = []
     if image_column == "image_uri":
-        images, failed = _fetch_images(images)
+        images, failed = fetch_images(images, table.column(SOURCE_FILE).to_pylist())
         quarantine = [(ids[i], "score", reasons.IMAGE_FETCH_FAILED, why) for i, why in failed.items()]
         keep = [i for i in range(len(ids)) if i not in failed]
         ids, titles, images = [ids[i] for i in keep], [titles[i] for i in keep], [images[i] for i in keep]

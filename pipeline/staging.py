@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import os
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from . import reasons, storage
 from .catalog import CatalogFile, iter_rows
-from .text import NotText, as_text
+from .images import fetch_images
 from .validate import Checked, RawRow, RowRules, check_rows
 
 PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves
@@ -53,43 +53,13 @@ def staging_schema(tasks: tuple[str, ...]) -> pa.Schema:
                       ("__content_hash", pa.string()), ("__image_sha", pa.string()), ("__labels_key", pa.string())])
 
 
-def _resolve(uri: str, file_uri: str) -> str:
-    """image_uri values are absolute URIs/paths, or relative to the catalog file's folder."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return storage.join(file_uri.rsplit("/", 1)[0], uri)
-
-
-def _fetch_images(values: list[Any], file_uri: str) -> tuple[list[bytes | None], dict[int, str]]:
-    """Read every image_uri of a batch, concurrently on object stores."""
-    images: list[bytes | None] = [None] * len(values)
-    errors: dict[int, str] = {}
-    wanted: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for i, value in enumerate(values):
-        try:
-            text = as_text(value)
-        except NotText as exc:
-            errors[i] = f"image_uri {exc}"
-            continue
-        if text and text.strip():
-            uri = _resolve(text.strip(), file_uri)
-            wanted[storage.protocol(uri)].append((i, uri))
-    for group in wanted.values():  # one filesystem per group: its reads can run concurrently
-        for (i, uri), data in zip(group, storage.read_many([uri for _, uri in group])):
-            if isinstance(data, bytes):
-                images[i] = data
-            else:
-                errors[i] = f"cannot read {uri}: {type(data).__name__}: {data}"
-    return images, errors
-
-
 def _chunks(files: list[CatalogFile], tasks: tuple[str, ...], batch_rows: int) -> Iterator[Chunk]:
     seq = 0
     for file in files:
         for cols in iter_rows(file, tasks, batch_rows):
             images, errors = cols[file.image_column], {}
             if file.image_column == "image_uri":
-                images, errors = _fetch_images(images, file.uri)
+                images, errors = fetch_images(images, file.uri)
             labels = list(zip(*(cols[t] for t in tasks)))
             rows = list(zip(cols["product_id"], cols["title"], labels, images))
             yield Chunk(seq, rows, errors)

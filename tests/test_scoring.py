@@ -283,6 +283,38 @@ def test_bad_rows_reconcile_and_land_in_quarantine(checkpoint, bad_catalog, tmp_
         {r: list(SCORE_REASONS.values()).count(r) for r in SCORE_REASONS.values()}.items()))
 
 
+def test_image_uri_catalog_resolves_relative_uris_like_ingest(checkpoint, tmp_catalog, tmp_path, monkeypatch):
+    """Relative image URIs start from each row's catalog file (as ingest reads them), not from the working
+    directory; two folders with their own images, one glob, shards crossing from one file to the other."""
+    import pyarrow as pa
+    table = pq.read_table(tmp_catalog).slice(0, 40)
+    for part, rows in (("p1", table.slice(0, 20)), ("p2", table.slice(20, 20))):
+        (tmp_path / "cat" / part / "img").mkdir(parents=True)
+        uris = []
+        for pid, image in zip(rows.column("product_id").to_pylist(), rows.column("image").to_pylist()):
+            (tmp_path / "cat" / part / "img" / f"{pid}.jpg").write_bytes(image)
+            absolute = len(uris) % 2
+            uris.append(str(tmp_path / "cat" / part / "img" / f"{pid}.jpg") if absolute else f"img/{pid}.jpg")
+        uris[-1] = "img/missing.jpg"
+        pq.write_table(rows.drop_columns(["image"]).append_column("image_uri", pa.array(uris)),
+                       tmp_path / "cat" / part / "catalog.parquet")
+    monkeypatch.chdir(tmp_path)  # no img/ folder here
+    by_uri = scoring.score(str(tmp_path / "cat" / "*" / "catalog.parquet"), checkpoint, str(tmp_path / "uri"),
+                           rows_per_shard=15, batch_size=8, workers=0, progress=False)
+    by_bytes = scoring.score(tmp_catalog, checkpoint, str(tmp_path / "bytes"), rows_per_shard=100, batch_size=8,
+                             workers=0, progress=False)
+    assert (by_uri["predicted"], by_uri["quarantined"]) == (38, 2)
+    quarantine = _read(str(tmp_path / "uri"), "quarantine").to_pylist()
+    assert {q["reason"] for q in quarantine} == {reasons.IMAGE_FETCH_FAILED}
+    assert all("missing.jpg" in q["detail"] for q in quarantine)
+    # Same images, same predictions; other batches (other trimmed lengths) move confidences in the last bits.
+    scored = _read(str(tmp_path / "uri")).to_pandas().set_index("product_id")
+    reference = _read(str(tmp_path / "bytes")).to_pandas().set_index("product_id").loc[scored.index]
+    for task in TASKS:
+        assert (scored[f"{task}_top"] == reference[f"{task}_top"]).all()
+        np.testing.assert_allclose(scored[f"{task}_confidence"], reference[f"{task}_confidence"], atol=1e-3)
+
+
 def test_layout_lineage_metadata_and_readers(checkpoint, tmp_catalog, tmp_path):
     import duckdb
 
