@@ -11,7 +11,8 @@ Each measurement runs in a fresh process:
             read + decode then forward in turn) on --naive-rows of them, with the bf16 top-1 agreement.
   memory    the pipeline alone over --rows / 5 rows and over --rows rows: peak RSS at 1x and 5x.
 
-Random weights (no pretrained download); the real fashion-small images when present (60x80 JPEGs,
+Random CLIP and sequence-attention weights (no pretrained download), modality attention and heads fitted
+to the catalog's labels (see `fit_heads`); the real fashion-small images when present (60x80 JPEGs,
 upsampled to the model's 224 px), else the synthetic catalog. Ends with ONE JSON line with every figure.
 """
 from __future__ import annotations
@@ -61,8 +62,46 @@ def make_checkpoint(config_name: str, catalog: str, path: Path) -> dict[str, int
     labels = {c: sorted({str(v) for v in table.column(c).to_pylist() if v is not None}) for c in names}
     config = load_config(config_name).with_tasks({t: len(v) for t, v in labels.items()})
     torch.manual_seed(0)
-    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False), Checkpoint(config, labels))
+    model = cmaclip.create_model(config, load_pretrained=False)
+    fit_heads(model, catalog, labels)
+    save_checkpoint(path, model, Checkpoint(config, labels))
     return {t: len(v) for t, v in labels.items()}
+
+
+def fit_heads(model, catalog: str, labels: dict[str, list[str]], rows: int = 512, steps: int = 300) -> None:
+    """Train the modality attention and heads (the tuning stage, on cached I' and T') over the catalog's
+    first rows, so the model makes decisions with real margins. With every weight random the top two
+    classes lie within rounding of each other, and the bf16 agreement would measure ties, not precision."""
+    import pyarrow.parquet as pq
+    import torch
+
+    from cmaclip.losses import IGNORE, multitask_loss
+    from pipeline.predictor import Preprocessor, decode_rows
+
+    table = pq.read_table(catalog).slice(0, rows)
+    good, _ = decode_rows(zip(*(table.column(c).to_pylist() for c in ("product_id", "title", "image"))))
+    keep = {pid: i for i, pid in enumerate(table.column("product_id").to_pylist())}
+    rows_kept = [keep[pid] for pid in good.product_ids]
+    pre, model = Preprocessor(model.config), model.eval()
+    image, text = [], []
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        for lo in range(0, len(rows_kept), 32):
+            batch = slice(lo, lo + 32)
+            i, t = model.fuse(model.encode_tokens(pre.images(good.images[batch]), pre.texts(good.titles[batch])))
+            image.append(i.float())
+            text.append(t.float())
+    image, text = torch.cat(image), torch.cat(text)
+    index = {task: {name: k for k, name in enumerate(names)} for task, names in labels.items()}
+    targets = {task: torch.tensor([index[task].get(str(table.column(task)[r].as_py()), IGNORE) for r in rows_kept])
+               for task in labels}
+    params = [*model.modality_attention.parameters(), *model.heads.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=1e-3)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        multitask_loss(model.classify(image, text).logits, targets)[0].backward()
+        optimizer.step()
+    model.eval()
 
 
 def child(mode: str, args: argparse.Namespace, **extra) -> dict:
@@ -272,7 +311,7 @@ def main() -> None:
         "e2e_wait_s": round(big["e2e_wait_s"], 2),
         "naive_rows": big["naive_rows"], "naive_samples_per_s": round(big["naive_samples_per_s"], 2),
         "speedup_over_naive": round(speedup, 2),
-        "bf16_top1_agreement_random_weights": round(big["bf16_top1_agreement"], 4),
+        "bf16_top1_agreement": round(big["bf16_top1_agreement"], 4),
         "memory_rows_1x": small["rows"], "memory_rows_5x": large["rows"],
         "peak_rss_mb_1x": small["peak_rss_mb"], "peak_rss_mb_5x": large["peak_rss_mb"],
         "peak_rss_growth": round(growth, 4),

@@ -41,9 +41,10 @@ def default_layer(model: CMACLIP) -> int:
 def _layer_input(model: CMACLIP, seq: torch.Tensor, padding: torch.Tensor, layer: int) -> torch.Tensor:
     sa = model.sequence_attention
     x = sa.proj_in(seq)
+    x = x.transpose(0, 1) if sa.sequence_first else x
     for block in sa.encoder.layers[:layer]:
         x = block(x, src_key_padding_mask=padding)
-    return x
+    return x.transpose(0, 1) if sa.sequence_first else x
 
 
 def _queries_keys(block: torch.nn.TransformerEncoderLayer, x: torch.Tensor):

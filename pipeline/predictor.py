@@ -74,13 +74,16 @@ def checkpoint_version(path: str | os.PathLike) -> str:
     return digest.hexdigest()[:12]
 
 
-def _cast(model: CMACLIP, dtype: torch.dtype) -> CMACLIP:
+def _cast(model: CMACLIP, dtype: torch.dtype, device: torch.device) -> CMACLIP:
     """The CLIP towers and the sequence attention (~all the FLOPs) in `dtype`; the per-task modality
     attention and heads stay fp32: they cost nothing, they make the decision, and in fp32 they keep top-1 a
     little closer to the fp32 model's where the top two classes are close."""
     model = model.to(dtype)
     model.modality_attention.float()
     model.heads.float()
+    if model.sequence_attention is not None:
+        # Measured on CPU: sequence-first is 1.3x faster in bf16 and slower in fp32 (SequenceAttention).
+        model.sequence_attention.set_sequence_first(dtype == torch.bfloat16 and device.type == "cpu")
     return model
 
 
@@ -155,7 +158,7 @@ class Predictor:
         self.thresholds = {t: float(checkpoint.thresholds.get(t, DEFAULT_THRESHOLD)) for t in self.tasks}
         self.preprocessor = Preprocessor(checkpoint.config, self.dtype)
         self._check_vocabularies()
-        self.model = _cast(model.eval().to(self.device), self.dtype)
+        self.model = _cast(model.eval().to(self.device), self.dtype, self.device)
         self._run = torch.compile(self._logits, dynamic=True) if compile else self._logits
 
     @classmethod

@@ -65,6 +65,14 @@ def test_map_is_the_models_attention_renormalised_over_patches(model, bpe):
         expected = (w / w.sum(dim=-1, keepdim=True)).mean(dim=(0, 1)).reshape(grid)
         torch.testing.assert_close(maps[b], expected, atol=1e-5, rtol=1e-4)
 
+    # The inference layout (sequence-first, see SequenceAttention) draws the same maps.
+    model.sequence_attention.set_sequence_first(True)
+    try:
+        torch.testing.assert_close(word_patch_attention(model, images, text, positions, layer), maps,
+                                   atol=1e-5, rtol=1e-4)
+    finally:
+        model.sequence_attention.set_sequence_first(False)
+
 
 def test_needs_sequence_attention_over_both_modalities():
     config = with_variant(load_config("tiny").with_tasks({"color": 4}), "no-attention")

@@ -71,6 +71,19 @@ def test_trimming_is_exact_for_every_non_pad_token(model, batch):
         torch.testing.assert_close(a.logits[task], b.logits[task], atol=1e-5, rtol=1e-5)
 
 
+def test_sequence_first_layout_gives_the_same_numbers(config, batch):
+    torch.manual_seed(0)
+    model = cmaclip.create_model(config).eval()
+    images, text = batch[0], trim_tokens(batch[1])
+    with torch.no_grad():
+        reference = model(images, text)
+        model.sequence_attention.set_sequence_first(True)
+        assert not model.sequence_attention.encoder.layers[0].self_attn.batch_first
+        other = model(images, text)
+    for task in TASKS:
+        torch.testing.assert_close(other.logits[task], reference.logits[task], atol=1e-5, rtol=1e-5)
+
+
 def test_padding_mask_from_positions_not_ids():
     # Token id 0 is "!", a real token: a title of "!" must not be masked as padding.
     text = torch.tensor([[49406, 0, 0, 49407, 0, 0]])

@@ -178,6 +178,8 @@ def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
     fp32, _ = Predictor.from_checkpoint(checkpoint, precision="fp32").predict_frame(frame)
     bf16 = Predictor.from_checkpoint(checkpoint, precision="bf16")
     assert bf16.model.towers.clip.visual.proj.dtype == torch.bfloat16
+    assert bf16.model.sequence_attention.sequence_first  # the faster bf16 layout on CPU
+    assert not Predictor.from_checkpoint(checkpoint, precision="fp32").model.sequence_attention.sequence_first
     low, _ = bf16.predict_frame(frame)
     agreement = np.mean([(fp32[f"{t}_top"] == low[f"{t}_top"]).mean() for t in TASKS])
     assert len(frame) >= 300 and agreement >= 0.995, agreement
