@@ -331,7 +331,7 @@ def default_workers(device: torch.device) -> int:
     """Decode workers when the caller does not say. On a GPU the forward leaves the CPU free: up to 4.
     On a CPU, torch's intra-op threads already take every core, and a worker there only takes time from
     them: on 2 cores 1 worker ran the pipeline at 0.84-0.86 of the forward-only speed and decoding in turn
-    at 0.92 (bench/scoring.py). So a worker only where a core is left over (e.g. `--threads` below the
+    at 0.89-0.96 (bench/scoring.py). So a worker only where a core is left over (e.g. `--threads` below the
     cores)."""
     cpus = available_cpus()
     if device.type == "cuda":
