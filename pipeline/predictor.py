@@ -88,7 +88,7 @@ def _cast(model: CMACLIP, dtype: torch.dtype, device: torch.device) -> CMACLIP:
 
 
 class Preprocessor:
-    """(PIL image, title) -> model inputs. Holds no weights, pickles as its config alone, and builds the
+    """(PIL image, title) -> model inputs. Holds no weights, pickles as its config and dtype, and builds the
     tokenizer lazily, so DataLoader workers get a copy cheaply.
 
     Pixels come out in `dtype`, the model's weight dtype: a bf16 model gets bf16 pixels from the workers,
