@@ -1,9 +1,9 @@
 """Fetch, decode and validate product images: bytes in, an RGB PIL image or a stable reason code out.
 
 One pure function, `decode_image`, serves ingest (validation), the training loader and scoring, so a
-picture is judged and converted the same way everywhere; `fetch_images` reads `image_uri` catalogs' images
-for ingest and scoring alike. Limits are checked from the header before any
-pixel is decoded, so decompression bombs cost microseconds, not gigabytes.
+picture is judged and converted the same way everywhere. Limits are checked from the header before any
+pixel is decoded, so decompression bombs cost microseconds, not gigabytes. `fetch_images` reads the images
+of `image_uri` catalogs, for ingest and scoring alike.
 """
 from __future__ import annotations
 
@@ -168,7 +168,8 @@ def resolve_uri(uri: str, catalog_file: str) -> str:
     return storage.join(catalog_file.rsplit("/", 1)[0], uri)
 
 
-def fetch_images(values: Sequence[Any], catalog_files: str | Sequence[str]) -> tuple[list[bytes | None], dict[int, str]]:
+def fetch_images(values: Sequence[Any],
+                 catalog_files: str | Sequence[str]) -> tuple[list[bytes | None], dict[int, str]]:
     """The bytes behind each `image_uri` value (None where the value is empty), and the rows whose value is
     not text or whose read failed, with why. `catalog_files` is the file the rows came from, or one per row.
     Reads run concurrently on object stores."""
