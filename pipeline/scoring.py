@@ -124,8 +124,10 @@ class Plan:
         return list(self._by_id)
 
     def shard(self, shard_id: str) -> Shard:
-        if shard_id not in self._by_id:
-            raise KeyError(f"no shard {shard_id!r} in plan {self.id} ({len(self._by_id)} shards)")
+        if shard_id not in self._by_id:  # a user's --shard: a plain error, not a lookup traceback
+            ids = self.shard_ids
+            raise ValueError(f"no shard {shard_id!r} in plan {self.id}: its {len(ids)} shards of "
+                             f"{self.rows_per_shard} rows are {ids[0]}..{ids[-1]}")
         return self._by_id[shard_id]
 
     def to_dict(self) -> dict[str, Any]:
@@ -639,11 +641,11 @@ def score(catalog: str, model: Any, out: str, shard: str | None = None, all: boo
         torch.set_num_threads(threads)
     started = time.perf_counter()
     plan = plan_shards(catalog, rows_per_shard)
+    shards = [plan.shard(shard)] if shard is not None else (plan.shards if all else [])
+    if not shards:  # before the model loads: a wrong shard id fails at once
+        raise ValueError("nothing to score: give shard=ID or all=True")
     predictor = load_predictor(model, precision=precision, compile=compile)
     run_id = _check_run_id(run_id or default_run_id(plan.id, predictor))
-    shards = [plan.shard(shard)] if shard is not None else (plan.shards if all else [])
-    if not shards:
-        raise ValueError("nothing to score: give shard=ID or all=True")
     bar = tqdm(total=sum(s.rows for s in shards), unit="row", desc=f"score {run_id}", disable=not progress)
     markers = []
     with bar:

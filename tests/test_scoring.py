@@ -115,6 +115,8 @@ def test_plan_is_deterministic_small_and_covers_every_row_once(tmp_path):
             for pid in b.column("product_id").to_pylist()]
     expected = [r for f in ("a", "b") for r in pq.read_table(folder / f"{f}.parquet").column("product_id").to_pylist()]
     assert read == expected
+    with pytest.raises(ValueError, match=r"no shard '00009'.*00000\.\.00004"):
+        plan.shard("00009")
     # Another input snapshot (or shard size) is another plan.
     assert scoring.plan_shards(str(folder), rows_per_shard=50).id != plan.id
     synthetic.make_catalog(100, str(folder / "b.parquet"), seed=3)
