@@ -29,7 +29,7 @@ import torch
 from cmaclip.checkpoint import load_checkpoint
 from cmaclip.config import STAGES, CMACLIPConfig, load_config
 from cmaclip.evaluate import predict
-from cmaclip.model import create_model
+from cmaclip.model import CMACLIP, create_model
 from cmaclip.train import Callback, PrintCallback, StageResult, train_stage
 
 from . import settings, storage, tracking
@@ -284,13 +284,20 @@ def _train(training: Mapping[str, Any], stage: str, config: CMACLIPConfig, folde
     stages = training["stages"]
     previous = stages[stages.index(stage) - 1] if stages.index(stage) else None
     model = (load_checkpoint(best_checkpoint(training, previous), device=device)[0] if previous
-             else create_model(config))
+             else _initial_model(config))
     labels = vocabularies(training["dataset_uri"])
     workers, micro = training.get("workers", 0), config.train.micro_batch_size
     train_loader = split_batches(training["dataset_uri"], "train", config, micro, shuffle=True, workers=workers)
     val_loader = split_batches(training["dataset_uri"], "validation", config, 2 * micro, workers=workers)
     return train_stage(model, stage, config, _epoch_batches(train_loader), val_loader, folder,
                        callbacks=callbacks, cache=training.get("cache"), device=device, labels=labels)
+
+
+def _initial_model(config: CMACLIPConfig) -> CMACLIP:
+    """The first stage's starting weights come from the config's seed, as the rest of the run does: the
+    same config and data train the same model, whatever ran before in this process."""
+    torch.manual_seed(config.train.seed)
+    return create_model(config)
 
 
 def _log_stage(training: Mapping[str, Any], run_id: str, result: StageResult, config: CMACLIPConfig,

@@ -90,6 +90,16 @@ def test_a_retried_stage_finds_its_run_and_a_finished_training_is_not_restarted(
                                 stages=handle["stages"])
 
 
+def test_the_first_stage_starts_from_the_seeded_model_whatever_ran_before(trained, home, monkeypatch):
+    handle = trained["result"]["training"]
+    started = []
+    monkeypatch.setattr(training, "train_stage", lambda model, *a, **k: started.append(model.state_dict()))
+    for _ in range(2):
+        torch.rand(7)  # other work in the same process (an Airflow worker, a notebook) moves the global RNG
+        training._train(handle, "warmup", training.as_config(handle["config"]), Path(home), "cpu", [])
+    assert all(torch.equal(started[0][k], started[1][k]) for k in started[0])
+
+
 def test_first_registered_version_is_champion(trained, home):
     assert trained["result"]["registered"] == {"name": "cmaclip", "version": "1", "alias": "champion",
                                                "run_id": trained["result"]["run_id"]}
