@@ -134,7 +134,7 @@ def forward_only(shard, predictor, batch_size: int, limit: int | None = None) ->
 
     rows, seconds = 0, 0.0
     for slices in scoring.raw_batches(shard, batch_size):
-        batch = scoring.prepare_batch(0, slices, predictor.preprocessor, shard.image_column)
+        batch = scoring.prepare_batch(0, slices, predictor.preprocessor, shard)
         start = time.perf_counter()
         predictor.predict(batch.pixels, batch.tokens)
         seconds += time.perf_counter() - start

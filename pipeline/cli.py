@@ -36,6 +36,15 @@ def _make_catalog(args: argparse.Namespace) -> Any:
                         image_size=args.image_size)
 
 
+def _image_source_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--image-root", action="append", dest="image_roots", metavar="URI",
+                   help="a folder or bucket prefix image_uri rows may read besides the catalog's own folder "
+                        "(repeatable; default: $CMACLIP_IMAGE_ROOTS; see docs/security.md)")
+    p.add_argument("--image-host", action="append", dest="image_hosts", metavar="HOST[:PORT]",
+                   help="an http(s) host image_uri rows may fetch from (repeatable; default: "
+                        "$CMACLIP_IMAGE_HOSTS, else none)")
+
+
 def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="catalog Parquet: file, folder or glob; any URI")
     p.add_argument("--tasks", required=True, help="comma-separated label columns, e.g. color,pattern,style")
@@ -45,6 +54,7 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=_floats, default=(0.8, 0.1, 0.1), help="train,validation,test fractions")
     p.add_argument("--label-map", help="JSON file: {task: {synonym: label}}")
     p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: auto)")
+    _image_source_args(p)
 
 
 def _ingest(args: argparse.Namespace) -> Any:
@@ -52,7 +62,8 @@ def _ingest(args: argparse.Namespace) -> Any:
     from .ingest import ingest
     label_map = storage.read_json(args.label_map) if args.label_map else None
     manifest = ingest(args.catalog, args.tasks, args.out, splits=args.splits,
-                      min_class_count=args.min_class_count, label_map=label_map, workers=args.workers)
+                      min_class_count=args.min_class_count, label_map=label_map, workers=args.workers,
+                      image_roots=args.image_roots, image_hosts=args.image_hosts)
     return {"out": args.out, "input_fingerprint": manifest["input"]["fingerprint"], **manifest["counts"]}
 
 
@@ -142,13 +153,15 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    _image_source_args(p)
 
 
 def _score(args: argparse.Namespace) -> Any:
     from .scoring import score
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.shard is None,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
-                 precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads)
+                 precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,
+                 image_roots=args.image_roots, image_hosts=args.image_hosts)
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:

@@ -1,22 +1,19 @@
-"""Fetch, decode and validate product images: bytes in, an RGB PIL image or a stable reason code out.
+"""Decode and validate product images: bytes in, an RGB PIL image or a stable reason code out.
 
 One pure function, `decode_image`, serves ingest (validation), the training loader and scoring, so a
 picture is judged and converted the same way everywhere. Limits are checked from the header before any
-pixel is decoded, so decompression bombs cost microseconds, not gigabytes. `fetch_images` reads the images
-of `image_uri` catalogs, for ingest and scoring alike.
+pixel is decoded, so decompression bombs cost microseconds, not gigabytes. The images of `image_uri`
+catalogs are read by `pipeline.image_sources`.
 """
 from __future__ import annotations
 
 import io
 import warnings
-from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Sequence
 
 from PIL import Image
 
-from . import reasons, storage
-from .text import NotText, as_text
+from . import reasons
 
 # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that. We want an error. The filter is set once
 # at import because `warnings.catch_warnings` is not thread-safe and images are decoded in threads.
@@ -159,37 +156,3 @@ def dataset_bytes(data: bytes, decoded: Decoded) -> bytes:
         return data
     assert decoded.image is not None
     return encode_rgb(decoded.image, lossless=decoded.format not in LOSSY_FORMATS)
-
-
-def resolve_uri(uri: str, catalog_file: str) -> str:
-    """An `image_uri` value: an absolute URI or path, or a path relative to the catalog file's folder."""
-    if "://" in uri or uri.startswith("/"):
-        return uri
-    return storage.join(catalog_file.rsplit("/", 1)[0], uri)
-
-
-def fetch_images(values: Sequence[Any],
-                 catalog_files: str | Sequence[str]) -> tuple[list[bytes | None], dict[int, str]]:
-    """The bytes behind each `image_uri` value (None where the value is empty), and the rows whose value is
-    not text or whose read failed, with why. `catalog_files` is the file the rows came from, or one per row.
-    Reads run concurrently on object stores."""
-    files = [catalog_files] * len(values) if isinstance(catalog_files, str) else list(catalog_files)
-    images: list[bytes | None] = [None] * len(values)
-    errors: dict[int, str] = {}
-    wanted: dict[str, list[tuple[int, str]]] = defaultdict(list)
-    for i, (value, file) in enumerate(zip(values, files)):
-        try:
-            text = as_text(value)
-        except NotText as exc:
-            errors[i] = f"image_uri {exc}"
-            continue
-        if text and text.strip():
-            uri = resolve_uri(text.strip(), file)
-            wanted[storage.protocol(uri)].append((i, uri))
-    for group in wanted.values():  # one filesystem per group: its reads can run concurrently
-        for (i, uri), data in zip(group, storage.read_many([uri for _, uri in group])):
-            if isinstance(data, bytes):
-                images[i] = data
-            else:
-                errors[i] = f"cannot read {uri}: {type(data).__name__}: {data}"
-    return images, errors

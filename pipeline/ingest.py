@@ -47,6 +47,8 @@ import pyarrow.parquet as pq
 from . import reasons, storage
 from .catalog import CatalogError, CatalogFile, fingerprint, scan
 from .dataset_writer import PartWriter
+from . import image_sources
+from .image_sources import ImageSources
 from .images import DEFAULT_LIMITS, ImageLimits
 from .sql import load_sql
 from .staging import QuarantineRow, auto_workers, stage
@@ -77,6 +79,7 @@ class IngestParams:
     batch_rows: int = 512
     row_group_rows: int = 1024
     rows_per_part: int = 20_000
+    sources: ImageSources | None = None   # what `image_uri` rows may read; set from the catalog's root
 
 
 # --- parameters -------------------------------------------------------------------------------------
@@ -227,7 +230,8 @@ def _manifest(catalog_uri: str, files: list[CatalogFile], params: IngestParams, 
                   "files": [dataclasses.asdict(f) for f in files]},
         "params": {"tasks": list(params.tasks), "splits": dict(zip(SPLITS, params.splits)),
                    "min_class_count": params.min_class_count, "label_map": params.label_map,
-                   "limits": dataclasses.asdict(params.limits), "row_group_rows": params.row_group_rows},
+                   "limits": dataclasses.asdict(params.limits), "row_group_rows": params.row_group_rows,
+                   "image_sources": params.sources.as_dict() if params.sources else None},
         "counts": counts,
         "vocabularies": stats.vocabularies,
         "files": {"dataset": dataset, "labels": LABELS, "quarantine": QUARANTINE},
@@ -254,7 +258,7 @@ def _counts(rows_in: int, quarantine: list[QuarantineRow], stats: LabelStats, by
 def _stage(files: list[CatalogFile], params: IngestParams, staging: str,
            workers: int) -> tuple[int, int, list[QuarantineRow]]:
     rules = RowRules(params.tasks, params.limits, params.label_map)
-    rows_in, converted, quarantine = stage(files, rules, staging, workers, params.batch_rows)
+    rows_in, converted, quarantine = stage(files, rules, staging, workers, params.batch_rows, params.sources)
     promised = sum(f.rows for f in files)
     if rows_in != promised:
         raise RuntimeError(f"read {rows_in} rows but the catalog footers promise {promised}")
@@ -265,11 +269,14 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
            splits: Sequence[float] = (0.8, 0.1, 0.1), min_class_count: int = 5,
            label_map: dict[str, dict[str, str]] | None = None, limits: ImageLimits = DEFAULT_LIMITS,
            workers: int | None = None, batch_rows: int = 512, row_group_rows: int = 1024,
-           rows_per_part: int = 20_000) -> dict[str, Any]:
+           rows_per_part: int = 20_000, image_roots: Sequence[str] | None = None,
+           image_hosts: Sequence[str] | None = None) -> dict[str, Any]:
     """Ingest a catalog (file, folder or glob; any fsspec URI) into a dataset at `out_uri`; the manifest.
 
     Raises CatalogError (before writing anything) when a catalog file cannot be used at all. `workers`:
     processes that decode images (None: one per core for catalogs of 5000+ rows, else none).
+    `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own folder
+    (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`; see pipeline.image_sources).
     """
     started = time.perf_counter()
     params = IngestParams(check_tasks(tasks), check_splits(splits), int(min_class_count),
@@ -279,6 +286,8 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
     if unknown:
         raise ValueError(f"label_map names tasks {sorted(unknown)} that are not in {params.tasks}")
     files = scan(catalog_uri, params.tasks)
+    params = dataclasses.replace(params, sources=image_sources.for_catalog(catalog_uri, image_roots, image_hosts,
+                                                                           limits.max_bytes))
     n_workers = auto_workers(workers, sum(f.rows for f in files))
     log.info("ingest %s (%d files, %d rows) -> %s with %d workers", catalog_uri, len(files),
              sum(f.rows for f in files), out_uri, n_workers)

@@ -42,7 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import catalog as catalog_files
 from . import reasons, storage
-from .images import fetch_images
+from .image_sources import ImageSources, fetch_images, for_catalog
 from .predictor import QUARANTINE_COLUMNS, Predictor, Preprocessor, decode_rows
 from .sql import load_sql
 
@@ -73,18 +73,19 @@ class Shard:
     input_fingerprint: str
     image_column: str
     pieces: tuple[Piece, ...]
+    sources: ImageSources
 
     @property
     def rows(self) -> int:
         return sum(p.stop - p.start for p in self.pieces)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "sources": self.sources.as_dict()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Shard":
         return cls(d["id"], d["plan_id"], d["input_fingerprint"], d["image_column"],
-                   tuple(Piece(**p) for p in d["pieces"]))
+                   tuple(Piece(**p) for p in d["pieces"]), ImageSources.from_dict(d["sources"]))
 
 
 @dataclass(frozen=True)
@@ -102,6 +103,7 @@ class Plan:
     fingerprint: str
     rows_per_shard: int
     files: tuple[CatalogLayout, ...]
+    sources: ImageSources            # what `image_uri` rows may read (pipeline.image_sources)
 
     @property
     def id(self) -> str:
@@ -133,12 +135,13 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"catalog": self.catalog, "fingerprint": self.fingerprint, "rows_per_shard": self.rows_per_shard,
                 "files": [[f.uri, f.image_column, list(f.row_groups)] for f in self.files],
-                "plan_id": self.id, "rows": self.rows}
+                "sources": self.sources.as_dict(), "plan_id": self.id, "rows": self.rows}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         files = tuple(CatalogLayout(uri, column, tuple(groups)) for uri, column, groups in d["files"])
-        return cls(d["catalog"], d["fingerprint"], int(d["rows_per_shard"]), files)
+        return cls(d["catalog"], d["fingerprint"], int(d["rows_per_shard"]), files,
+                   ImageSources.from_dict(d["sources"]))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -152,11 +155,13 @@ def _digest(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def plan_shards(catalog: str, rows_per_shard: int = 10_000) -> Plan:
+def plan_shards(catalog: str, rows_per_shard: int = 10_000, image_roots: list[str] | None = None,
+                image_hosts: list[str] | None = None) -> Plan:
     """Cut the catalog into shards of `rows_per_shard` rows (the last may be shorter), following file and
     row-group order. Deterministic: the same files give the same plan, shard ids and fingerprint. Reads
     footers and content versions only; a file-level problem raises `catalog.CatalogError` here, before any
-    shard runs."""
+    shard runs. `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own
+    folder (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`)."""
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be at least 1")
     scanned = catalog_files.scan(catalog, tasks=())
@@ -168,7 +173,8 @@ def plan_shards(catalog: str, rows_per_shard: int = 10_000) -> Plan:
     if len({f.image_column for f in layouts}) > 1:
         # A batch may span files, and one batch has one image column.
         raise catalog_files.CatalogError(catalog, "some files have 'image' and others 'image_uri'; use one")
-    return Plan(catalog, catalog_files.fingerprint(scanned), rows_per_shard, tuple(layouts))
+    return Plan(catalog, catalog_files.fingerprint(scanned), rows_per_shard, tuple(layouts),
+                for_catalog(catalog, image_roots, image_hosts))
 
 
 def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
@@ -191,7 +197,7 @@ def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
 def _cut(plan: Plan) -> Iterator[Shard]:
     column = plan.files[0].image_column if plan.files else "image"
     for index, pieces in enumerate(_piece_groups(plan)):
-        yield Shard(f"{index:05d}", plan.id, plan.fingerprint, column, tuple(pieces))
+        yield Shard(f"{index:05d}", plan.id, plan.fingerprint, column, tuple(pieces), plan.sources)
 
 
 # --- model reference --------------------------------------------------------------------------------
@@ -288,14 +294,14 @@ def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]
 
 
 def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
-                  image_column: str) -> PreparedBatch:
+                  shard: Shard) -> PreparedBatch:
     """Decode, check and preprocess one batch; runs in a DataLoader worker."""
     table = pa.Table.from_batches(slices)
     ids, titles, images = (table.column(i).to_pylist() for i in range(3))
     quarantine = []
-    if image_column == "image_uri":
-        images, failed = fetch_images(images, table.column(SOURCE_FILE).to_pylist())
-        quarantine = [(ids[i], "score", reasons.IMAGE_FETCH_FAILED, why) for i, why in failed.items()]
+    if shard.image_column == "image_uri":
+        images, failed = fetch_images(images, table.column(SOURCE_FILE).to_pylist(), shard.sources)
+        quarantine = [(ids[i], "score", reason, why) for i, (reason, why) in failed.items()]
         keep = [i for i in range(len(ids)) if i not in failed]
         ids, titles, images = [ids[i] for i in keep], [titles[i] for i in keep], [images[i] for i in keep]
     good, bad = decode_rows(zip(ids, titles, images), draft=preprocessor.draft)
@@ -315,7 +321,7 @@ class ShardBatches(IterableDataset):
         workers, me = (1, 0) if info is None else (info.num_workers, info.id)
         for index, slices in enumerate(raw_batches(self.shard, self.batch_size)):
             if index % workers == me:  # every worker reads the (compressed) rows; each decodes only its own
-                yield prepare_batch(index, slices, self.preprocessor, self.shard.image_column)
+                yield prepare_batch(index, slices, self.preprocessor, self.shard)
 
 
 def _as_is(batch: PreparedBatch) -> PreparedBatch:
@@ -628,19 +634,20 @@ def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
 def score(catalog: str, model: Any, out: str, shard: str | None = None, all: bool = True,
           rows_per_shard: int = 10_000, batch_size: int = 32, workers: int | None = None, precision: str = "auto",
           compile: bool = False, run_id: str | None = None, threads: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, image_roots: list[str] | None = None,
+          image_hosts: list[str] | None = None) -> dict[str, Any]:
     """Plan, score one shard (`shard=ID`) or every shard (`all`), and finalize a complete run. Reruns
     resume: committed shards are skipped. Returns a summary dict.
 
     `threads` sets torch's intra-op threads for this process. On a node shared with other busy processes,
     fewer threads than cores can be much faster: OpenMP threads wait for each other at every op, and a
-    descheduled one stalls them all."""
+    descheduled one stalls them all. `image_roots`, `image_hosts`: see `plan_shards`."""
     from tqdm.auto import tqdm
 
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    plan = plan_shards(catalog, rows_per_shard)
+    plan = plan_shards(catalog, rows_per_shard, image_roots, image_hosts)
     shards = [plan.shard(shard)] if shard is not None else (plan.shards if all else [])
     if not shards:  # before the model loads: a wrong shard id fails at once
         raise ValueError("nothing to score: give shard=ID or all=True")

@@ -37,6 +37,28 @@ def artifact_root() -> str:
     return os.environ.get("CMACLIP_ARTIFACT_ROOT") or (home() / "mlartifacts").as_uri()
 
 
+def _listed(variable: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(variable, "").split(",") if item.strip()]
+
+
+def image_roots() -> list[str]:
+    """`CMACLIP_IMAGE_ROOTS`: folders or bucket prefixes that `image_uri` rows may read besides the
+    catalog's own folder (comma-separated). See docs/security.md."""
+    return _listed("CMACLIP_IMAGE_ROOTS")
+
+
+def image_hosts() -> list[str]:
+    """`CMACLIP_IMAGE_HOSTS`: the http(s) hosts (`host` or `host:port`) that `image_uri` rows may fetch
+    from; none when unset, so a catalog row cannot make a worker call an internal service."""
+    return _listed("CMACLIP_IMAGE_HOSTS")
+
+
+def image_timeout_s() -> float:
+    """`CMACLIP_IMAGE_TIMEOUT_S`: the most one `image_uri` row's fetch may take (default 10 s, like
+    img2dataset's); a stalled connect or socket read gives up after half of it."""
+    return float(os.environ.get("CMACLIP_IMAGE_TIMEOUT_S") or 10.0)
+
+
 def is_sqlite(uri: str) -> bool:
     return uri.startswith("sqlite:")
 

@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from . import reasons, storage
 from .catalog import CatalogFile, iter_rows
-from .images import fetch_images
+from .image_sources import ImageSources, fetch_images
 from .validate import Checked, RawRow, RowRules, check_rows
 
 PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves
@@ -44,7 +44,7 @@ def auto_workers(workers: int | None, rows: int) -> int:
 class Chunk:
     start: int                       # seq (catalog-wide row number) of the first row
     rows: list[RawRow]
-    fetch_errors: dict[int, str]     # row index -> why its image_uri could not be read
+    fetch_errors: dict[int, tuple[str, str]]  # row index -> (reason, detail): its image_uri was not read
 
 
 def staging_schema(tasks: tuple[str, ...]) -> pa.Schema:
@@ -53,13 +53,14 @@ def staging_schema(tasks: tuple[str, ...]) -> pa.Schema:
                       ("__content_hash", pa.string()), ("__image_sha", pa.string()), ("__labels_key", pa.string())])
 
 
-def _chunks(files: list[CatalogFile], tasks: tuple[str, ...], batch_rows: int) -> Iterator[Chunk]:
+def _chunks(files: list[CatalogFile], tasks: tuple[str, ...], batch_rows: int,
+            sources: ImageSources) -> Iterator[Chunk]:
     seq = 0
     for file in files:
         for cols in iter_rows(file, tasks, batch_rows):
             images, errors = cols[file.image_column], {}
             if file.image_column == "image_uri":
-                images, errors = fetch_images(images, file.uri)
+                images, errors = fetch_images(images, file.uri, sources)
             labels = list(zip(*(cols[t] for t in tasks)))
             rows = list(zip(cols["product_id"], cols["title"], labels, images))
             yield Chunk(seq, rows, errors)
@@ -98,7 +99,8 @@ def _stage_chunk(chunk: Chunk, results: list[Checked], tasks: tuple[str, ...],
     for i, (row, res) in enumerate(zip(chunk.rows, results)):
         seq = chunk.start + i
         if i in chunk.fetch_errors and res.reason == reasons.IMAGE_MISSING:
-            res = dataclasses.replace(res, reason=reasons.IMAGE_FETCH_FAILED, detail=chunk.fetch_errors[i])
+            reason, detail = chunk.fetch_errors[i]
+            res = dataclasses.replace(res, reason=reason, detail=detail)
         if res.reason is not None:
             quarantine.append((seq, res.product_id, res.reason, res.detail))
             continue
@@ -115,13 +117,13 @@ def _labels_key(labels: tuple[str | None, ...]) -> str:
 
 
 def stage(files: list[CatalogFile], rules: RowRules, staging_path: str, workers: int,
-          batch_rows: int) -> tuple[int, int, list[QuarantineRow]]:
+          batch_rows: int, sources: ImageSources) -> tuple[int, int, list[QuarantineRow]]:
     """Pass 1: (rows read, images converted, quarantined rows); good rows go to `staging_path`."""
     schema = staging_schema(rules.tasks)
     quarantine: list[QuarantineRow] = []
     rows_in = converted = 0
     with _pool(workers) as pool, pq.ParquetWriter(staging_path, schema, compression="none") as writer:
-        chunks = _chunks(files, rules.tasks, batch_rows)
+        chunks = _chunks(files, rules.tasks, batch_rows, sources)
         for chunk, results in _ordered_results(chunks, rules, pool, in_flight=2 * max(1, workers)):
             cols, n_converted = _stage_chunk(chunk, results, rules.tasks, quarantine)
             writer.write_table(pa.table(cols, schema=schema))

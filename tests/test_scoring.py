@@ -157,8 +157,8 @@ def test_workers_prepare_pixels_in_the_model_dtype(checkpoint, tmp_catalog):
     shard = scoring.plan_shards(tmp_catalog, 100).shards[0]
     pre = pickle.loads(pickle.dumps(bf16.preprocessor))  # what a spawned DataLoader worker gets
     assert pre.dtype == torch.bfloat16
-    low = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), pre, shard.image_column)
-    high = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), fp32.preprocessor, shard.image_column)
+    low = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), pre, shard)
+    high = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), fp32.preprocessor, shard)
     assert low.pixels.dtype == torch.bfloat16 and high.pixels.dtype == torch.float32
     assert torch.equal(low.pixels, high.pixels.to(torch.bfloat16))  # the cast the forward would have done
 

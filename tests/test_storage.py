@@ -104,8 +104,29 @@ def test_s3_options_honor_endpoint_env(monkeypatch: pytest.MonkeyPatch) -> None:
     assert storage.protocol("memory://x") == "memory" and storage.protocol("/x") == "file"
 
 
-def test_read_many_returns_bytes_or_the_error(base: str) -> None:
+def test_read_bounded_returns_bytes_or_the_error(base: str) -> None:
     storage.write_bytes(storage.join(base, "r/a[1].bin"), b"A")   # glob characters are taken literally
-    got = storage.read_many([storage.join(base, "r/a[1].bin"), storage.join(base, "r/missing.bin")])
-    assert got[0] == b"A" and isinstance(got[1], Exception)
-    assert storage.read_many([]) == []
+    storage.write_bytes(storage.join(base, "r/big.bin"), b"B" * 11)
+    storage.write_bytes(storage.join(base, "r/limit.bin"), b"C" * 10)
+    names = ["a[1].bin", "missing.bin", "big.bin", "limit.bin"]
+    got = storage.read_bounded([storage.join(base, "r", n) for n in names], 10, 1.0, 2.0)
+    assert got[0] == b"A" and got[3] == b"C" * 10
+    assert isinstance(got[1], Exception) and not isinstance(got[1], storage.TooLarge)
+    assert isinstance(got[2], storage.TooLarge)
+    assert storage.read_bounded([], 10, 1.0, 2.0) == []
+
+
+def test_bounded_local_read_refuses_what_is_not_a_regular_file(tmp_path) -> None:
+    fifo, folder = tmp_path / "pipe.jpg", tmp_path / "folder.jpg"
+    os.mkfifo(fifo)  # opening it to read would block until a writer comes: it must never be opened
+    folder.mkdir()
+    got = storage.read_bounded([str(fifo), str(folder), "/dev/zero"], 1 << 20, 1.0, 2.0)
+    assert all(isinstance(g, storage.NotRegularFile) for g in got), got
+
+
+def test_bounded_local_read_refuses_a_large_file_without_reading_it(tmp_path) -> None:
+    sparse = tmp_path / "huge.jpg"
+    with open(sparse, "wb") as f:
+        f.truncate(300 << 20)  # 300 MB that take no disk; reading them would take 300 MB of memory
+    [got] = storage.read_bounded([str(sparse)], 16 << 20, 1.0, 2.0)
+    assert isinstance(got, storage.TooLarge) and str(300 << 20) in str(got)
