@@ -1,0 +1,78 @@
+"""Issue #17's acceptance: hostile catalogs through ingest and score. No traceback, no hang, every row kept
+(predicted) or quarantined with its reason, counts reconciled, nothing opened outside the allowed roots
+(a FIFO outside them detects any open; a local http server must receive no request)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+import cmaclip
+from cmaclip.checkpoint import Checkpoint, save_checkpoint
+from cmaclip.config import load_config
+from hostile_corpus import RequestCounter, secret_bytes, uri_corpus
+from pipeline import scoring, synthetic
+from pipeline.ingest import ingest
+
+TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
+
+# A hang guard, not a timing assertion: a row that blocks a worker fails the test instead of stalling CI.
+pytestmark = pytest.mark.timeout(300)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False),
+                    Checkpoint(config, TASKS, {}, {"stage": "test"}))
+    return str(path)
+
+
+@pytest.fixture
+def corpus(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.delenv("CMACLIP_IMAGE_ROOTS", raising=False)
+    monkeypatch.delenv("CMACLIP_IMAGE_HOSTS", raising=False)
+    server = RequestCounter()
+    catalog, expected, detector = uri_corpus(tmp_path, server.port)
+    yield catalog, expected
+    detector.close()
+    server.close()
+    assert detector.opened == 0, "a row opened the FIFO outside the catalog's folder"
+    assert server.paths == [], f"a row made a worker call a local http server: {server.paths}"
+
+
+def _outcomes(kept_ids: list[str], quarantine: list[dict]) -> dict[str, str | None]:
+    outcome = {pid: None for pid in kept_ids}
+    for row in quarantine:
+        assert row["product_id"] not in outcome, f"{row['product_id']} both kept and quarantined"
+        outcome[row["product_id"]] = row["reason"]
+    return outcome
+
+
+def test_hostile_image_uris_through_ingest(corpus, tmp_path: Path) -> None:
+    catalog, expected = corpus
+    out = str(tmp_path / "dataset")
+    manifest = ingest(catalog, ",".join(TASKS), out, min_class_count=1)
+    counts = manifest["counts"]
+    assert counts["rows_in"] == len(expected) == counts["rows_kept"] + counts["rows_quarantined"]
+    data = pads.dataset(str(Path(out, "dataset")), format="parquet").to_table()
+    quarantine = pq.read_table(Path(out, "quarantine.parquet")).to_pylist()
+    assert _outcomes(data.column("product_id").to_pylist(), quarantine) == expected
+    assert secret_bytes(tmp_path) not in data.column("image").to_pylist()
+
+
+def test_hostile_image_uris_through_score_and_publish(corpus, checkpoint: str, tmp_path: Path) -> None:
+    catalog, expected = corpus
+    out = str(tmp_path / "scores")
+    summary = scoring.score(catalog, checkpoint, out, rows_per_shard=16, batch_size=8, workers=0, progress=False)
+    assert summary["rows_in"] == len(expected) == summary["predicted"] + summary["quarantined"]
+    predicted = pads.dataset(str(Path(out, "predictions")), format="parquet").to_table()
+    quarantine = pads.dataset(str(Path(out, "quarantine")), format="parquet").to_table().to_pylist()
+    assert _outcomes(predicted.column("product_id").to_pylist(), quarantine) == expected
+    published = scoring.publish(out, catalog=catalog)
+    assert published["catalog_rows"] == len(expected)
