@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import sys
 import time
@@ -38,10 +39,20 @@ def samples_per_second(fn: Callable[[], object], batch: int, repeats: int = 3, w
     return batch / best
 
 
+def cpu_model() -> str:
+    """The CPU's model name: figures from an AVX2-only EPYC and an AVX-512 BF16 Xeon are not comparable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
+    from pipeline.predictor import cpu_supports_bf16
+
     return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
-            "bf16_cpu": bool(getattr(torch.backends, "mkldnn", None) and torch.backends.mkldnn.is_available())}
+            "cpu": cpu_model(), "bf16_native": cpu_supports_bf16(), "load_avg_1m": round(os.getloadavg()[0], 2)}
 
 
 def report(name: str, figures: dict) -> None:
