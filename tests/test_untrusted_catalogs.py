@@ -76,3 +76,14 @@ def test_hostile_image_uris_through_score_and_publish(corpus, checkpoint: str, t
     assert _outcomes(predicted.column("product_id").to_pylist(), quarantine) == expected
     published = scoring.publish(out, catalog=catalog)
     assert published["catalog_rows"] == len(expected)
+
+
+def test_the_reason_codes_table_in_the_docs_is_the_code() -> None:
+    """docs/contracts.md lists exactly the codes of pipeline/reasons.py, so a new code is documented."""
+    import re
+
+    from pipeline import reasons
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "contracts.md").read_text()
+    table = text.split("## Quarantine", 1)[1].split("\n## ", 1)[0]
+    assert set(re.findall(r"^\| `([a-z_]+)` \|", table, flags=re.M)) == reasons.ALL
