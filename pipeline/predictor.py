@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 import torch
+from safetensors import safe_open
 
-from cmaclip.checkpoint import META, WEIGHTS, Checkpoint, load_checkpoint
+from cmaclip.checkpoint import WEIGHTS, Checkpoint, load_checkpoint, read_checkpoint_meta
 from cmaclip.config import CMACLIPConfig
 from cmaclip.model import CMACLIP
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
@@ -65,12 +67,22 @@ def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
 
 
 def checkpoint_version(path: str | os.PathLike) -> str:
-    """Content hash of a checkpoint folder: the version of a model that has no registry version."""
+    """The version of a model that has no registry version: a hash of what it computes, not of its files.
+
+    Covered: every tensor (name, dtype, shape, bytes; in name order) and the config, labels and thresholds
+    as canonical JSON. Not covered: the file bytes, because safetensors writes its header metadata in an
+    order that varies between saves of identical weights, and `extra` (epoch, metrics), which describes
+    the training, not the model. Identical weights therefore keep one version, and with it one run id
+    and one output path."""
     digest = hashlib.sha256()
-    for name in (META, WEIGHTS):
-        with open(Path(path) / name, "rb") as f:
-            for block in iter(functools.partial(f.read, 1 << 20), b""):
-                digest.update(block)
+    ckpt = read_checkpoint_meta(path)
+    meaning = {"config": ckpt.config.to_dict(), "labels": ckpt.labels, "thresholds": ckpt.thresholds}
+    digest.update(json.dumps(meaning, sort_keys=True, separators=(",", ":"), default=float).encode())
+    with safe_open(Path(path) / WEIGHTS, framework="pt") as f:  # one tensor in memory at a time
+        for name in sorted(f.keys()):
+            tensor = f.get_tensor(name)
+            digest.update(json.dumps([name, str(tensor.dtype), list(tensor.shape)]).encode())
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
     return digest.hexdigest()[:12]
 
 
@@ -165,7 +177,7 @@ class Predictor:
     def from_checkpoint(cls, path: str | os.PathLike, *, name: str | None = None, version: str | None = None,
                         **kwargs) -> "Predictor":
         """Load a checkpoint folder. Without a registry, name defaults to the config name and the version
-        to a content hash of the folder, so identical weights always get the same output paths."""
+        to `checkpoint_version`, so identical weights always get the same output paths."""
         model, ckpt = load_checkpoint(path)
         lineage = Lineage(name or ckpt.config.name, version or checkpoint_version(path), str(path))
         return cls(model, ckpt, lineage, **kwargs)
