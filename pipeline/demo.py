@@ -64,15 +64,16 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
     settings.configure()
     c = tracking.client()
     experiment = c.get_experiment_by_name(tracking.TRAINING_EXPERIMENT)
+    wanted = tracking.search_filter({f"tags.`{tracking.KIND_TAG}`": "training",
+                                     f"tags.`{orchestration.AIRFLOW_DAG_TAG}`": "cmaclip_retrain"})
     runs = c.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                         filter_string=f"tags.`{tracking.KIND_TAG}` = 'training' "
-                                       f"and tags.`{orchestration.AIRFLOW_DAG_TAG}` = 'cmaclip_retrain' "
-                                       f"and attributes.start_time >= {int(since * 1000)}")
+                         filter_string=f"{wanted} and attributes.start_time >= {int(since * 1000)}")
     if not runs:
         raise RuntimeError(f"no training run in MLflow experiment {tracking.TRAINING_EXPERIMENT} since the demo started")
     run = runs[0]
     stages = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/stages.json")
-    versions = c.search_model_versions(f"name = '{model_name}' and run_id = '{run.info.run_id}'")
+    found = c.search_model_versions(tracking.search_filter({"name": model_name, "run_id": run.info.run_id}))
+    versions = [v for v in found if v.name == model_name]
     aliases = c.get_registered_model(model_name).aliases
     version = versions[0] if versions else None
     tags = version.tags if version else {}

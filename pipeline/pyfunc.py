@@ -121,8 +121,11 @@ def log_model(checkpoint_dir: str | Path, *, model_name: str = "cmaclip", exampl
 def logged_model_uri(run_id: str, name: str = MODEL_NAME) -> str | None:
     """`models:/<model_id>` of the model logged as `name` by run `run_id`, or None. MLflow 3 keeps logged
     models apart from run artifacts; `runs:/<run_id>/<name>` still resolves, with a warning."""
+    from .tracking import search_filter
+
     client = mlflow.MlflowClient()
     experiment = client.get_run(run_id).info.experiment_id
-    found = client.search_logged_models([experiment], filter_string=f"source_run_id = '{run_id}'")
-    named = sorted((m for m in found if m.name == name), key=lambda m: m.creation_timestamp)
+    found = client.search_logged_models([experiment], filter_string=search_filter({"source_run_id": run_id}))
+    named = sorted((m for m in found if m.name == name and m.source_run_id == run_id),
+                   key=lambda m: m.creation_timestamp)
     return f"models:/{named[-1].model_id}" if named else None

@@ -51,7 +51,8 @@ def register(training_run_id: str, name: str = DEFAULT_NAME, model_uri: str | No
     import mlflow
 
     c = tracking.client()
-    existing = c.search_model_versions(f"name = '{name}' and run_id = '{training_run_id}'")
+    found = c.search_model_versions(tracking.search_filter({"name": name, "run_id": training_run_id}))
+    existing = [v for v in found if v.name == name]
     if existing:
         version = existing[0]
     else:
@@ -346,7 +347,8 @@ def list_versions(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
     for alias, version in _aliases(c, name).items():
         aliases.setdefault(version, []).append(alias)
     rows = []
-    for mv in sorted(c.search_model_versions(f"name = '{name}'"), key=lambda v: -int(v.version)):
+    found = c.search_model_versions(tracking.search_filter({"name": name}))
+    for mv in sorted((v for v in found if v.name == name), key=lambda v: -int(v.version)):
         rows.append({"version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
                      "run_id": mv.run_id, "status": mv.status,
                      "created": time.strftime("%Y-%m-%d %H:%M", time.gmtime(mv.creation_timestamp / 1000)),

@@ -112,6 +112,28 @@ def _param_value(value: Any) -> str:
     return text[:MAX_PARAM_LENGTH]
 
 
+# --- search filters ----------------------------------------------------------------------------------
+
+def search_filter(equals: Mapping[str, str]) -> str:
+    """An MLflow search filter: `key = value` for each item, joined by `and`.
+
+    MLflow's filter grammar has no escape character: a string literal is whatever lies between two single
+    or two double quotes. So a value is quoted with the kind it does not contain. A value holding both
+    kinds cannot be written as a literal; it becomes `key LIKE pattern`, with each single quote and each
+    backslash (PostgreSQL's LIKE escape) as the one-character wildcard `_`. That matches the value and
+    possibly others: callers that may meet such values compare the results with the value."""
+    return " and ".join(_condition(key, str(value)) for key, value in equals.items())
+
+
+def _condition(key: str, value: str) -> str:
+    if "'" not in value:
+        return f"{key} = '{value}'"
+    if '"' not in value:
+        return f'{key} = "{value}"'
+    pattern = value.replace("\\", "_").replace("'", "_")
+    return f"{key} LIKE '{pattern}'"
+
+
 # --- runs --------------------------------------------------------------------------------------------
 
 def client() -> MlflowClient:
@@ -161,7 +183,8 @@ def stage_run(parent_run_id: str, stage: str) -> str:
     c = client()
     parent = c.get_run(parent_run_id)
     found = c.search_runs([parent.info.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
-                          filter_string=f"tags.`{PARENT_TAG}` = '{parent_run_id}' and tags.`{STAGE_TAG}` = '{stage}'")
+                          filter_string=search_filter({f"tags.`{PARENT_TAG}`": parent_run_id,
+                                                       f"tags.`{STAGE_TAG}`": stage}))
     if found:
         return found[0].info.run_id
     run = c.create_run(parent.info.experiment_id, run_name=stage,

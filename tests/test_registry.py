@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from mlflow_support import home, log_untrained_model, trained  # noqa: F401 (fixtures)
-from pipeline import registry, settings, tracking
+from mlflow_support import home, log_untrained_model, mlflow_home, trained  # noqa: F401 (fixtures)
+from pipeline import pyfunc, registry, settings, tracking
 from pipeline.cli import main
 
 NAME = "cmaclip-gate"  # its own registered model: the training's `cmaclip` versions stay untouched
@@ -17,8 +17,10 @@ NAME = "cmaclip-gate"  # its own registered model: the training's `cmaclip` vers
 # ~0.06; the per-task tolerance must be above that or the gate measures noise. The trained model's mean
 # gain (~+0.1) is what makes it better; the untrained one loses on the mean whatever the tolerance.
 TOLERANCE = 0.05
-
-
+# MLflow's filter grammar has no escapes: a value is quoted with the kind of quote it lacks, and one with
+# both is matched with LIKE (`O_Brien "x"`), which the decoy must not slip through.
+QUOTED = ["O'Brien", 'say "x"', 'O\'Brien "x"', 'back\\slash \' " \\']
+DECOY = 'O-Brien "x"'
 
 
 def _aliases() -> dict[str, str]:
@@ -106,3 +108,23 @@ def test_gate_rule_no_task_worse_than_the_tolerance_and_the_mean_better():
     assert not registry.gate(_comparison(old, {"color": (1.0, 1.0)}))["passed"]
     table = registry.format_comparison(mixed)
     assert "color" in table and "mean" in table and "v1" in table and "v2" in table
+
+
+def test_quotes_in_model_names_run_names_and_tags_are_found_exactly(tmp_path):
+    with mlflow_home(tmp_path):
+        c = tracking.client()
+        experiment = settings.experiment_id("quotes")
+        runs = {}
+        for value in [*QUOTED, DECOY]:
+            run_id = c.create_run(experiment, run_name=value, tags={"cmaclip.note": value}).info.run_id
+            c.create_logged_model(experiment, name=pyfunc.MODEL_NAME, source_run_id=run_id)
+            runs[value] = run_id
+            assert registry.register(run_id, value)["version"] == "1"
+        for value, run_id in runs.items():
+            for key in ("attributes.run_name", "tags.`cmaclip.note`"):
+                found = c.search_runs([experiment], filter_string=tracking.search_filter({key: value}))
+                assert run_id in [r.info.run_id for r in found], (key, value)
+            assert pyfunc.logged_model_uri(run_id) is not None
+            again = registry.register(run_id, value)  # a retry finds the version made from this run
+            assert (again["version"], again["alias"]) == ("1", "champion")
+            assert [(v["version"], v["run_id"]) for v in registry.list_versions(value)] == [("1", run_id)]
