@@ -8,6 +8,10 @@ heavy import is inside a function), and the tests can drive the same steps witho
 
 Where a run writes is a function of (DAG, run id) (`run_uri`), so a retried task finds what its failed
 attempt left: a training stage resumes after its last completed epoch, scoring skips committed shards.
+
+Whoever triggers a DAG chooses its params, so every param that names storage (catalog, work folder,
+predictions folder, a config file, a checkpoint folder) is checked by `settings.check_storage_uri`
+against `CMACLIP_STORAGE_PREFIXES` before anything is read or written.
 """
 from __future__ import annotations
 
@@ -75,9 +79,30 @@ def retry_policy() -> dict[str, Any]:
 
 
 def run_uri(root: str, dag_id: str, run_id: str) -> str:
-    """The folder of one DAG run: the same for every attempt of every task of that run."""
+    """The folder of one DAG run under `root` (the `work_uri` param): the same for every attempt of every
+    task of that run."""
     from . import storage
+    settings.check_storage_uri(root, "work_uri")
     return storage.join(root, dag_id, re.sub(r"[^A-Za-z0-9._-]+", "_", run_id))
+
+
+def _checked_config(config: str) -> str:
+    """A config shipped in configs/ by name, or a config file (a path with a suffix, which `load_config`
+    reads as given) within the allowed storage. A name that is not shipped is refused: `load_config`
+    would look for it under configs/, where `..` could leave the folder."""
+    if config in config_names():
+        return config
+    if not os.path.splitext(config)[1]:
+        raise ValueError(f"config {config!r} is neither a config in configs/ ({', '.join(config_names())}) "
+                         "nor the path of a config file")
+    return settings.check_storage_uri(config, "config")
+
+
+def _checked_model(model_ref: str) -> str:
+    """A registry or run URI as is; anything else is a checkpoint folder, which must be allowed storage."""
+    if model_ref.startswith(("models:/", "runs:/")):
+        return model_ref
+    return settings.check_storage_uri(model_ref, "model")
 
 
 # --- retrain -----------------------------------------------------------------------------------------
@@ -86,6 +111,8 @@ def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> d
     """Catalog -> dataset under `run_folder/dataset`; the dataset URI and the manifest's counts."""
     from . import ingest, storage
 
+    settings.check_storage_uri(catalog_uri, "catalog_uri")
+    settings.check_storage_uri(run_folder, "run folder (work_uri)")
     dataset_uri = storage.join(run_folder, "dataset")
     manifest = ingest.ingest(catalog_uri, list(tasks), dataset_uri)
     return {"dataset_uri": dataset_uri, "input_fingerprint": manifest["input"]["fingerprint"],
@@ -100,7 +127,8 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
     {"training": handle, "results": []}."""
     from . import storage, training
 
-    chosen = training.as_config(config).to_dict()
+    settings.check_storage_uri(run_folder, "run folder (work_uri)")
+    chosen = training.as_config(_checked_config(config)).to_dict()
     if target_precision is not None:
         chosen["train"]["target_precision"] = float(target_precision)
     handle = training.start_training(chosen, dataset["dataset_uri"], storage.join(run_folder, "training"),
@@ -123,6 +151,7 @@ def mark_training_failed(run_folder: str) -> None:
     """A training task gave up: mark the MLflow parent run FAILED (a later retry reopens it)."""
     from . import storage, training
 
+    settings.check_storage_uri(run_folder, "run folder (work_uri)")
     handle_uri = storage.join(run_folder, "training", training.TRAINING_FILE)
     if storage.exists(handle_uri):
         training.fail_training(storage.read_json(handle_uri))
@@ -201,6 +230,8 @@ def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int,
     rerun of the DAG resumes the same run and skips committed shards."""
     from . import scoring
 
+    settings.check_storage_uri(catalog_uri, "catalog_uri")
+    _checked_model(model_ref)
     plan = scoring.plan_shards(catalog_uri, rows_per_shard)
     pinned = _pin(model_ref)
     run_id = scoring.default_run_id(plan.id, _predictor(pinned))
@@ -212,6 +243,7 @@ def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) 
     """Score the group's shards with one model load; committed shards are skipped. Summed counts."""
     from . import scoring
 
+    settings.check_storage_uri(out_uri, "predictions_uri")
     plan = scoring.Plan.from_dict(run["plan"])
     predictor = _predictor(run["model"])
     markers = [scoring.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"])
@@ -225,6 +257,7 @@ def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
     """Check every shard is committed and rows reconcile; the run manifest's figures (not its file list)."""
     from . import scoring
 
+    settings.check_storage_uri(out_uri, "predictions_uri")
     manifest = scoring.finalize(run["plan"], out_uri, run["run_id"])
     return {"manifest": scoring.manifest_uri(out_uri, run["run_id"]),
             **{k: manifest[k] for k in ("run_id", "plan_id", "shards", "model_name", "model_version",
@@ -235,4 +268,6 @@ def publish_predictions(out_uri: str, catalog_uri: str) -> dict[str, Any]:
     """Latest attributes per product, and the catalog joined with them, under `out_uri/published/`."""
     from . import scoring
 
+    settings.check_storage_uri(out_uri, "predictions_uri")
+    settings.check_storage_uri(catalog_uri, "catalog_uri")
     return scoring.publish(out_uri, catalog_uri)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import posixpath
 import sqlite3
 import time
 from pathlib import Path
@@ -25,6 +26,47 @@ _prepared: set[str] = set()  # SQLite files this process has already prepared
 def home() -> Path:
     """The project's data directory: `CMACLIP_HOME`, default `<repo>/data`."""
     return Path(os.environ.get("CMACLIP_HOME") or REPO_ROOT / "data").expanduser().resolve()
+
+
+def storage_prefixes() -> list[str]:
+    """Where storage named by a DAG param may lie: `CMACLIP_STORAGE_PREFIXES` (comma-separated URI
+    prefixes, e.g. `s3://cmaclip/,/data/`), else `home()` alone, which is where the embedded defaults
+    put everything. The CLI is not confined: whoever runs it has their own access already."""
+    configured = [p.strip() for p in os.environ.get("CMACLIP_STORAGE_PREFIXES", "").split(",")]
+    return [p for p in configured if p] or [str(home())]
+
+
+def check_storage_uri(uri: str, what: str) -> str:
+    """`uri` when it lies under one of `storage_prefixes()`, else a ValueError that names `what` and the
+    prefixes. Both sides are compared normalised (`_location`), on path boundaries: `s3://cmaclip/`
+    does not admit `s3://cmaclip-evil/`, nor `/data/` admit `/data/../etc`."""
+    allowed = storage_prefixes()
+    target = _location(uri)
+    for prefix in allowed:
+        root = _location(prefix)
+        if target and root and target[0] == root[0] and _is_under(target[1], root[1]):
+            return uri
+    raise ValueError(f"{what} {uri!r} is outside the storage the DAGs may use: {', '.join(allowed)} "
+                     "(set CMACLIP_STORAGE_PREFIXES to change it)")
+
+
+def _location(uri: str) -> tuple[str, str] | None:
+    """(scheme, absolute path without `..`): plain paths and `file://` URIs both as `file` with symlinks
+    resolved, so neither a link nor the spelling moves a path; others with their bucket as the first
+    component. None for fsspec chains (`a::b`), whose meaning no prefix can bound."""
+    if "::" in uri:
+        return None
+    scheme, sep, rest = uri.partition("://")
+    if not sep:
+        scheme, rest = "file", uri
+    scheme = scheme.lower()
+    if scheme in ("file", "local"):
+        return "file", os.path.realpath(os.path.expanduser(rest))
+    return scheme, posixpath.normpath("/" + rest)
+
+
+def _is_under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
 
 
 def tracking_uri() -> str:

@@ -48,13 +48,14 @@ def _objects(prefix: str) -> list[str]:
     return fs.find(path) if fs.exists(path) else []
 
 
-def test_pipeline_end_to_end_on_s3(s3_bucket, mlflow_on_s3):
+def test_pipeline_end_to_end_on_s3(s3_bucket, mlflow_on_s3, monkeypatch):
     import mlflow
 
     from pipeline import orchestration as orch
     from pipeline import storage
     from pipeline.synthetic import make_catalog
 
+    monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", f"{s3_bucket}/")  # as docker-compose sets the data bucket
     model_name = f"cmaclip-s3-{uuid.uuid4().hex[:6]}"
     catalog = f"{s3_bucket}/catalog/catalog.parquet"
     run_folder = f"{s3_bucket}/runs/retrain-1"
