@@ -147,3 +147,67 @@ def test_no_secret_values_in_compose_file():
         key, _, value = line.partition("=")
         if "PASSWORD" in key or "SECRET" in key or "FERNET" in key:
             assert not value or value not in text, f"{key}'s value is written into docker-compose.yml"
+
+
+# --- least privilege ------------------------------------------------------------------------------------
+
+def _env_example() -> dict[str, str]:
+    pairs = (line.partition("=") for line in ENV_EXAMPLE.read_text().splitlines() if not line.startswith("#"))
+    return {key.strip(): value.strip() for key, _, value in pairs if key.strip()}
+
+
+ROOT_HOLDERS = {"minio", "minio-init"}
+PIPELINE_SERVICES = {"airflow-worker", "airflow-worker-gpu"}  # the services that run tasks: pipeline code
+
+
+def test_only_minio_and_its_init_hold_the_root_credentials(config):
+    dotenv = _env_example()
+    root = {dotenv["MINIO_ROOT_USER"], dotenv["MINIO_ROOT_PASSWORD"]}
+    for name, service in config["services"].items():
+        seen = json.dumps([service.get("environment", {}), service.get("command"), service.get("entrypoint")])
+        holds = any(value in seen for value in root)
+        assert holds == (name in ROOT_HOLDERS), f"{name} {'holds' if holds else 'lacks'} MinIO's root credentials"
+
+
+def test_each_s3_client_has_its_own_key_and_only_the_workers_run_with_one(config):
+    dotenv, services = _env_example(), config["services"]
+    mlflow = services["mlflow"]["environment"]
+    assert (mlflow["AWS_ACCESS_KEY_ID"], mlflow["AWS_SECRET_ACCESS_KEY"]) == \
+        (dotenv["MINIO_MLFLOW_ACCESS_KEY"], dotenv["MINIO_MLFLOW_SECRET_KEY"])
+    airflow = {name for name in services if name.startswith("airflow-")}
+    assert PIPELINE_SERVICES < airflow
+    for name in airflow:
+        env = services[name]["environment"]
+        if name in PIPELINE_SERVICES:
+            assert (env["AWS_ACCESS_KEY_ID"], env["AWS_SECRET_ACCESS_KEY"]) == \
+                (dotenv["MINIO_PIPELINE_ACCESS_KEY"], dotenv["MINIO_PIPELINE_SECRET_KEY"]), name
+            assert env["AWS_ACCESS_KEY_ID"] != mlflow["AWS_ACCESS_KEY_ID"]
+            assert env["AWS_SECRET_ACCESS_KEY"] != mlflow["AWS_SECRET_ACCESS_KEY"]
+        else:
+            assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"} & set(env), f"{name} holds an S3 key"
+        # Artifacts only through the server: no task reaches the artifact bucket's endpoint as MLflow's client.
+        assert "MLFLOW_S3_ENDPOINT_URL" not in env, name
+        assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    command = services["mlflow"]["command"]
+    assert "--serve-artifacts" in command and "--default-artifact-root=mlflow-artifacts:/" in command
+
+
+def test_dag_storage_defaults_lie_within_the_storage_prefixes(config, monkeypatch):
+    from pipeline import settings
+
+    env = config["services"]["airflow-worker"]["environment"]
+    assert env["CMACLIP_STORAGE_PREFIXES"] == "s3://cmaclip/"
+    monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", env["CMACLIP_STORAGE_PREFIXES"])
+    for key in ("CMACLIP_CATALOG_URI", "CMACLIP_WORK_URI", "CMACLIP_PREDICTIONS_URI"):
+        settings.check_storage_uri(env[key], key)
+
+
+def test_the_fernet_key_is_required_and_the_example_one_is_valid(tmp_path):
+    from cryptography.fernet import Fernet
+
+    Fernet(_env_example()["AIRFLOW_FERNET_KEY"])
+    without = tmp_path / "without-fernet.env"
+    without.write_text("".join(line + "\n" for line in ENV_EXAMPLE.read_text().splitlines()
+                               if not line.startswith("AIRFLOW_FERNET_KEY=")))
+    out = compose("config", "-q", env_file=without)
+    assert out.returncode != 0 and "AIRFLOW_FERNET_KEY" in out.stderr
