@@ -14,7 +14,6 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
-import posixpath
 import sqlite3
 import time
 from pathlib import Path
@@ -31,42 +30,26 @@ def home() -> Path:
 def storage_prefixes() -> list[str]:
     """Where storage named by a DAG param may lie: `CMACLIP_STORAGE_PREFIXES` (comma-separated URI
     prefixes, e.g. `s3://cmaclip/,/data/`), else `home()` alone, which is where the embedded defaults
-    put everything. The CLI is not confined: whoever runs it has their own access already."""
-    configured = [p.strip() for p in os.environ.get("CMACLIP_STORAGE_PREFIXES", "").split(",")]
-    return [p for p in configured if p] or [str(home())]
+    put everything. The CLI is not confined: whoever runs it has its own access already."""
+    return _listed("CMACLIP_STORAGE_PREFIXES") or [str(home())]
 
 
 def check_storage_uri(uri: str, what: str) -> str:
     """`uri` when it lies under one of `storage_prefixes()`, else a ValueError that names `what` and the
-    prefixes. Both sides are compared normalised (`_location`), on path boundaries: `s3://cmaclip/`
-    does not admit `s3://cmaclip-evil/`, nor `/data/` admit `/data/../etc`."""
+    prefixes. The rule is the one `image_uri` values obey (`pipeline.image_sources`): a prefix matches on
+    path boundaries after `..` is folded (`s3://cmaclip/` does not admit `s3://cmaclip-evil/`, nor `/data/`
+    admit `/data/../etc`), a local path also after its links are resolved, `file://` and plain paths
+    alike; fsspec chains and other schemes are refused."""
+    from .image_sources import ImageSources, Refused  # fsspec and pyarrow: loaded when a task checks
+
     allowed = storage_prefixes()
-    target = _location(uri)
-    for prefix in allowed:
-        root = _location(prefix)
-        if target and root and target[0] == root[0] and _is_under(target[1], root[1]):
-            return uri
-    raise ValueError(f"{what} {uri!r} is outside the storage the DAGs may use: {', '.join(allowed)} "
-                     "(set CMACLIP_STORAGE_PREFIXES to change it)")
-
-
-def _location(uri: str) -> tuple[str, str] | None:
-    """(scheme, absolute path without `..`): plain paths and `file://` URIs both as `file` with symlinks
-    resolved, so neither a link nor the spelling moves a path; others with their bucket as the first
-    component. None for fsspec chains (`a::b`), whose meaning no prefix can bound."""
-    if "::" in uri:
-        return None
-    scheme, sep, rest = uri.partition("://")
-    if not sep:
-        scheme, rest = "file", uri
-    scheme = scheme.lower()
-    if scheme in ("file", "local"):
-        return "file", os.path.realpath(os.path.expanduser(rest))
-    return scheme, posixpath.normpath("/" + rest)
-
-
-def _is_under(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip("/") + "/")
+    absolute = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    try:
+        ImageSources(tuple(allowed)).resolve(absolute, catalog_file="")
+    except Refused as exc:
+        raise ValueError(f"{what} {uri!r} is outside the storage the DAGs may use: {', '.join(allowed)} "
+                         f"(CMACLIP_STORAGE_PREFIXES): {exc}") from None
+    return uri
 
 
 def tracking_uri() -> str:

@@ -1,5 +1,5 @@
-"""DAG params that name storage are confined to `CMACLIP_STORAGE_PREFIXES` (default: `CMACLIP_HOME`): the
-check is on normalised paths and path boundaries, and the orchestration layer refuses a param outside
+"""DAG params that name storage are confined to `CMACLIP_STORAGE_PREFIXES` (default: `CMACLIP_HOME`) by the
+image roots rule: on normalised paths and path boundaries; the orchestration layer refuses a param outside
 before it reads or writes anything."""
 from __future__ import annotations
 
