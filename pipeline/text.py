@@ -1,12 +1,19 @@
-"""Normalise titles and labels: Unicode NFC, control characters removed, whitespace collapsed.
+"""Normalise titles and labels (Unicode NFC, control characters removed, whitespace collapsed) and
+product ids (decoded, trimmed).
 
 Only C0/C1 control characters (category Cc) are removed. Format characters (Cf) stay: the zero-width
 joiner builds emoji sequences and the directional marks order right-to-left text, so both carry meaning.
-Used by ingest and by scoring, so a title is cleaned the same way for training and for prediction.
+Used by ingest and by scoring, so a title is cleaned the same way for training and for prediction, and
+a product_id is the same key at ingest, at scoring and in publish.
 """
 from __future__ import annotations
 
+import functools
+import sys
 import unicodedata
+
+import pyarrow as pa
+import pyarrow.compute as pc
 
 # Tabs and line breaks separate words; other controls (NUL, BEL, ESC...) are noise inside a word.
 _SPACE_CONTROLS = "\t\n\r\v\f\x85"
@@ -39,6 +46,42 @@ def clean(text: str | None) -> str | None:
         text = unicodedata.normalize("NFC", text)
     text = " ".join(text.translate(_TABLE).split())
     return text or None
+
+
+def normalize_product_id(value: str | bytes | None) -> str | None:
+    """A product_id cell: decoded (NotText unless UTF-8), surrounding whitespace trimmed (`str.strip`), None if
+    blank. Nothing else changes: ids are opaque keys, and NFC or case folding could merge two products."""
+    text = as_text(value)
+    return (text.strip() or None) if text is not None else None
+
+
+@functools.cache
+def _whitespace() -> str:
+    """What `str.strip()` removes: every character whose `isspace()` is true (Unicode spaces, NEL, the
+    separators U+001C-001F...), so Arrow's trim removes exactly the same ones."""
+    return "".join(c for c in map(chr, range(sys.maxunicode + 1)) if c.isspace())
+
+
+def normalize_product_ids(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`normalize_product_id` over a column of any text type (string, large/view string, dictionary, binary,
+    null), vectorised for plan-time scans of a whole catalog; a cell that is not UTF-8 becomes null."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_dictionary(values.type):
+        values = values.dictionary_decode()
+    try:
+        text = values.cast(pa.large_string())  # from binary, this validates UTF-8 for the whole column
+    except pa.ArrowInvalid:
+        return pa.array([_id_or_none(v) for v in values.to_pylist()], pa.large_string())
+    trimmed = pc.utf8_trim(text, characters=_whitespace())
+    return pc.if_else(pc.equal(trimmed, ""), pa.scalar(None, pa.large_string()), trimmed)
+
+
+def _id_or_none(value: bytes | None) -> str | None:
+    try:
+        return normalize_product_id(value)
+    except NotText:
+        return None
 
 
 def normalize_title(value: str | bytes | None) -> str | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 from . import reasons
 from .images import DEFAULT_LIMITS, ImageLimits, dataset_bytes, decode_image
-from .text import NotText, as_text, normalize_label, normalize_title
+from .text import NotText, normalize_label, normalize_product_id, normalize_title
 
 # (product_id, title, labels in task order, image bytes) as read from the catalog.
 RawRow = tuple[Any, Any, tuple[Any, ...], "bytes | None"]
@@ -40,11 +40,9 @@ class Checked:
 
 def _product_id(value: Any) -> str | None:
     try:
-        text = as_text(value)
+        return normalize_product_id(value)
     except NotText:
         return None
-    text = text.strip() if text is not None else None
-    return text or None
 
 
 def _labels(raw: tuple[Any, ...], rules: RowRules) -> tuple[str | None, ...]:

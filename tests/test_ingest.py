@@ -221,6 +221,17 @@ def test_exact_copies_are_duplicates_too(tmp_path: Path) -> None:
     assert "exact copy" in quarantine(out).column("detail")[0].as_py()
 
 
+def test_ids_that_differ_only_by_surrounding_whitespace_are_one_product(tmp_path: Path) -> None:
+    """Ingest trims ids as scoring and publish do (pipeline.text.normalize_product_id), Unicode spaces too."""
+    rows = good_rows(3)
+    padded = [rows[0] | {"product_id": f" {rows[0]['product_id']}\u3000", "color": "Blue"},
+              rows[1] | {"product_id": "\xa0"}]
+    out = str(tmp_path / "out")
+    manifest = ingest(write(tmp_path / "c.parquet", rows_table(rows + padded)), TASKS, out, min_class_count=1)
+    assert manifest["counts"]["quarantined_by_reason"] == {"duplicate_id": 1, "product_id_missing": 1}
+    assert sorted(dataset(out).column("product_id").to_pylist()) == sorted(r["product_id"] for r in rows)
+
+
 def test_rare_classes_are_masked_not_dropped(tmp_path: Path) -> None:
     rows = [make_row(2, i) | {"color": "Red"} for i in range(8)] + \
            [make_row(2, 100 + i) | {"color": "Teal"} for i in range(2)]
