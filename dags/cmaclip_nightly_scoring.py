@@ -39,7 +39,8 @@ def cmaclip_nightly_scoring():
     # belong to (plan, pinned model, run id) goes to the XCom key "run".
     @task
     def plan(params=None, ti=None):
-        planned = orch.plan_scoring(params["catalog_uri"], params["model"], params["rows_per_shard"])
+        planned = orch.plan_scoring(params["catalog_uri"], params["model"], params["rows_per_shard"],
+                                    params["predictions_uri"])
         ti.xcom_push(key="run", value=planned["run"])
         return planned["groups"]
 

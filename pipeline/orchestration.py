@@ -223,16 +223,18 @@ def _pin(model_ref: str) -> str:
     return f"models:/{resolved.name}/{resolved.version}"
 
 
-def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int,
+def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri: str,
                  max_groups: int = MAX_SCORING_TASKS) -> dict[str, Any]:
     """Plan the shards, pin the model version and name the run: {"run": {"plan", "model", "run_id"},
     "groups": [{"label", "shards"}]}. The run id is a function of (input snapshot, model version), so a
-    rerun of the DAG resumes the same run and skips committed shards."""
+    rerun of the DAG resumes the same run and skips committed shards. The rows of duplicated product_ids
+    go to a side file under `out_uri` (the predictions folder), not into the XCom."""
     from . import scoring
 
     settings.check_storage_uri(catalog_uri, "catalog_uri")
+    settings.check_storage_uri(out_uri, "predictions_uri")
     _checked_model(model_ref)
-    plan = scoring.plan_shards(catalog_uri, rows_per_shard)
+    plan = scoring.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
     pinned = _pin(model_ref)
     run_id = scoring.default_run_id(plan.id, _predictor(pinned))
     return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id},

@@ -2,8 +2,9 @@
 calibrated thresholds, and the conversion of logits into the predictions contract.
 
 Two ways in. Scoring uses the tensor path (`Preprocessor` builds pixels and trimmed token ids, possibly in
-DataLoader workers; `Predictor.predict` runs the forward pass). The MLflow pyfunc uses `predict_frame`, which
-takes a pandas frame of raw rows and returns predictions plus the rows it had to quarantine.
+DataLoader workers; `Predictor.predict` runs the forward pass). `predict_frame` takes a pandas frame of raw
+rows and returns predictions plus the rows it had to quarantine; the MLflow pyfunc checks rows the same way
+(`check_row`) and answers one row per input row.
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import functools
 import hashlib
 import json
 import os
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -27,7 +29,7 @@ from cmaclip.transforms import image_batch_transform, image_size, tokenizer, tri
 
 from . import reasons
 from .images import decode_image
-from .text import NotText, as_text, clean
+from .text import NotText, as_text, clean, normalize_product_id
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
@@ -263,13 +265,15 @@ class Predictor:
 
         Rows that cannot be scored (image missing, undecodable or out of limits; no product_id; a title
         that is not text) go to the quarantine frame (stage 'score', a `pipeline.reasons` code) instead of
-        failing the call: len(df) == len(predictions) + len(quarantine)."""
+        failing the call: len(df) == len(predictions) + len(quarantine). Predictions are keyed by product_id,
+        so a product_id on several rows is quarantined on all of them, as batch scoring does it
+        (pipeline/duplicate_ids.py)."""
         missing = {"product_id", "image"} - set(df.columns)
         if missing:
             raise ValueError(f"predict_frame needs columns product_id, image (and title); missing {sorted(missing)}")
         titles = df["title"] if "title" in df.columns else [None] * len(df)
-        parts, quarantined = [], []
-        records = zip(df["product_id"], titles, df["image"])
+        records, quarantined = _without_duplicates(zip(df["product_id"], titles, df["image"]))
+        parts = []
         for chunk in _chunks(records, batch_size):
             good, bad = decode_rows(chunk, draft=self.preprocessor.draft)
             quarantined.extend(bad)
@@ -292,24 +296,44 @@ class DecodedRows:
     images: list[Any]  # PIL RGB
 
 
+def _without_duplicates(records: Iterable[tuple]) -> tuple[list[tuple], list[tuple]]:
+    """Rows whose product_id no other row has, and the quarantine rows of the others."""
+    records = list(records)
+    ids = [check_product_id(r[0])[0] for r in records]
+    counts = Counter(pid for pid in ids if pid is not None)
+    shared = [i for i, pid in enumerate(ids) if counts[pid] > 1]
+    detail = "{} rows have this product_id; none is scored, so none shows another row's prediction"
+    quarantine = [(ids[i], "score", reasons.DUPLICATE_ID, detail.format(counts[ids[i]])) for i in shared]
+    return [r for i, r in enumerate(records) if counts[ids[i]] <= 1], quarantine
+
+
 def _missing(value: Any) -> bool:
     # pandas turns a null cell into NaN (or pd.NA) on the way through a frame.
     return value is None or value is pd.NA or (isinstance(value, float) and value != value)
+
+
+def check_product_id(value: Any) -> tuple[str | None, tuple | None]:
+    """(the product_id normalised as ingest does it, None), or (None, quarantine row) when there is none."""
+    try:
+        product_id = None if _missing(value) else normalize_product_id(value)
+    except NotText as exc:
+        return None, (None, "score", reasons.PRODUCT_ID_MISSING, str(exc))
+    if product_id is None:
+        return None, (None, "score", reasons.PRODUCT_ID_MISSING, "null or blank product_id")
+    return product_id, None
 
 
 def check_row(product_id: Any, title: Any, image: bytes | None, draft: tuple[int, int] | None = None):
     """One raw row -> ((product_id, title, PIL RGB image), None) or (None, quarantine row) where a quarantine
     row is (product_id, stage, reason, detail).
 
-    Titles are cleaned exactly as ingest cleaned the training titles (`pipeline.text`). An empty or null title
-    is fine (the model learned to ignore it); a missing id or a bad image is not.
+    The product_id is normalised and the title cleaned exactly as ingest does it (`pipeline.text`), so a
+    prediction's key is the dataset's key. An empty or null title is fine (the model learned to ignore it); a
+    missing id or a bad image is not.
     """
-    try:
-        product_id = None if _missing(product_id) else as_text(product_id)
-    except NotText as exc:
-        return None, (None, "score", reasons.PRODUCT_ID_MISSING, str(exc))
-    if product_id is None or not product_id.strip():
-        return None, (product_id, "score", reasons.PRODUCT_ID_MISSING, "null or blank product_id")
+    product_id, refused = check_product_id(product_id)
+    if refused is not None:
+        return None, refused
     try:
         title = clean(None if _missing(title) else as_text(title)) or ""
     except NotText as exc:

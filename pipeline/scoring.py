@@ -9,6 +9,7 @@ Layout under `out` (Hive-style partitions, readable by pyarrow.dataset, DuckDB a
     quarantine/model=<name>/version=<v>/run=<id>/shard-<id>.parquet   (only shards that quarantined rows)
     _markers/run=<id>/shard-<id>.json                                  (done markers, written last)
     _manifests/run=<id>.json                                           (finalize: the run is complete)
+    _plans/plan=<id>/duplicates.parquet                                (plan: rows of duplicated product_ids)
     published/latest.parquet, published/catalog.parquet                (publish)
 
 Speed: the main thread only runs the forward pass; DataLoader workers read the shard's Parquet row groups,
@@ -41,16 +42,19 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import catalog as catalog_files
-from . import reasons, storage
+from . import duplicate_ids, reasons, storage
 from .image_sources import ImageSources, fetch_images, for_catalog
-from .predictor import QUARANTINE_COLUMNS, Predictor, Preprocessor, decode_rows
-from .sql import load_sql
+from .predictor import QUARANTINE_COLUMNS, Predictor, Preprocessor, check_product_id, decode_rows
+from .sql import load_sql, write_parquet
 
 CONTRACT = "cmaclip.predictions/v1"
 METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
 ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
 PREFETCH_BATCHES = 4               # per worker: enough to hide a slow image, little memory
-SOURCE_FILE = "_catalog_file"      # raw_batches of image_uri catalogs: the file each row came from
+SOURCE_FILE = "_catalog_file"      # raw_batches: the catalog file each row came from
+DUPLICATE = "_duplicate_id"        # raw_batches: why the row is quarantined as duplicate_id (null: it is not)
+SHARD_ID = "{:05d}"                # a shard's id: its index in plan order (sql/score_duplicates.sql uses it too)
+CATALOG_PREFIX = "catalog_"        # publish: a catalog column named like a prediction column gets this prefix
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -74,6 +78,7 @@ class Shard:
     image_column: str
     pieces: tuple[Piece, ...]
     sources: ImageSources
+    duplicates: int                  # the plan's rows of duplicated ids (any shard): nonzero, read its own
 
     @property
     def rows(self) -> int:
@@ -85,7 +90,7 @@ class Shard:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Shard":
         return cls(d["id"], d["plan_id"], d["input_fingerprint"], d["image_column"],
-                   tuple(Piece(**p) for p in d["pieces"]), ImageSources.from_dict(d["sources"]))
+                   tuple(Piece(**p) for p in d["pieces"]), ImageSources.from_dict(d["sources"]), d["duplicates"])
 
 
 @dataclass(frozen=True)
@@ -104,6 +109,7 @@ class Plan:
     rows_per_shard: int
     files: tuple[CatalogLayout, ...]
     sources: ImageSources            # what `image_uri` rows may read (pipeline.image_sources)
+    duplicates: int = 0              # rows whose product_id is on another row too (pipeline.duplicate_ids)
 
     @property
     def id(self) -> str:
@@ -135,13 +141,14 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"catalog": self.catalog, "fingerprint": self.fingerprint, "rows_per_shard": self.rows_per_shard,
                 "files": [[f.uri, f.image_column, list(f.row_groups)] for f in self.files],
-                "sources": self.sources.as_dict(), "plan_id": self.id, "rows": self.rows}
+                "sources": self.sources.as_dict(), "duplicates": self.duplicates, "plan_id": self.id,
+                "rows": self.rows}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         files = tuple(CatalogLayout(uri, column, tuple(groups)) for uri, column, groups in d["files"])
         return cls(d["catalog"], d["fingerprint"], int(d["rows_per_shard"]), files,
-                   ImageSources.from_dict(d["sources"]))
+                   ImageSources.from_dict(d["sources"]), int(d["duplicates"]))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -156,12 +163,14 @@ def _digest(*parts: Any) -> str:
 
 
 def plan_shards(catalog: str, rows_per_shard: int = 10_000, image_roots: list[str] | None = None,
-                image_hosts: list[str] | None = None) -> Plan:
+                image_hosts: list[str] | None = None, out: str | None = None) -> Plan:
     """Cut the catalog into shards of `rows_per_shard` rows (the last may be shorter), following file and
     row-group order. Deterministic: the same files give the same plan, shard ids and fingerprint. Reads
-    footers and content versions only; a file-level problem raises `catalog.CatalogError` here, before any
-    shard runs. `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own
-    folder (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`)."""
+    footers, content versions and the product_id column (to find duplicated ids); a file-level problem raises
+    `catalog.CatalogError` here, before any shard runs. `image_roots`, `image_hosts`: what `image_uri` rows
+    may read besides the catalog's own folder (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`).
+    `out`: the scoring output, where the rows of duplicated ids are written for the shards to read; a
+    catalog with such rows cannot be scored from a plan made without it."""
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be at least 1")
     scanned = catalog_files.scan(catalog, tasks=())
@@ -173,8 +182,23 @@ def plan_shards(catalog: str, rows_per_shard: int = 10_000, image_roots: list[st
     if len({f.image_column for f in layouts}) > 1:
         # A batch may span files, and one batch has one image column.
         raise catalog_files.CatalogError(catalog, "some files have 'image' and others 'image_uri'; use one")
-    return Plan(catalog, catalog_files.fingerprint(scanned), rows_per_shard, tuple(layouts),
+    plan = Plan(catalog, catalog_files.fingerprint(scanned), rows_per_shard, tuple(layouts),
                 for_catalog(catalog, image_roots, image_hosts))
+    return dataclasses.replace(plan, duplicates=_find_duplicates(plan, [f.name for f in scanned], out))
+
+
+def duplicates_uri(out: str, plan_id: str) -> str:
+    return storage.join(out, "_plans", f"plan={plan_id}", "duplicates.parquet")
+
+
+def _find_duplicates(plan: Plan, names: list[str], out: str | None) -> int:
+    """The rows of duplicated product_ids, written under `out` for the shards; a plan whose rows are already
+    written there (same snapshot, same shards) is not scanned again."""
+    target = duplicates_uri(out, plan.id) if out is not None else None
+    if target is not None and storage.exists(target):
+        return _parquet_rows(target)
+    files = [(f.uri, name) for f, name in zip(plan.files, names)]
+    return duplicate_ids.find(files, plan.rows_per_shard, SHARD_ID, target)
 
 
 def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
@@ -197,7 +221,8 @@ def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
 def _cut(plan: Plan) -> Iterator[Shard]:
     column = plan.files[0].image_column if plan.files else "image"
     for index, pieces in enumerate(_piece_groups(plan)):
-        yield Shard(f"{index:05d}", plan.id, plan.fingerprint, column, tuple(pieces), plan.sources)
+        yield Shard(SHARD_ID.format(index), plan.id, plan.fingerprint, column, tuple(pieces), plan.sources,
+                    plan.duplicates)
 
 
 # --- model reference --------------------------------------------------------------------------------
@@ -265,19 +290,47 @@ class PreparedBatch:
         return dataclasses.replace(self, pixels=self.pixels.pin_memory(), tokens=self.tokens.pin_memory())
 
 
-def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]:
-    """The shard's rows (product_id, title, image) as Arrow slices, `batch_size` rows per batch, in plan
-    order. Reads one row group's column chunks at a time: memory is bounded by the row-group size.
-    `image_uri` catalogs get a 4th column, the catalog file of each row: relative URIs start from there."""
-    columns = ["product_id", "title", shard.image_column]
+def batch_schema(image_column: str) -> pa.Schema:
+    """One schema for every slice of a shard, whatever types its files use (a batch may span files). The
+    files of one catalog may store text as string, large or view string, dictionary, binary or null, and
+    `image` as binary or large binary: all are read as bytes, and text cells are decoded one by one
+    (`pipeline.text`), so a cell that is not UTF-8 quarantines its row instead of failing the batch."""
+    return pa.schema([("product_id", pa.large_binary()), ("title", pa.large_binary()),
+                      (image_column, pa.large_binary()), (SOURCE_FILE, pa.string()), (DUPLICATE, pa.string())])
+
+
+def _as_bytes(column: pa.Array) -> pa.Array:
+    if pa.types.is_dictionary(column.type):
+        column = column.dictionary_decode()
+    return column.cast(pa.large_binary())
+
+
+def _canonical(batch: pa.RecordBatch, schema: pa.Schema, file: str, first_row: int,
+               duplicates: dict[tuple[str, int], str]) -> pa.RecordBatch:
+    """A slice of `file` starting at its row `first_row`, in `batch_schema`: the file of each row (relative
+    image URIs start from there) and why it is a duplicate, if it is one."""
+    n = batch.num_rows
+    why = [duplicates.get((file, first_row + i)) for i in range(n)] if duplicates else [None] * n
+    columns = [_as_bytes(batch.column(i)) for i in range(3)]
+    columns += [pa.array([file] * n, pa.string()), pa.array(why, pa.string())]
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+def raw_batches(shard: Shard, batch_size: int,
+                duplicates: dict[tuple[str, int], str] | None = None) -> Iterator[list[pa.RecordBatch]]:
+    """The shard's rows as Arrow slices in `batch_schema`, `batch_size` rows per batch, in plan order. Reads
+    one row group's column chunks at a time: memory is bounded by the row-group size. `duplicates`: the
+    shard's rows of duplicated ids, (file, row) -> detail (`duplicate_ids.for_shard`)."""
+    columns, schema = ["product_id", "title", shard.image_column], batch_schema(shard.image_column)
     pending, pending_rows, opened = [], 0, None
     for piece in shard.pieces:
         if opened is None or opened[0] != piece.file:
             opened = (piece.file, storage.parquet_file(piece.file))
+        meta = opened[1].metadata
+        group_start = sum(meta.row_group(g).num_rows for g in range(piece.row_group))  # as a row of the file
         offset = 0
         for batch in opened[1].iter_batches(batch_size=batch_size, row_groups=[piece.row_group], columns=columns):
-            if shard.image_column == "image_uri":
-                batch = batch.append_column(SOURCE_FILE, pa.array([piece.file] * batch.num_rows, pa.string()))
+            batch = _canonical(batch, schema, piece.file, group_start + offset, duplicates or {})
             lo, hi = max(piece.start - offset, 0), min(piece.stop - offset, batch.num_rows)
             offset += batch.num_rows
             while lo < hi:  # cut into batches of exactly batch_size rows across piece boundaries
@@ -293,10 +346,30 @@ def raw_batches(shard: Shard, batch_size: int) -> Iterator[list[pa.RecordBatch]]
         yield pending
 
 
+def _keyed(table: pa.Table) -> tuple[pa.Table, list[tuple]]:
+    """The rows with a product_id of their own, that id normalised; and the quarantine rows of the others
+    (no id, or an id on other catalog rows too: the plan's list). Runs before any image is read."""
+    keep, ids, quarantine = [], [], []
+    flagged = table.column(DUPLICATE).to_pylist()
+    for i, raw in enumerate(table.column("product_id").to_pylist()):
+        product_id, refused = check_product_id(raw)
+        if refused is None and flagged[i] is not None:
+            refused = (product_id, "score", reasons.DUPLICATE_ID, flagged[i])
+        if refused is None:
+            keep.append(i)
+            ids.append(product_id)
+        else:
+            quarantine.append(refused)
+    table = table.take(keep)
+    return table.set_column(0, "product_id", pa.array(ids, pa.large_string())), quarantine
+
+
 def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
                   shard: Shard) -> PreparedBatch:
     """Decode, check and preprocess one batch; runs in a DataLoader worker."""
     table = pa.Table.from_batches(slices)
+    rows_in = table.num_rows
+    table, unkeyed = _keyed(table)
     ids, titles, images = (table.column(i).to_pylist() for i in range(3))
     quarantine = []
     if shard.image_column == "image_uri":
@@ -305,21 +378,23 @@ def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Prepro
         keep = [i for i in range(len(ids)) if i not in failed]
         ids, titles, images = [ids[i] for i in keep], [titles[i] for i in keep], [images[i] for i in keep]
     good, bad = decode_rows(zip(ids, titles, images), draft=preprocessor.draft)
-    return PreparedBatch(index, table.num_rows, good.product_ids, preprocessor.images(good.images),
-                         preprocessor.texts(good.titles), quarantine + bad)
+    return PreparedBatch(index, rows_in, good.product_ids, preprocessor.images(good.images),
+                         preprocessor.texts(good.titles), unkeyed + quarantine + bad)
 
 
 class ShardBatches(IterableDataset):
     """The prepared batches of one shard. With n workers, worker w prepares batches w, w+n, ...; the
     DataLoader takes them round-robin, so batches come out in shard order whatever the worker count."""
 
-    def __init__(self, shard: Shard, preprocessor: Preprocessor, batch_size: int):
+    def __init__(self, shard: Shard, preprocessor: Preprocessor, batch_size: int,
+                 duplicates: dict[tuple[str, int], str]):
         self.shard, self.preprocessor, self.batch_size = shard, preprocessor, batch_size
+        self.duplicates = duplicates
 
     def __iter__(self) -> Iterator[PreparedBatch]:
         info = get_worker_info()
         workers, me = (1, 0) if info is None else (info.num_workers, info.id)
-        for index, slices in enumerate(raw_batches(self.shard, self.batch_size)):
+        for index, slices in enumerate(raw_batches(self.shard, self.batch_size, self.duplicates)):
             if index % workers == me:  # every worker reads the (compressed) rows; each decodes only its own
                 yield prepare_batch(index, slices, self.preprocessor, self.shard)
 
@@ -348,14 +423,15 @@ def default_workers(device: torch.device) -> int:
 
 
 def batch_loader(shard: Shard, preprocessor: Preprocessor, batch_size: int, workers: int,
-                 pin_memory: bool = False) -> DataLoader:
+                 pin_memory: bool = False, duplicates: dict[tuple[str, int], str] | None = None) -> DataLoader:
     if workers and multiprocessing.current_process().daemon:
         # A task forked from a Celery prefork pool process inherits its daemon flag, and a daemonic
         # process may not start children: prepare batches in this process rather than fail the shard.
         logging.getLogger(__name__).warning("daemonic process (Celery prefork worker?): scoring with "
                                             "workers=0 instead of %d", workers)
         workers = 0
-    return DataLoader(ShardBatches(shard, preprocessor.build(), batch_size), batch_size=None, collate_fn=_as_is,
+    batches = ShardBatches(shard, preprocessor.build(), batch_size, duplicates or {})
+    return DataLoader(batches, batch_size=None, collate_fn=_as_is,
                       num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=PREFETCH_BATCHES if workers else None)
 
@@ -472,19 +548,31 @@ def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None
         return {**done, "skipped": True}
     _remove_stale_temps(uris["predictions"])
     workers = default_workers(predictor.device) if workers is None else workers
-    marker = _run_shard(shard, predictor, uris, run_id, batch_size, workers, progress)
+    duplicates = _shard_duplicates(out, shard)
+    marker = _run_shard(shard, predictor, uris, run_id, batch_size, workers, progress, duplicates)
     storage.write_json(uris["marker"], marker)  # last: the shard counts as done only from here
     return {**marker, "skipped": False}
 
 
+def _shard_duplicates(out: str, shard: Shard) -> dict[tuple[str, int], str]:
+    if not shard.duplicates:
+        return {}
+    uri = duplicates_uri(out, shard.plan_id)
+    if not storage.exists(uri):  # scoring on would publish one row's prediction for every row of its id
+        raise FileNotFoundError(f"plan {shard.plan_id} found {shard.duplicates} rows of duplicated product_ids "
+                                f"but {uri} is missing: plan with plan_shards(..., out={out!r})")
+    return duplicate_ids.for_shard(uri, shard.id)
+
+
 def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], run_id: str, batch_size: int,
-               workers: int, progress: Callable[[int], None] | None) -> dict[str, Any]:
+               workers: int, progress: Callable[[int], None] | None,
+               duplicates: dict[tuple[str, int], str]) -> dict[str, Any]:
     started, scored_at = time.perf_counter(), datetime.now(timezone.utc)
     lineage = {**predictor.lineage.as_dict(), "run_id": run_id, "plan_id": shard.plan_id, "shard": shard.id,
                "input_fingerprint": shard.input_fingerprint, "labels": predictor.labels,
                "thresholds": predictor.thresholds, "precision": predictor.precision}
     loader = batch_loader(shard, predictor.preprocessor, batch_size, workers,
-                          pin_memory=predictor.device.type == "cuda")
+                          pin_memory=predictor.device.type == "cuda", duplicates=duplicates)
     rows_in, waited, forward = 0, 0.0, 0.0
     with ShardWriter(uris, predictor, lineage, run_id, scored_at) as writer:
         tick = time.perf_counter()
@@ -550,8 +638,9 @@ def _shard_problems(shard: Shard, marker: dict | None) -> list[str]:
 
 def finalize(plan: Plan | dict, out: str, run_id: str) -> dict[str, Any]:
     """Check that every shard of the plan is committed and that rows in = predicted + quarantined, shard by
-    shard (against the files' own row counts) and in total; then write the run manifest. Idempotent: an
-    existing manifest for the same run is returned unchanged."""
+    shard (against the files' own row counts) and in total, and that every row of a duplicated product_id
+    was quarantined as one; then write the run manifest. Idempotent: an existing manifest for the same run
+    is returned unchanged."""
     plan = Plan.from_dict(plan) if isinstance(plan, dict) else plan
     _check_run_id(run_id)
     target = manifest_uri(out, run_id)
@@ -568,6 +657,10 @@ def finalize(plan: Plan | dict, out: str, run_id: str) -> dict[str, Any]:
     models = {(m["model_name"], m["model_version"]) for m in markers if m}
     if len(models) > 1:
         problems.append(f"shards were scored by different models: {sorted(models)}")
+    duplicates = sum(m["reasons"].get(reasons.DUPLICATE_ID, 0) for m in markers if m)
+    if not problems and duplicates != plan.duplicates:
+        problems.append(f"{duplicates} rows were quarantined as {reasons.DUPLICATE_ID}; the plan found "
+                        f"{plan.duplicates} rows of duplicated product_ids")
     if problems:
         raise RunIncomplete(run_id, problems)
     manifest = _manifest(plan, run_id, markers)
@@ -595,15 +688,8 @@ def _manifest(plan: Plan, run_id: str, markers: list[dict]) -> dict[str, Any]:
     }
 
 
-def _write_query(con: Any, sql: str, params: dict[str, Any], uri: str) -> int:
-    """Stream a query's result into a Parquet file committed atomically; returns its row count."""
-    reader = con.sql(sql, params=params).to_arrow_reader(ROW_GROUP_ROWS)
-    rows = 0
-    with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, reader.schema, compression="zstd") as writer:
-        for batch in reader:
-            writer.write_batch(batch)
-            rows += batch.num_rows
-    return rows
+def _query(con: Any, name: str, params: dict[str, Any]) -> pa.RecordBatchReader:
+    return con.sql(load_sql(name), params=params).to_arrow_reader(ROW_GROUP_ROWS)
 
 
 def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
@@ -620,13 +706,43 @@ def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
     storage.register_duckdb(con, out)
     latest = storage.join(out, "published", "latest.parquet")
     summary = {"runs": sorted(m["run_id"] for m in manifests), "files": len(files), "latest": latest,
-               "products": _write_query(con, load_sql("publish_latest"), {"predictions": files}, latest)}
+               "products": write_parquet(_query(con, "publish_latest", {"predictions": files}), latest)}
     if catalog is not None:
-        storage.register_duckdb(con, catalog)
-        view = storage.join(out, "published", "catalog.parquet")
-        params = {"catalog": storage.parquet_files(catalog), "latest": [latest]}
-        summary.update(catalog=view, catalog_rows=_write_query(con, load_sql("publish_catalog_view"), params, view))
+        summary.update(_publish_catalog(con, catalog, latest, storage.join(out, "published", "catalog.parquet")))
     return summary
+
+
+def _publish_catalog(con: Any, catalog: str, latest: str, view: str) -> dict[str, Any]:
+    """sql/publish_catalog_view.sql, with catalog rows keyed by the scoring rule (`duplicate_ids.register_key`)
+    and catalog columns named like a prediction column renamed (`_unique_columns`)."""
+    storage.register_duckdb(con, catalog)
+    files = storage.parquet_files(catalog)
+    columns = con.sql(load_sql("publish_catalog_columns"), params={"catalog": files})
+    duplicate_ids.register_key(con, str(dict(zip(columns.columns, columns.types)).get("product_id", "")))
+    reader, renamed = _unique_columns(_query(con, "publish_catalog_view", {"catalog": files, "latest": [latest]}))
+    if renamed:
+        logging.getLogger(__name__).warning("publish: catalog columns %s are named like prediction columns; "
+                                            "published as %s", sorted(renamed), sorted(renamed.values()))
+    return {"catalog": view, "catalog_rows": write_parquet(reader, view), "renamed": renamed}
+
+
+def _unique_columns(reader: pa.RecordBatchReader) -> tuple[pa.RecordBatchReader, dict[str, str]]:
+    """The catalog view has the catalog's columns first, then the `predicted_` ones. A catalog column with a
+    prediction column's name (say, the catalog keeps predictions of its own) would make two columns of one
+    name, a file no reader accepts: it is published as `catalog_<name>` (prefixed again while taken)."""
+    names = reader.schema.names
+    unique, taken, renamed = list(names), set(names), {}
+    for i, name in enumerate(names):
+        if name in names[i + 1:]:
+            alias = CATALOG_PREFIX + name
+            while alias in taken:
+                alias = CATALOG_PREFIX + alias
+            unique[i], renamed[name] = alias, alias
+            taken.add(alias)
+    if not renamed:
+        return reader, {}
+    schema = pa.schema([field.with_name(name) for field, name in zip(reader.schema, unique)])
+    return pa.RecordBatchReader.from_batches(schema, (b.rename_columns(unique) for b in reader)), renamed
 
 
 # --- the command ----------------------------------------------------------------------------------------
@@ -647,7 +763,7 @@ def score(catalog: str, model: Any, out: str, shard: str | None = None, all: boo
     if threads:
         torch.set_num_threads(threads)
     started = time.perf_counter()
-    plan = plan_shards(catalog, rows_per_shard, image_roots, image_hosts)
+    plan = plan_shards(catalog, rows_per_shard, image_roots, image_hosts, out=out)
     shards = [plan.shard(shard)] if shard is not None else (plan.shards if all else [])
     if not shards:  # before the model loads: a wrong shard id fails at once
         raise ValueError("nothing to score: give shard=ID or all=True")

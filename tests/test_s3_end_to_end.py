@@ -85,7 +85,7 @@ def test_pipeline_end_to_end_on_s3(s3_bucket, mlflow_on_s3, monkeypatch):
     assert any(key.endswith(".safetensors") for key in artifacts), artifacts[:20]
 
     # Nightly scoring with the champion: plan, score every group (as mapped tasks would), finalize, publish.
-    planned = orch.plan_scoring(catalog, f"models:/{model_name}@champion", rows_per_shard=64)
+    planned = orch.plan_scoring(catalog, f"models:/{model_name}@champion", rows_per_shard=64, out_uri=predictions)
     assert planned["run"]["model"] == f"models:/{model_name}/1"
     assert len(planned["groups"]) >= 2
     scored = [orch.score_group(planned["run"], group, predictions) for group in planned["groups"]]

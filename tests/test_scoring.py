@@ -9,9 +9,11 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -27,10 +29,10 @@ from pipeline.predictor import Predictor, Preprocessor, decode_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
-# What scoring quarantines among synthetic.BAD_ROWS: labels are not read, and duplicate ids are scored
-# (publish keeps one row per product).
-SCORE_REASONS = {kind: r for kind, r in synthetic.BAD_ROWS.items()
-                 if r not in (None, reasons.LABEL_NOT_TEXT, reasons.DUPLICATE_ID)}
+# What scoring quarantines among synthetic.BAD_ROWS: labels are not read. Both rows of the duplicated id
+# are quarantined (pipeline/duplicate_ids.py).
+SCORE_REASONS = {kind: r for kind, r in synthetic.BAD_ROWS.items() if r not in (None, reasons.LABEL_NOT_TEXT)}
+SCORE_QUARANTINE = Counter(SCORE_REASONS.values()) + Counter({reasons.DUPLICATE_ID: 1})  # reason -> rows
 TIMING_COLUMNS = ["scored_at"]
 
 
@@ -111,7 +113,7 @@ def test_plan_is_deterministic_small_and_covers_every_row_once(tmp_path):
     crossing = plan.shard("00002")      # rows 120..180: the end of a.parquet and the start of b.parquet
     assert [Path(p.file).name for p in crossing.pieces] == ["a.parquet", "b.parquet"]
     assert scoring.Shard.from_dict(json.loads(json.dumps(crossing.to_dict()))) == crossing
-    read = [pid for s in plan.shards for batch in scoring.raw_batches(s, 7) for b in batch
+    read = [pid.decode() for s in plan.shards for batch in scoring.raw_batches(s, 7) for b in batch
             for pid in b.column("product_id").to_pylist()]
     expected = [r for f in ("a", "b") for r in pq.read_table(folder / f"{f}.parquet").column("product_id").to_pylist()]
     assert read == expected
@@ -144,7 +146,7 @@ def test_predict_frame_quarantines_what_it_cannot_score(checkpoint, bad_catalog)
     frame = pq.read_table(bad_catalog).to_pandas()
     predictions, quarantine = Predictor.from_checkpoint(checkpoint).predict_frame(frame, batch_size=50)
     assert len(predictions) + len(quarantine) == len(frame)
-    assert sorted(quarantine["reason"]) == sorted(SCORE_REASONS.values())
+    assert Counter(quarantine["reason"]) == SCORE_QUARANTINE
     assert set(quarantine["stage"]) == {"score"}
     messy = predictions.loc[predictions["product_id"] == "bad-messy_title"]
     assert len(messy) == 1  # control characters and emoji in a title are cleaned, not fatal
@@ -267,7 +269,7 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
 def test_bad_rows_reconcile_and_land_in_quarantine(checkpoint, bad_catalog, tmp_path):
     out = str(tmp_path / "out")
     rows = pq.read_metadata(bad_catalog).num_rows
-    plan = scoring.plan_shards(bad_catalog, rows_per_shard=120)
+    plan = scoring.plan_shards(bad_catalog, rows_per_shard=120, out=out)
     first = scoring.score_shard(plan.shards[0].to_dict(), checkpoint, out, batch_size=32, workers=0)
     with pytest.raises(scoring.RunIncomplete, match="00001: no done marker"):
         scoring.finalize(plan.to_dict(), out, first["run_id"])
@@ -276,21 +278,19 @@ def test_bad_rows_reconcile_and_land_in_quarantine(checkpoint, bad_catalog, tmp_
                             progress=False)
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["rows_in"] == rows == manifest["predicted"] + manifest["quarantined"]
-    assert manifest["quarantined"] == len(SCORE_REASONS)
+    assert manifest["quarantined"] == SCORE_QUARANTINE.total()
     quarantine = _read(out, "quarantine").to_pylist()
     assert {q["product_id"] for q in quarantine} == {None if k == "missing_id" else f"bad-{k}" for k in SCORE_REASONS}
     by_id = {q["product_id"]: q for q in quarantine}
     for kind, reason in SCORE_REASONS.items():
         row = by_id[None if kind == "missing_id" else f"bad-{kind}"]
         assert (row["stage"], row["reason"]) == ("score", reason) and row["detail"]
-    assert manifest["reasons"] == dict(sorted(
-        {r: list(SCORE_REASONS.values()).count(r) for r in SCORE_REASONS.values()}.items()))
+    assert manifest["reasons"] == dict(sorted(SCORE_QUARANTINE.items()))
 
 
 def test_image_uri_catalog_resolves_relative_uris_like_ingest(checkpoint, tmp_catalog, tmp_path, monkeypatch):
     """Relative image URIs start from each row's catalog file (as ingest reads them), not from the working
     directory; two folders with their own images, one glob, shards crossing from one file to the other."""
-    import pyarrow as pa
     table = pq.read_table(tmp_catalog).slice(0, 40)
     for part, rows in (("p1", table.slice(0, 20)), ("p2", table.slice(20, 20))):
         (tmp_path / "cat" / part / "img").mkdir(parents=True)
@@ -373,3 +373,141 @@ def test_object_store_paths_end_to_end(checkpoint, bad_catalog):
     assert published["catalog_rows"] == summary["rows_in"]
     again = scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
     assert again["skipped"] == summary["shards"]
+
+
+# --- one key per product: duplicates, schema variants, column names ------------------------------------------
+
+def test_vectorised_product_id_normalisation_equals_the_scalar_one():
+    """The plan's scan and publish's join use normalize_product_ids; ingest and scoring normalize_product_id."""
+    from pipeline.text import NotText, normalize_product_id, normalize_product_ids
+
+    spaces = [c for c in map(chr, range(0x3001)) if c.isspace()]
+    values = [f"{s}p-{i}{s}" for i, s in enumerate(spaces)] + ["a b", " ", "", None, "\x1cx\x85", "\u200bz", "é "]
+    expected = [normalize_product_id(v) for v in values]
+    assert expected[0] == "p-0" and "a b" in expected and "\u200bz" in expected  # inner and format chars stay
+    for kind in (pa.string(), pa.large_string(), pa.string_view(), pa.binary()):
+        column = pa.array([v if v is None or not pa.types.is_binary(kind) else v.encode() for v in values], kind)
+        assert normalize_product_ids(column).to_pylist() == expected, kind
+    assert normalize_product_ids(pa.array(values).dictionary_encode()).to_pylist() == expected
+    assert normalize_product_ids(pa.nulls(3)).to_pylist() == [None] * 3
+    with pytest.raises(NotText):
+        normalize_product_id(b"\xff id")
+    assert normalize_product_ids(pa.array([b"\xff id", b" ok "])).to_pylist() == [None, "ok"]
+
+
+def _write(path: Path, rows: list[dict], row_group_size: int = 7) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows, schema=synthetic.catalog_schema()), path, row_group_size=row_group_size)
+
+
+def test_duplicate_ids_never_publish_another_rows_prediction(checkpoint, tmp_path):
+    """Ids on several rows (differing copies, exact copies, ids that differ only by surrounding whitespace),
+    across two files and two shards: every such row is quarantined, and in the published catalog each row
+    holds its own prediction or nulls, even where an older run predicted the id while it was unique."""
+    row = lambda i, pid, **kw: synthetic.make_row(31, i) | {"product_id": pid, **kw}  # noqa: E731
+    dress, skirt = row(0, "red-dress", title="Red Dress"), row(1, "red-dress", title="Navy Skirt")
+    a = [row(i, f"a{i}") for i in range(2, 20)]
+    a[3], a[5], a[16], a[8], a[11] = dress, row(5, "exact"), row(5, "exact"), row(8, " padded"), row(11, " lonely ")
+    b = [row(i, f"b{i}") for i in range(20, 32)]
+    b[2], b[6] = skirt, row(9, "padded\u3000")
+    _write(tmp_path / "v1" / "catalog.parquet", [dress] + [row(i, f"a{i}") for i in range(2, 12)])
+    _write(tmp_path / "v2" / "a.parquet", a)
+    _write(tmp_path / "v2" / "b.parquet", b)
+    catalog, out = str(tmp_path / "v2"), str(tmp_path / "out")
+
+    with pytest.raises(FileNotFoundError, match="duplicates.parquet is missing"):  # a plan made without `out`
+        scoring.score_shard(scoring.plan_shards(catalog, 10).shards[0], checkpoint, out, workers=0)
+    older = scoring.score(str(tmp_path / "v1"), checkpoint, out, rows_per_shard=10, batch_size=4, workers=0,
+                          progress=False)
+    summary = scoring.score(catalog, checkpoint, out, rows_per_shard=10, batch_size=4, workers=0, progress=False)
+    manifest = json.loads(Path(summary["manifest"]).read_text())
+    assert manifest["rows_in"] == 30 == manifest["predicted"] + manifest["quarantined"]
+    assert manifest["reasons"] == {reasons.DUPLICATE_ID: 6}
+    quarantine = _read(out, "quarantine").to_pylist()
+    assert sorted(q["product_id"] for q in quarantine) == ["exact", "exact", "padded", "padded",
+                                                           "red-dress", "red-dress"]
+    details = {(q["product_id"], q["detail"]) for q in quarantine}
+    assert any(pid == "red-dress" and "also b.parquet row 2" in d for pid, d in details)
+    assert any(pid == "padded" and "also a.parquet row 8" in d for pid, d in details)
+    # The plan carries only the count (its rows are in a side file); finalize checks every one was quarantined.
+    plan = scoring.plan_shards(catalog, 10, out=out)
+    assert plan.duplicates == 6 and plan.shards[2].to_dict()["duplicates"] == 6
+    Path(summary["manifest"]).unlink()
+    with pytest.raises(scoring.RunIncomplete, match="6 rows were quarantined as duplicate_id; the plan found 7"):
+        scoring.finalize(plan.to_dict() | {"duplicates": 7}, out, summary["run_id"])
+    scoring.finalize(plan.to_dict(), out, summary["run_id"])
+
+    published = scoring.publish(out, catalog=catalog)
+    latest = {r["product_id"]: r for r in pq.read_table(published["latest"]).to_pylist()}
+    assert latest["red-dress"]["run_id"] == older["run_id"]   # its newest prediction: made while it was unique
+    assert "exact" not in latest and "padded" not in latest and latest["lonely"]["run_id"] == summary["run_id"]
+    view = pq.read_table(published["catalog"])
+    assert view.num_rows == 30 and len(set(view.column_names)) == len(view.column_names)
+    for r in view.to_pylist():
+        pid = r["product_id"].strip()
+        if pid in ("red-dress", "exact", "padded"):
+            assert r["predicted_color_top"] is None and r["predicted_run_id"] is None, r["product_id"]
+        else:  # the only row of its id: the prediction of that id in the run that scored this catalog
+            assert (r["predicted_run_id"], r["predicted_color_top"]) == (summary["run_id"], latest[pid]["color_top"])
+
+
+def _column(values: list, kind: pa.DataType) -> pa.Array:
+    if pa.types.is_null(kind):
+        return pa.nulls(len(values))
+    if pa.types.is_dictionary(kind):
+        return pa.array(values, kind.value_type).dictionary_encode()
+    if kind in (pa.binary(), pa.large_binary(), pa.binary_view()):
+        values = [v.encode() if isinstance(v, str) else v for v in values]
+    return pa.array(values, kind)
+
+
+def test_files_of_every_legal_text_and_image_type_score_together(checkpoint, tmp_path):
+    """One catalog, files whose product_id/title/image columns are each stored differently (as the contract
+    allows): batches span the files, every row is predicted or quarantined, and publish joins them all."""
+    rows = [synthetic.make_row(41, i) for i in range(30)]
+    rows[7]["product_id"], rows[9]["title"] = b"\xff\xfe id", synthetic.NOT_UTF8  # in the binary file
+    dictionary = pa.dictionary(pa.int32(), pa.string())
+    kinds = [(pa.string(), pa.string(), pa.binary()), (pa.binary(), pa.binary(), pa.large_binary()),
+             (pa.large_string(), pa.large_string(), pa.binary()), (dictionary, dictionary, pa.binary()),
+             (pa.string_view(), pa.null(), pa.binary_view())]
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for n, (id_kind, title_kind, image_kind) in enumerate(kinds):
+        part = rows[6 * n:6 * n + 6]
+        columns = {"product_id": _column([r["product_id"] for r in part], id_kind),
+                   "title": _column([r["title"] for r in part], title_kind),
+                   "image": _column([r["image"] for r in part], image_kind)}
+        pq.write_table(pa.table(columns), folder / f"part-{n}.parquet")
+    assert len({str(pq.read_schema(p)) for p in folder.iterdir()}) == len(kinds)
+
+    out = str(tmp_path / "out")
+    summary = scoring.score(str(folder), checkpoint, out, rows_per_shard=16, batch_size=8, workers=0,
+                            progress=False)
+    assert (summary["rows_in"], summary["predicted"], summary["quarantined"]) == (30, 28, 2)
+    quarantine = {q["reason"]: q for q in _read(out, "quarantine").to_pylist()}
+    assert set(quarantine) == {reasons.PRODUCT_ID_MISSING, reasons.TITLE_NOT_TEXT}
+    assert quarantine[reasons.TITLE_NOT_TEXT]["product_id"] == rows[9]["product_id"]
+    expected = {r["product_id"] for i, r in enumerate(rows) if i not in (7, 9)}
+    assert set(_read(out).column("product_id").to_pylist()) == expected
+    view = pq.read_table(scoring.publish(out, catalog=str(folder))["catalog"])
+    assert view.num_rows == 30 and view.column("predicted_color_top").null_count == 2
+
+
+def test_publish_renames_catalog_columns_named_like_prediction_columns(checkpoint, tmp_catalog, tmp_path):
+    """A catalog that keeps predictions of its own (say, last month's published view): the colliding column
+    comes back under a `catalog_` name not taken yet, the file reads back, the prediction columns are the
+    model's."""
+    table = pq.read_table(tmp_catalog).slice(0, 40)
+    table = table.append_column("predicted_color", pa.array(["mine"] * 40))
+    table = table.append_column("catalog_predicted_color", pa.array(["taken"] * 40))
+    catalog, out = str(tmp_path / "catalog.parquet"), str(tmp_path / "out")
+    pq.write_table(table, catalog)
+    scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=0, progress=False)
+    published = scoring.publish(out, catalog=catalog)
+    assert published["renamed"] == {"predicted_color": "catalog_catalog_predicted_color"}
+    view = pq.read_table(published["catalog"])
+    assert len(set(view.column_names)) == len(view.column_names) == len(table.column_names) - 1 + 4 * 3 + 4
+    assert set(view.column("catalog_catalog_predicted_color").to_pylist()) == {"mine"}
+    assert set(view.column("catalog_predicted_color").to_pylist()) == {"taken"}
+    assert view.column("predicted_color_top").null_count == 0
+    assert not {"mine", "taken"} & set(view.column("predicted_color_top").to_pylist())
