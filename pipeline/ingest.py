@@ -19,8 +19,10 @@ Rules (also recorded in the manifest):
   (null) and masks only that task. Labels are case-sensitive: map case variants explicitly.
 - Rare classes: a label seen on fewer than `min_class_count` kept rows (all splits together) becomes null
   for that task (masked, the row is kept); the manifest lists each masked label with its count.
-- Duplicates: among rows that passed validation, the smallest content hash wins; the others are
-  quarantined as `duplicate_id` with what differs (image, title, labels).
+- Duplicates (`duplicate_id`; ids compared after `pipeline.text.normalize_product_id`, as scoring and
+  publish compare them): among rows that passed validation, the smallest content hash wins; the others are
+  quarantined with what differs (image, title, labels). Scoring, which attributes every catalog row, keeps
+  none of them instead (pipeline/duplicate_ids.py; docs/contracts.md, "Duplicate product_ids").
 - Images: stored as the original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB
   (alpha composited on white) and re-encoded, as JPEG q95 from a lossy source and PNG from a lossless one.
 - Splits: by md5(product_id) (see sql/ingest_split.sql and `split_of`), stable across re-ingests.

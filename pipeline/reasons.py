@@ -6,7 +6,7 @@ filter on them. Add new codes; never rename or reuse one.
 from __future__ import annotations
 
 PRODUCT_ID_MISSING = "product_id_missing"   # null or blank product_id
-DUPLICATE_ID = "duplicate_id"               # another row with this id was kept
+DUPLICATE_ID = "duplicate_id"               # another row has this id: ingest kept one, scoring keeps none
 TITLE_NOT_TEXT = "title_not_text"           # title bytes are not valid UTF-8 text
 LABEL_NOT_TEXT = "label_not_text"           # a label's bytes are not valid UTF-8 text
 IMAGE_MISSING = "image_missing"             # null or zero-byte image
