@@ -76,7 +76,11 @@ def test_orchestration_refuses_params_outside_the_prefixes_before_touching_stora
     with pytest.raises(ValueError, match="predictions_uri"):
         orch.publish_predictions(str(outside / "predictions"), str(allowed / "catalog.parquet"))
     with pytest.raises(ValueError, match="model"):
-        orch.plan_scoring(str(allowed / "catalog.parquet"), str(outside / "checkpoint"), rows_per_shard=10)
+        orch.plan_scoring(str(allowed / "catalog.parquet"), str(outside / "checkpoint"), rows_per_shard=10,
+                          out_uri=str(allowed / "predictions"))
+    with pytest.raises(ValueError, match="predictions_uri"):  # the plan writes its duplicates file there
+        orch.plan_scoring(str(allowed / "catalog.parquet"), str(allowed / "checkpoint"), rows_per_shard=10,
+                          out_uri=str(outside / "predictions"))
     with pytest.raises(ValueError, match="config"):
         orch.open_training({"dataset_uri": run_folder}, run_folder, str(outside / "config.json"))
     with pytest.raises(ValueError, match="neither a config in configs/"):
