@@ -87,6 +87,7 @@ def home(tmp_path, monkeypatch) -> Path:
     """Everything that locates state under tmp_path; nothing inherited from the caller's shell."""
     monkeypatch.setenv("CMACLIP_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("AIRFLOW_HOME", str(tmp_path / "home" / "airflow"))
+    monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", str(tmp_path))  # the DAG params name files under tmp_path
     for key in ("MLFLOW_TRACKING_URI", "CMACLIP_ARTIFACT_ROOT", "AIRFLOW__CORE__DAGS_FOLDER",
                 "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "AIRFLOW_CONFIG"):
         monkeypatch.delenv(key, raising=False)
