@@ -2,10 +2,17 @@
 
 In warm-up CLIP is frozen, so each product's CLIP token sequences are a fixed function of its image and
 title; in tuning CLIP and the sequence attention are frozen, so each product's I' and T' are. The cache
-keys those per-sample features by product id:
+keys those per-sample features by product id and a digest of the title's tokens:
 
     warm-up ("tokens")  image [1 + patches, D], text [eot + 1, D] (padding dropped), eot []
     tuning  ("fused")   image [D], text [D]
+
+The title is in the key because a stage may corrupt titles (cmaclip/corruption.py): a product whose title
+was dropped, stripped of its label words or swapped this epoch is another input, so it gets its own entry
+and never the features of its original title. A dropped or stripped title is the same every time it
+recurs, so those variants are reused like the original; a swap is mostly new. Images are not hashed (a
+pixel digest costs a good part of what the cache saves): a stage that augments images changes every
+image every epoch, so train_stage does not cache it at all.
 
 A batch is rebuilt by stacking its samples (text zero-padded to the batch's longest title: the padding is
 masked as attention keys and its own outputs are never read, so its values do not matter).
@@ -27,6 +34,7 @@ that keeps each rank's shard fixed across epochs (reshuffling within it) gets ev
 """
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -35,6 +43,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+from .transforms import eot_index
 
 ENTRY_OVERHEAD = 256   # bytes of Python bookkeeping per cached sample, charged to the memory budget
 Sample = dict[str, torch.Tensor]
@@ -191,6 +201,14 @@ def quantize(sample: Sample, mode: str) -> Sample:
     return out
 
 
+def sample_keys(product_ids: Sequence[str], text: torch.Tensor) -> list[str]:
+    """Cache keys: product id and a digest of the title's tokens up to end-of-text (the padding depends on
+    the batch's longest title, the tokens do not)."""
+    rows, ends = text.cpu().numpy(), eot_index(text).tolist()
+    return [f"{pid}/{hashlib.blake2b(rows[i, :ends[i] + 1].tobytes(), digest_size=8).hexdigest()}"
+            for i, pid in enumerate(product_ids)]
+
+
 class FeatureCache:
     """A stage's frozen features for each batch: cached samples are reused, the rest computed (as one
     sub-batch of the misses) and stored while the budget lasts. `compute(images, text)` runs the frozen
@@ -207,7 +225,7 @@ class FeatureCache:
 
     def __call__(self, product_ids: Sequence[str], images: torch.Tensor, text: torch.Tensor,
                  compute: Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]) -> dict:
-        ids = [str(i) for i in product_ids]
+        ids = sample_keys([str(i) for i in product_ids], text)
         samples = [self.store.get(i) for i in ids]
         missing = [k for k, s in enumerate(samples) if s is None]
         self.hits += len(ids) - len(missing)

@@ -40,14 +40,52 @@ class CMAConfig:
     modalities: str = "image+text"       # "image+text" | "image" | "text"
 
 
+TITLE_POLICIES = ("drop_title", "remove_label_words", "swap_title")
+
+
 @dataclass
 class StageConfig:
-    """One stage of Algorithm 1: epochs and learning rate per parameter group (0 = frozen)."""
+    """One stage of Algorithm 1: epochs and learning rate per parameter group (0 = frozen), and what the
+    stage does to its training inputs (cmaclip/corruption.py, transforms.augment_image). The defaults
+    change nothing: the stage trains on the products as they are, exactly as without these fields."""
     epochs: int = 20
     lr_clip: float = 0.0
     lr_sequence: float = 1e-5
     lr_modality: float = 1e-5
     lr_head: float = 1e-5
+    # Title corruption, per training sample at most one policy, each with its own probability (sum <= 1):
+    drop_title: float = 0.0              # the title becomes ""
+    remove_label_words: float = 0.0      # the words of the sample's own labels are deleted from its title
+    label_word_tasks: list[str] = field(default_factory=list)  # whose labels; empty = every task
+    swap_title: float = 0.0              # the title of another product of the split (or row group)
+    # Image augmentation that keeps the attribute:
+    crop_scale: tuple[float, float] | None = None  # square crop of this area range of the eval crop; None = eval's
+    flip: float = 0.0                    # probability of a horizontal flip
+    color_jitter: float = 0.0            # brightness, contrast, saturation factors in [1-x, 1+x]; never for colour
+
+    def __post_init__(self):
+        probabilities = {k: getattr(self, k) for k in (*TITLE_POLICIES, "flip")}
+        bad = {k: p for k, p in probabilities.items() if not 0.0 <= p <= 1.0}
+        if bad:
+            raise ValueError(f"probabilities must be in [0, 1]: {bad}")
+        if sum(getattr(self, k) for k in TITLE_POLICIES) > 1.0 + 1e-9:
+            raise ValueError(f"the title policies {TITLE_POLICIES} apply at most one per sample: their "
+                             "probabilities must sum to at most 1")
+        if self.crop_scale is not None:
+            self.crop_scale = tuple(float(x) for x in self.crop_scale)  # a list when read from JSON
+            if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
+                raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, not {self.crop_scale}")
+        if not 0.0 <= self.color_jitter < 1.0:
+            raise ValueError(f"color_jitter must be in [0, 1), not {self.color_jitter}")
+        self.label_word_tasks = list(self.label_word_tasks)
+
+    @property
+    def corrupts_titles(self) -> bool:
+        return any(getattr(self, k) > 0 for k in TITLE_POLICIES)
+
+    @property
+    def augments_images(self) -> bool:
+        return self.crop_scale is not None or self.flip > 0 or self.color_jitter > 0
 
 
 def _default_stages() -> dict[str, StageConfig]:

@@ -43,7 +43,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -251,8 +251,9 @@ class _StageRun:
         micro = config.train.micro_batch_size * self.world
         self.accumulation = max(1, config.train.batch_size // micro)
         self.prefix = frozen_prefix(model, self.frozen)
-        self.cache = (FeatureCache(cache, out_dir / f"cache-rank{self.rank}")
-                      if cache is not None and self.prefix != "none" else None)
+        # Augmented images differ every epoch, so nothing frozen would recur (corrupted titles are keyed).
+        self.cache = (FeatureCache(cache, out_dir / f"cache-rank{self.rank}") if cache is not None
+                      and self.prefix != "none" and not config.train.stages[stage].augments_images else None)
         self.net: nn.Module = _Trainable(model, self.prefix)
         self.state = _State()
 
@@ -401,7 +402,8 @@ class _StageRun:
         if not (last / "state.json").exists():
             return False
         meta = json.loads((last / "state.json").read_text())
-        if meta["stage"] != self.stage or meta["config"] != _json_config(self.config):
+        stored = _json_config(CMACLIPConfig.from_dict(meta["config"]))  # fields added since get their defaults
+        if meta["stage"] != self.stage or stored != _json_config(self.config):
             raise ValueError(f"{last} holds a {meta['stage']} run with another config; use another out_dir "
                              "or resume=False to start over")
         load_model(self.model, str(last / "model.safetensors"), device=str(self.device))
@@ -450,7 +452,9 @@ def train_stage(model: CMACLIP, stage: str, config: CMACLIPConfig, train_batches
     `model` gives the architecture, tasks and starting weights, and ends with the last epoch's weights
     (the best ones are in best/); `config.train` gives the training settings. `train_batches` and
     `val_batches`: loader factories `epoch -> batches`, or re-iterable collections of batches.
-    `cache`: None, "memory", "disk" or a CacheConfig (frozen-feature cache; warm-up and tuning only).
+    `cache`: None, "memory", "disk" or a CacheConfig (frozen-feature cache; warm-up and tuning only, and
+    not in a stage that augments images). Title corruption and image augmentation are the batches' business
+    (pipeline.data applies the stage's); `config` only tells the trainer whether images change.
     `labels`: class names per task for the checkpoint (default "0", "1", ...). `progress`: a tqdm bar
     per epoch on rank 0."""
     if stage not in STAGES:
@@ -516,7 +520,8 @@ def _starting_model(source, device) -> tuple[CMACLIP, dict[str, list[str]] | Non
 
 
 def train_stages(config: CMACLIPConfig, init: CMACLIP | Callable[[], CMACLIP] | str | os.PathLike,
-                 train_batches: Batches, val_batches: Batches, out_dir: str | os.PathLike, *,
+                 train_batches: Batches | Mapping[str, Batches], val_batches: Batches,
+                 out_dir: str | os.PathLike, *,
                  stages: Sequence[str] = STAGES, callbacks: Sequence[Callback] = (),
                  cache: None | str | CacheConfig = None, device: str | torch.device = "cpu",
                  labels: dict[str, list[str]] | None = None, resume: bool = True,
@@ -524,7 +529,8 @@ def train_stages(config: CMACLIPConfig, init: CMACLIP | Callable[[], CMACLIP] | 
     """Run stages in order (out_dir/<stage>/), each starting from the previous stage's best checkpoint.
 
     `init` starts the first stage: a model, a factory returning one, or a checkpoint folder. With
-    resume=True a finished stage is not run again and an interrupted one continues."""
+    resume=True a finished stage is not run again and an interrupted one continues. `train_batches` may be
+    {stage: batches}, for stages whose inputs differ (title corruption, image augmentation)."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         raise ValueError(f"unknown stages {unknown}; stages are {STAGES}")
@@ -536,7 +542,8 @@ def train_stages(config: CMACLIPConfig, init: CMACLIP | Callable[[], CMACLIP] | 
         if done is None:
             model, known = _starting_model(source, device)
             labels = labels or known
-            done = train_stage(model, stage, config, train_batches, val_batches, stage_dir,
+            batches = train_batches[stage] if isinstance(train_batches, Mapping) else train_batches
+            done = train_stage(model, stage, config, batches, val_batches, stage_dir,
                                callbacks=callbacks, cache=cache, device=device, labels=labels,
                                resume=resume, progress=progress)
         results[stage] = done

@@ -4,15 +4,19 @@ Kept apart from the model so DataLoader workers can build it cheaply (no weights
 """
 from __future__ import annotations
 
+import math
+import random
 from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 from open_clip import get_tokenizer
 from open_clip.transform import image_transform as _open_clip_image_transform
+from PIL import Image
 from torchvision.transforms import Compose, Normalize, ToTensor
+from torchvision.transforms import functional as F
 
-from .config import CMACLIPConfig
+from .config import CMACLIPConfig, StageConfig
 
 
 def image_size(config: CMACLIPConfig) -> int:
@@ -23,6 +27,42 @@ def image_size(config: CMACLIPConfig) -> int:
 def image_transform(config: CMACLIPConfig) -> Callable:
     """PIL RGB image -> float tensor [3, H, W], open_clip's eval preprocessing (resize, crop, normalize)."""
     return _open_clip_image_transform(image_size(config), is_train=False)
+
+
+def augment_image(config: CMACLIPConfig, stage: StageConfig) -> Callable[[Any, random.Random], torch.Tensor]:
+    """PIL RGB image, generator -> float tensor [3, H, W]: a training stage's augmentation, then the same
+    tensor conversion and normalization as `image_transform`. Only changes that keep the attribute:
+
+    - crop (stage.crop_scale): a square whose area is a uniform fraction of the eval crop's, anywhere in the
+      image resized as eval resizes it (shorter side = size), resized back to size x size. The aspect stays,
+      unlike RandomResizedCrop's, and so does most of the product: eval sees a centred square of the same size.
+    - flip: horizontal, with probability stage.flip (left and right are no product attribute here).
+    - color_jitter: brightness, contrast and saturation each scaled by a factor in [1 - x, 1 + x]. An opt-in:
+      it changes what the colour labels describe.
+
+    Every draw comes from `rng` (cmaclip.corruption.sample_rng), never from the global RNGs."""
+    size, steps = image_size(config), list(image_transform(config).transforms)
+    centre, tensor = Compose(steps[:-2]), Compose(steps[-2:])  # eval's resize + crop; to tensor + normalize
+
+    def transform(image, rng: random.Random) -> torch.Tensor:
+        image = image if image.mode == "RGB" else image.convert("RGB")
+        if stage.crop_scale is None:
+            image = centre(image)
+        else:
+            scale = size / min(image.size)  # eval's resize factor
+            side = size * math.sqrt(rng.uniform(*stage.crop_scale)) / scale  # in source pixels
+            x, y = rng.uniform(0, image.size[0] - side), rng.uniform(0, image.size[1] - side)
+            image = image.resize((size, size), Image.Resampling.BICUBIC, box=(x, y, x + side, y + side))
+        if stage.flip > 0 and rng.random() < stage.flip:
+            image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if stage.color_jitter > 0:
+            lo, hi = 1.0 - stage.color_jitter, 1.0 + stage.color_jitter
+            image = F.adjust_brightness(image, rng.uniform(lo, hi))
+            image = F.adjust_contrast(image, rng.uniform(lo, hi))
+            image = F.adjust_saturation(image, rng.uniform(lo, hi))
+        return tensor(image)
+
+    return transform
 
 
 def image_batch_transform(config: CMACLIPConfig) -> Callable[[Sequence[Any]], torch.Tensor]:

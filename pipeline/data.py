@@ -9,12 +9,16 @@ left out, different ones each epoch), so no rank waits for another at the end of
 
 `InMemorySplit` holds the raw rows of a split in memory (small data; faster epochs), same samples.
 
+A training loader (`make_loader(..., stage=...)`) gives its samples that stage's title corruption and image
+augmentation (`SampleMaker`; the config's StageConfig fields); validation and scoring loaders give none.
+
 Batch (see `collate`):
     {"product_id": list[str], "images": FloatTensor[B, 3, H, W],
      "text": LongTensor[B, L] trimmed to the longest title, "labels": {task: LongTensor[B], -1 = missing}}
 """
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -25,8 +29,9 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, get_worker_info
 
-from cmaclip.config import CMACLIPConfig
-from cmaclip.transforms import image_size, image_transform, tokenizer, trim_tokens
+from cmaclip.config import CMACLIPConfig, StageConfig
+from cmaclip.corruption import corrupt_title, sample_rng
+from cmaclip.transforms import augment_image, image_size, image_transform, tokenizer, trim_tokens
 
 from . import storage
 from .images import DEFAULT_LIMITS, ImageLimits, decode_image
@@ -80,29 +85,73 @@ def dist_rank_world(rank: int | None = None, world_size: int | None = None) -> t
 
 class SampleMaker:
     """Raw row -> model sample (decoded, preprocessed image; tokens; label ids). Built lazily in each
-    worker: the tokenizer and transform are not worth pickling."""
+    worker: the tokenizer and transform are not worth pickling.
 
-    def __init__(self, config: CMACLIPConfig, vocab: dict[str, list[str]], limits: ImageLimits):
-        self.config = config
+    With a training `stage`, the sample gets that stage's title corruption (cmaclip/corruption.py) and image
+    augmentation (transforms.augment_image), drawn from generators seeded by (seed, stage, epoch, product
+    id): the same in any worker or rank. A stage that changes nothing makes exactly the plain sample."""
+
+    def __init__(self, config: CMACLIPConfig, vocab: dict[str, list[str]], limits: ImageLimits,
+                 stage: str | None = None, seed: int = 0):
+        self.config, self.vocab = config, vocab
         self.tasks = tuple(vocab)
         self.ids = {t: {label: i for i, label in enumerate(labels)} for t, labels in vocab.items()}
         self.limits = limits
         self.size = image_size(config)
+        self.stage, self.seed = stage, seed
+        self.inputs = config.train.stages[stage] if stage is not None else StageConfig()
+        unknown = set(self.inputs.label_word_tasks) - set(self.tasks)
+        if unknown:
+            raise ValueError(f"label_word_tasks {sorted(unknown)} of stage {stage} are not tasks {self.tasks}")
+        crop = self.inputs.crop_scale
+        self.draft = math.ceil(self.size / math.sqrt(crop[0])) if crop else self.size  # crops zoom in
         self._transform: Callable | None = None
         self._tokenize: Callable | None = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_transform": None, "_tokenize": None}
 
-    def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+    def for_stage(self, stage: str | None, seed: int) -> "SampleMaker":
+        """The same maker with another stage's input changes."""
+        return SampleMaker(self.config, self.vocab, self.limits, stage, seed)
+
+    @property
+    def changes_inputs(self) -> bool:
+        return self.inputs.corrupts_titles or self.inputs.augments_images
+
+    def _build(self) -> None:
+        self._tokenize = tokenizer(self.config)
+        self._transform = (augment_image(self.config, self.inputs) if self.inputs.augments_images
+                           else image_transform(self.config))
+
+    def title(self, row: dict[str, Any], epoch: int = 0, pool: Sequence[str | None] = (), position: int = 0) -> str:
+        """The row's title as this stage trains on it; `pool[position]` is the row's own title, the rest
+        are what a swap may take."""
+        if not self.inputs.corrupts_titles:
+            return row["title"] or ""
+        rng = sample_rng(self.seed, self.stage, epoch, row["product_id"], "title")
+        return corrupt_title(row["title"], {t: row[t] for t in self.tasks}, self.inputs, rng, pool, position)
+
+    def image(self, row: dict[str, Any], epoch: int = 0) -> torch.Tensor:
         if self._transform is None:
-            self._transform, self._tokenize = image_transform(self.config), tokenizer(self.config)
-        decoded = decode_image(row["image"], self.limits, draft=(self.size, self.size))
+            self._build()
+        decoded = decode_image(row["image"], self.limits, draft=(self.draft, self.draft))
         if not decoded.ok:  # ingest validated every image: this is corruption, not dirty data
             raise ValueError(f"dataset image of product {row['product_id']!r}: {decoded.reason} ({decoded.detail})")
+        if not self.inputs.augments_images:
+            return self._transform(decoded.image)
+        return self._transform(decoded.image, sample_rng(self.seed, self.stage, epoch, row["product_id"], "image"))
+
+    def text(self, title: str) -> torch.Tensor:
+        if self._tokenize is None:
+            self._build()
+        return self._tokenize([title])[0]
+
+    def __call__(self, row: dict[str, Any], epoch: int = 0, pool: Sequence[str | None] = (),
+                 position: int = 0) -> dict[str, Any]:
         return {"product_id": row["product_id"],
-                "image": self._transform(decoded.image),
-                "text": self._tokenize([row["title"] or ""])[0],
+                "image": self.image(row, epoch),
+                "text": self.text(self.title(row, epoch, pool, position)),
                 "labels": {t: self.ids[t].get(row[t], MISSING) if row[t] is not None else MISSING
                            for t in self.tasks}}
 
@@ -130,9 +179,9 @@ def slot_range(slot: int, slots: int, total: int, equal: bool) -> tuple[int, int
     return slot * total // slots, (slot + 1) * total // slots
 
 
-def buffer_shuffle(rows: Iterator[dict[str, Any]], size: int, rng: random.Random) -> Iterator[dict[str, Any]]:
+def buffer_shuffle(rows: Iterator[Any], size: int, rng: random.Random) -> Iterator[Any]:
     """Shuffle a stream with a bounded buffer: each incoming row replaces a random buffered one."""
-    buffer: list[dict[str, Any]] = []
+    buffer: list[Any] = []
     for row in rows:
         if len(buffer) < size:
             buffer.append(row)
@@ -146,16 +195,17 @@ def buffer_shuffle(rows: Iterator[dict[str, Any]], size: int, rng: random.Random
 
 class ProductStream(IterableDataset):
     """Streams one split of an ingested dataset (see module doc). Call `set_epoch(e)` before each epoch
-    (the DataLoader copies the dataset into its workers when an iterator starts)."""
+    (the DataLoader copies the dataset into its workers when an iterator starts). With a training `stage`,
+    a swapped title comes from another product of the same row group."""
 
     def __init__(self, dataset_uri: str, split: str, config: CMACLIPConfig,
                  labels: dict[str, Any] | None = None, *, shuffle: bool = False, seed: int = 0,
                  epoch: int = 0, buffer_size: int = 1024, rank: int | None = None,
-                 world_size: int | None = None, limits: ImageLimits = DEFAULT_LIMITS):
+                 world_size: int | None = None, limits: ImageLimits = DEFAULT_LIMITS, stage: str | None = None):
         vocab = select_tasks(as_vocabularies(labels or read_labels(dataset_uri)), config)
         self.groups = row_groups(dataset_uri, split)
         self.columns = ["product_id", "title", "image", *vocab]
-        self.make = SampleMaker(config, vocab, limits)
+        self.make = SampleMaker(config, vocab, limits, stage, seed)
         self.shuffle, self.seed, self.epoch, self.buffer_size = shuffle, seed, epoch, buffer_size
         # Resolved here, in the main process: a spawned DataLoader worker has no process group.
         self.rank, self.world_size = dist_rank_world(rank, world_size)
@@ -198,14 +248,15 @@ class ProductStream(IterableDataset):
         table = self._files[group.uri].read_row_group(group.index, columns=self.columns)
         return {name: table.column(name).to_pylist() for name in self.columns}
 
-    def _rows(self, start: int, stop: int) -> Iterator[dict[str, Any]]:
+    def _rows(self, start: int, stop: int) -> Iterator[tuple[dict[str, Any], list[str | None], int]]:
+        """(row, its row group's titles, its position there): the titles are the swap pool."""
         offset = 0
         for group in self._order():
             lo, hi = max(start, offset), min(stop, offset + group.rows)
             if lo < hi:
                 cols = self._read(group)
                 for i in range(lo - offset, hi - offset):
-                    yield {name: values[i] for name, values in cols.items()}
+                    yield {name: values[i] for name, values in cols.items()}, cols["title"], i
             offset += group.rows
             if offset >= stop:
                 return
@@ -218,26 +269,35 @@ class ProductStream(IterableDataset):
         rows = self._rows(start, stop)
         if self.shuffle:
             rows = buffer_shuffle(rows, self.buffer_size, _epoch_rng(self.seed, self.epoch, mine[worker]))
-        for row in rows:
-            yield self.make(row)
+        for row, pool, position in rows:
+            yield self.make(row, self.epoch, pool, position)
 
 
 class InMemorySplit(Dataset):
-    """The raw rows of a split held in memory (image bytes, not pixels); decoding stays per sample."""
+    """The raw rows of a split held in memory (image bytes, not pixels); decoding stays per sample. With a
+    training `stage`, call `set_epoch(e)` before each epoch; a swapped title comes from the whole split."""
 
     def __init__(self, dataset_uri: str, split: str, config: CMACLIPConfig,
-                 labels: dict[str, Any] | None = None, limits: ImageLimits = DEFAULT_LIMITS):
+                 labels: dict[str, Any] | None = None, limits: ImageLimits = DEFAULT_LIMITS, *,
+                 stage: str | None = None, seed: int = 0, epoch: int = 0):
         vocab = select_tasks(as_vocabularies(labels or read_labels(dataset_uri)), config)
         columns = ["product_id", "title", "image", *vocab]
         parts = [storage.parquet_file(p["uri"]).read(columns=columns) for p in dataset_files(dataset_uri, split)]
         self.columns = {c: [v for t in parts for v in t.column(c).to_pylist()] for c in columns}
-        self.make = SampleMaker(config, vocab, limits)
+        self.make = SampleMaker(config, vocab, limits, stage, seed)
+        self.epoch = epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.columns["product_id"])
 
+    def row(self, i: int) -> dict[str, Any]:
+        return {name: values[i] for name, values in self.columns.items()}
+
     def __getitem__(self, i: int) -> dict[str, Any]:
-        return self.make({name: values[i] for name, values in self.columns.items()})
+        return self.make(self.row(i), self.epoch, self.columns["title"], i)
 
 
 class EpochSampler(Sampler[int]):
@@ -265,18 +325,20 @@ def make_loader(dataset_uri: str, split: str, config: CMACLIPConfig, labels: dic
                 batch_size: int = 32, shuffle: bool | None = None, num_workers: int = 0, seed: int = 0,
                 epoch: int = 0, *, rank: int | None = None, world_size: int | None = None,
                 in_memory: bool = False, buffer_size: int = 1024, drop_last: bool = False,
-                pin_memory: bool = False, prefetch_factor: int | None = None) -> DataLoader:
+                pin_memory: bool = False, prefetch_factor: int | None = None, stage: str | None = None) -> DataLoader:
     """A DataLoader of model batches over one split. `shuffle` defaults to True for train only.
-    Call `set_epoch(loader, e)` before each epoch to reshuffle."""
+    Call `set_epoch(loader, e)` before each epoch to reshuffle (and redraw the stage's input changes).
+    `stage`: the training stage whose title corruption and image augmentation the samples get, seeded by
+    `seed` (None: the products as they are, for validation and scoring)."""
     shuffle = split == "train" if shuffle is None else shuffle
     extra = {"prefetch_factor": prefetch_factor} if num_workers and prefetch_factor else {}
     if in_memory:
-        data = InMemorySplit(dataset_uri, split, config, labels)
+        data = InMemorySplit(dataset_uri, split, config, labels, stage=stage, seed=seed, epoch=epoch)
         sampler = EpochSampler(len(data), shuffle, seed, epoch, rank, world_size)
         return DataLoader(data, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                           collate_fn=collate, drop_last=drop_last, pin_memory=pin_memory, **extra)
     stream = ProductStream(dataset_uri, split, config, labels, shuffle=shuffle, seed=seed, epoch=epoch,
-                           buffer_size=buffer_size, rank=rank, world_size=world_size)
+                           buffer_size=buffer_size, rank=rank, world_size=world_size, stage=stage)
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, pin_memory=pin_memory, **extra)
 

@@ -184,11 +184,12 @@ def train_variant(variant: str, config: CMACLIPConfig, data: Splits, run_dir: Pa
     from cmaclip.train import PrintCallback, train_stages
 
     vconfig = with_variant(config, variant)
+    stages = [s for s in STAGES if vconfig.train.stages[s].epochs > 0]
+    train = {s: epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed, s), opts.threads)
+             for s in stages}  # per stage: each has its own title corruption and image augmentation
     results = train_stages(
-        vconfig, lambda: new_model(vconfig, opts.seed),
-        epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed), opts.threads),
-        data.validation.batches(opts.eval_batch_size), run_dir / variant,
-        stages=[s for s in STAGES if vconfig.train.stages[s].epochs > 0],
+        vconfig, lambda: new_model(vconfig, opts.seed), train,
+        data.validation.batches(opts.eval_batch_size), run_dir / variant, stages=stages,
         callbacks=[PrintCallback(_printer(variant))], cache="memory", device=opts.device, labels=data.vocab,
         resume=True)
     last = results[list(results)[-1]]

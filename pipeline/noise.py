@@ -1,6 +1,6 @@
 """Title noise for the robustness test (paper Table 5): titles that no longer name the label, or that
 belong to another product. Pure functions over lists of strings, so the same noise can be applied to any
-test split and checked in isolation.
+test split and checked in isolation. The word removal is the one training uses (cmaclip/corruption.py).
 """
 from __future__ import annotations
 
@@ -9,24 +9,7 @@ from typing import Sequence
 
 import numpy as np
 
-Labels = str | Sequence[str | None] | None
-
-
-def _label_words(labels: Labels) -> list[str]:
-    """Every word of every label phrase of one product (`Navy Blue` -> `Navy`, `Blue`)."""
-    if labels is None:
-        return []
-    phrases = [labels] if isinstance(labels, str) else [p for p in labels if p]
-    return [w for phrase in phrases for w in str(phrase).split()]
-
-
-def _remove_words(title: str, words: list[str]) -> str:
-    if not words:
-        return title
-    # Lookarounds instead of \b: a label word may start or end with a non-word character ("T-Shirt").
-    alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
-    stripped = re.sub(rf"(?<!\w)(?:{alternatives})(?!\w)", " ", title, flags=re.IGNORECASE)
-    return " ".join(stripped.split())
+from cmaclip.corruption import Labels, label_words, remove_words
 
 
 def remove_label_words(titles: Sequence[str | None], labels: Sequence[Labels]) -> list[str]:
@@ -37,7 +20,7 @@ def remove_label_words(titles: Sequence[str | None], labels: Sequence[Labels]) -
     becomes the empty string, which is what the tokenizer sees for it anyway."""
     if len(titles) != len(labels):
         raise ValueError(f"{len(titles)} titles but {len(labels)} label entries")
-    return [_remove_words(t or "", _label_words(lab)) for t, lab in zip(titles, labels)]
+    return [remove_words(t or "", label_words(lab)) for t, lab in zip(titles, labels)]
 
 
 def swap_titles(titles: Sequence[str | None], seed: int) -> list[str | None]:

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from cmaclip.config import CMACLIPConfig
 from cmaclip.transforms import trim_tokens
 
-from .data import EpochSampler, InMemorySplit, collate
+from .data import EpochSampler, InMemorySplit, SampleMaker, collate
 
 
 def subset_catalog(catalog: str, limit: int, out_path: Path) -> str:
@@ -51,6 +51,25 @@ class MemoSamples(Dataset):
         return {**sample, "image": sample["image"].float()}
 
 
+class StageSamples(Dataset):
+    """One epoch of a training stage's samples: the stage's title corruption and image augmentation
+    (pipeline.data.SampleMaker) over the memo. A changed title is tokenized again; an augmented image is
+    decoded again, since its pixels change every epoch."""
+
+    def __init__(self, memo: MemoSamples, maker: SampleMaker, epoch: int):
+        self.memo, self.maker, self.epoch = memo, maker, epoch
+
+    def __len__(self) -> int:
+        return len(self.memo)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        split = self.memo.split
+        if self.maker.inputs.augments_images:
+            return self.maker(split.row(i), self.epoch, split.columns["title"], i)
+        title = self.maker.title(split.row(i), self.epoch, split.columns["title"], i)
+        return {**self.memo[i], "text": self.maker.text(title)}
+
+
 @dataclass
 class SplitData:
     """One split: its samples for the model, and its raw titles and label strings for the noise tests."""
@@ -67,9 +86,18 @@ class SplitData:
         sampler = EpochSampler(len(self.samples), shuffle, seed, epoch)
         return DataLoader(self.samples, batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
-    def epochs(self, batch_size: int, seed: int) -> Callable[[int], DataLoader]:
-        """The trainer's loader factory: epoch -> that epoch's shuffled batches."""
-        return lambda epoch: self.batches(batch_size, shuffle=True, seed=seed, epoch=epoch)
+    def epochs(self, batch_size: int, seed: int, stage: str | None = None) -> Callable[[int], DataLoader]:
+        """The trainer's loader factory: epoch -> that epoch's shuffled batches, with the input changes of
+        the training `stage` (its title corruption and image augmentation, seeded by `seed`) if it has any."""
+        maker = self.samples.split.make.for_stage(stage, seed)
+        if not maker.changes_inputs:
+            return lambda epoch: self.batches(batch_size, shuffle=True, seed=seed, epoch=epoch)
+
+        def for_epoch(epoch: int) -> DataLoader:
+            data = StageSamples(self.samples, maker, epoch)
+            return DataLoader(data, batch_size=batch_size, sampler=EpochSampler(len(data), True, seed, epoch),
+                              collate_fn=collate)
+        return for_epoch
 
     def product_labels(self) -> list[list[str | None]]:
         """Per product, its label of every task (None where missing)."""

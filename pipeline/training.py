@@ -64,13 +64,14 @@ def with_epochs(config: CMACLIPConfig, epochs: int | Mapping[str, int] | None,
 
 def split_batches(dataset_uri: str, split: str, config: CMACLIPConfig, batch_size: int,
                   shuffle: bool = False, workers: int = 0, rank: int | None = None,
-                  world_size: int | None = None):
+                  world_size: int | None = None, stage: str | None = None):
     """A DataLoader over one split of an ingested dataset; held in memory when the split is small.
-    Under DDP each rank gets its shard; rank=0, world_size=1 asks for the whole split."""
+    Under DDP each rank gets its shard; rank=0, world_size=1 asks for the whole split. `stage`: the
+    training stage whose title corruption and image augmentation the samples get (None: none)."""
     rows = sum(f["rows"] for f in dataset_files(dataset_uri, split))
     return make_loader(dataset_uri, split, config, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
                        seed=config.train.seed, in_memory=rows <= IN_MEMORY_MAX_ROWS, rank=rank,
-                       world_size=world_size)
+                       world_size=world_size, stage=stage)
 
 
 def _epoch_batches(loader) -> Callable[[int], Any]:
@@ -228,7 +229,8 @@ def start_training(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri:
 
 
 def _existing(training: dict[str, Any], wanted: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
-    same = all(training.get(k) == v for k, v in wanted.items())
+    stored = {**training, "config": as_config(training["config"]).to_dict()}  # config fields added since: defaults
+    same = all(stored.get(k) == v for k, v in wanted.items())
     status = tracking.client().get_run(training["run_id"]).info.status if same else None
     if not same or status == "FINISHED":
         why = "holds a finished training" if same else "holds a training with another config, dataset or stages"
@@ -287,7 +289,8 @@ def _train(training: Mapping[str, Any], stage: str, config: CMACLIPConfig, folde
              else _initial_model(config))
     labels = vocabularies(training["dataset_uri"])
     workers, micro = training.get("workers", 0), config.train.micro_batch_size
-    train_loader = split_batches(training["dataset_uri"], "train", config, micro, shuffle=True, workers=workers)
+    train_loader = split_batches(training["dataset_uri"], "train", config, micro, shuffle=True, workers=workers,
+                                 stage=stage)
     val_loader = split_batches(training["dataset_uri"], "validation", config, 2 * micro, workers=workers)
     return train_stage(model, stage, config, _epoch_batches(train_loader), val_loader, folder,
                        callbacks=callbacks, cache=training.get("cache"), device=device, labels=labels)
