@@ -120,7 +120,9 @@ class Preprocessor:
 
     @property
     def draft(self) -> tuple[int, int]:
-        """JPEG draft size for `decode_image`: the training loader decodes with the same one."""
+        """The model's input size, for `decode_image(draft=...)`: images decode straight to what the model
+        sees of them, so a batch holds batch-size small images whatever the sizes of the originals. The
+        training loader decodes with the same one."""
         size = image_size(self.config)
         return (size, size)
 
