@@ -25,7 +25,7 @@ from cmaclip.transforms import image_batch_transform, image_size, tokenizer, tri
 
 from . import reasons
 from .images import decode_image
-from .text import NotText, as_text, clean
+from .text import NotText, as_text, normalize_title
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
@@ -291,8 +291,8 @@ def check_row(product_id: Any, title: Any, image: bytes | None, draft: tuple[int
     """One raw row -> ((product_id, title, PIL RGB image), None) or (None, quarantine row) where a quarantine
     row is (product_id, stage, reason, detail).
 
-    Titles are cleaned exactly as ingest cleaned the training titles (`pipeline.text`). An empty or null title
-    is fine (the model learned to ignore it); a missing id or a bad image is not.
+    Titles are cut and cleaned exactly as ingest did it for the training titles (`normalize_title`). An empty
+    or null title is fine (the model learned to ignore it); a missing id or a bad image is not.
     """
     try:
         product_id = None if _missing(product_id) else as_text(product_id)
@@ -301,7 +301,7 @@ def check_row(product_id: Any, title: Any, image: bytes | None, draft: tuple[int
     if product_id is None or not product_id.strip():
         return None, (product_id, "score", reasons.PRODUCT_ID_MISSING, "null or blank product_id")
     try:
-        title = clean(None if _missing(title) else as_text(title)) or ""
+        title = normalize_title(None if _missing(title) else title) or ""
     except NotText as exc:
         return None, (product_id, "score", reasons.TITLE_NOT_TEXT, str(exc))
     decoded = decode_image(None if _missing(image) else image, draft=draft)
