@@ -10,6 +10,7 @@ of `image_uri` catalogs, for ingest and scoring alike.
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from collections import defaultdict
 from dataclasses import dataclass
@@ -117,13 +118,14 @@ def _check_header(image: Image.Image, limits: ImageLimits) -> Decoded | None:
 
 def model_view(image: Image.Image, side: int, extent: tuple[float, float] | None = None) -> Image.Image:
     """What the model's eval transform (`cmaclip.transforms.image_transform`: torchvision's Resize of the
-    shorter side to `side`, bicubic, then CenterCrop to `side` x `side`) keeps of `image`, in one resample
-    of just that region.
+    shorter side to `side`, bicubic, then CenterCrop to `side` x `side`) keeps of `image`, resampled from
+    just that region.
 
-    The same sampling positions and filter as the two steps, so the same pixels up to the rounding between
-    Pillow's two passes (tests/test_images.py measures it), but the cost follows `side`: nothing outside the
-    crop is resampled. `extent` is the part of `image` that holds the picture when JPEG draft mode decoded
-    it at 1/n scale: (width / n, height / n) of the original, where the decoded size is rounded up.
+    The same sampling positions, filter and order of passes as the two steps, so the same pixels up to
+    floating-point rounding (tests/test_images.py compares them), but the cost follows `side`: nothing
+    outside the crop is resampled. `extent` is the part of `image` that holds the picture when JPEG draft
+    mode decoded it at 1/n scale: (width / n, height / n) of the original, where the decoded size is
+    rounded up.
     """
     width, height = extent or image.size
     if width <= height:  # torchvision's rule: the longer side is truncated, not rounded
@@ -132,8 +134,32 @@ def model_view(image: Image.Image, side: int, extent: tuple[float, float] | None
         new_w, new_h = int(side * width / height), side
     left, top = int(round((new_w - side) / 2.0)), int(round((new_h - side) / 2.0))  # CenterCrop's offsets
     sx, sy = width / new_w, height / new_h
-    box = (left * sx, top * sy, (left + side) * sx, (top + side) * sy)
-    return image.resize((side, side), Image.Resampling.BICUBIC, box=box)
+    # min(): side * (width / side) can exceed width by an ulp, and Pillow refuses a box past the edge.
+    x0, y0, x1, y1 = left * sx, top * sy, min((left + side) * sx, width), min((top + side) * sy, height)
+    bicubic = Image.Resampling.BICUBIC
+    # Each pass rounds to 8 bits, so the order shows at sharp edges (up to 25 levels): run the passes one
+    # at a time, in the order Pillow picks for the whole resize, the second on the lines the first made.
+    if _vertical_first(image.size, (new_w, new_h)):
+        a, b = _lines(x0, x1, sx, image.width)
+        tall = image.resize((b - a, side), bicubic, box=(a, y0, b, y1))
+        return tall.resize((side, side), bicubic, box=(x0 - a, 0, x1 - a, side))
+    a, b = _lines(y0, y1, sy, image.height)
+    wide = image.resize((side, b - a), bicubic, box=(x0, a, x1, b))
+    return wide.resize((side, side), bicubic, box=(0, y0 - a, side, y1 - a))
+
+
+def _vertical_first(size: tuple[int, int], out: tuple[int, int]) -> bool:
+    """Pillow 13's order of passes for a resize from `size` to `out` (libImaging/Resample.c): vertical first
+    when both sides shrink and the height loses more than twice as many pixels as the width."""
+    (width, height), (out_w, out_h) = size, out
+    return width >= out_w and height >= out_h and height - out_h > 2 * (width - out_w)
+
+
+def _lines(lo: float, hi: float, scale: float, limit: int) -> tuple[int, int]:
+    """The source rows (or columns) that a bicubic pass over [lo, hi), at `scale` source px per output px,
+    reads: 2 source px either side, 2 x scale when shrinking (plus one for rounding)."""
+    reach = 2 * max(scale, 1.0) + 1
+    return max(0, int(lo - reach)), min(limit, math.ceil(hi + reach))
 
 
 def _needs_view(size: tuple[float, float], side: int) -> bool:

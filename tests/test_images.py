@@ -159,10 +159,11 @@ def full_then_transform(data: bytes, model_input) -> np.ndarray:
 
 
 # Max abs difference, in 0-255 levels of the model input, from decoding at full size and then transforming,
-# measured on `scene` images. model_view alone: 0-1 here, at most 2 over many shapes (Pillow rounds between
-# its two passes and orders them by cost). JPEG draft scaling adds the difference between libjpeg's DCT
-# scaling and a bicubic low-pass: up to 11 at the thin lines of the 2400x1800 case (99.9th percentile 7,
-# mean 0.25). For scale, decoding at the old draft size (1x the model side) gave 48 there (mean 4.3).
+# measured on `scene` images. model_view alone: 0-1 here, at most 2 over many shapes (floating-point rounding
+# of the sampling positions; with its two passes in the other order, up to 25 at sharp edges). JPEG draft
+# scaling adds the difference between libjpeg's DCT scaling and a bicubic low-pass: up to 11 at the thin
+# lines of the 2400x1800 case (99.9th percentile 7, mean 0.25). For scale, decoding at the old draft size
+# (1x the model side) gave 48 there (mean 4.3).
 LOSSLESS_TOLERANCE = 2
 JPEG_TOLERANCE = 16
 
@@ -213,13 +214,17 @@ def test_an_elongated_strip_costs_one_model_input(model_input) -> None:
     data = encode(scene(60, 700), "PNG")
     out = decode_image(data, draft=(SIDE, SIDE))
     difference = np.abs(model_input(out.image) - full_then_transform(data, model_input))
-    assert out.image.size == (SIDE, SIDE) and np.percentile(difference, 99) <= LOSSLESS_TOLERANCE
+    assert out.image.size == (SIDE, SIDE) and difference.max() <= LOSSLESS_TOLERANCE
 
 
 def test_model_view_matches_the_transform_on_any_shape(model_input) -> None:
     rng = np.random.default_rng(0)
-    for _ in range(12):
-        width, height = (int(v) for v in rng.integers(SIDE + 1, 1600, 2))
+    # 225 and 232: 224 * (width / 224) > width in floating point, a box an ulp past the edge. Portraits
+    # just above the model size: Pillow resizes those vertical pass first, the view's region horizontal
+    # first. Then upscales and strips, and any size.
+    shapes = [(225, 400), (500, 232), (240, 320), (600, 1200), (60, 80), (50, 700), (900, 90)]
+    for width, height in [*shapes, *(rng.integers(SIDE + 1, 1600, 2) for _ in range(10))]:
+        width, height = int(width), int(height)
         image = scene(width, height, seed=width)
         difference = np.abs(model_input(model_view(image, SIDE)) - model_input(image))
         assert difference.max() <= LOSSLESS_TOLERANCE, (width, height)
