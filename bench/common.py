@@ -38,9 +38,18 @@ def samples_per_second(fn: Callable[[], object], batch: int, repeats: int = 3, w
     return batch / best
 
 
+def cpu_model() -> str:
+    """The CPU's name as /proc/cpuinfo gives it (Linux), else what `platform` knows."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            return next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def machine() -> dict:
     return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "cpu": platform.processor() or platform.machine(),
+            "cpu": platform.processor() or platform.machine(), "cpu_model": cpu_model(),
             "bf16_cpu": bool(getattr(torch.backends, "mkldnn", None) and torch.backends.mkldnn.is_available())}
 
 
