@@ -9,8 +9,9 @@ the 16 MiB byte limit (the sizes are printed). Each catalog is scored by `pipeli
 shard, one batch of --rows, workers=0: decoding runs in the scoring process) in a fresh interpreter, on a
 checkpoint of --config with random weights; the figure is that process's peak RSS (VmHWM; see
 `peak_rss_mb` for why not ru_maxrss) from the moment the model is loaded (the peak is reset there: loading
-may peak higher), beside its RSS at that moment. The same batch is also only read (plan, Parquet, cells as Python bytes) in another fresh process:
-scoring's peak over that one is what decoding and the forward add.
+may peak higher), beside its RSS at that moment. The same batch is also only read (plan, Parquet, cells
+as Python bytes) in another fresh process: scoring's peak over that one is what decoding and the forward
+add.
 
 Acceptance (issue 17): the peak of each 6000x6000 batch within 20% of the thumbnail batch's. What a batch
 still holds in proportion to its input is the encoded bytes (read from Parquet, then as Python bytes), and
