@@ -97,12 +97,29 @@ def _empty(size: int) -> torch.Tensor:
     return torch.empty(0, 3, size, size)
 
 
+# The longest entry of CLIP's BPE vocabulary spells 32 bytes, a byte is at most one character, and between
+# two tokens the tokenizer drops at most one space (pipeline.text collapses runs of whitespace). So a title
+# whose tokens fit in a context of n holds fewer than n * CHARS_PER_TOKEN characters. Not counted: HTML
+# character references ("&amp;" is one token) and the invisible characters ftfy deletes; a title padded
+# with thousands of those can lose the end the model would otherwise have seen the start of.
+CHARS_PER_TOKEN = 33
+
+
+def max_title_chars(context_length: int) -> int:
+    """The most characters of a title that can reach a context of `context_length` tokens."""
+    return context_length * CHARS_PER_TOKEN
+
+
 def tokenizer(config: CMACLIPConfig) -> Callable[[Sequence[str]], torch.Tensor]:
-    """titles -> LongTensor [B, context_length]; the BPE vocabulary ships with open_clip (works offline)."""
+    """titles -> LongTensor [B, context_length]; the BPE vocabulary ships with open_clip (works offline).
+
+    Titles are cut to `max_title_chars` first: the tokenizer cleans and BPE-encodes the whole string in
+    Python before truncating to the context, so a 1 MiB title would cost seconds for tokens never read."""
     tok = get_tokenizer(config.clip.model_name, context_length=config.clip.context_length)
+    limit = max_title_chars(config.clip.context_length)
 
     def tokenize(titles: Sequence[str]) -> torch.Tensor:
-        return tok([t or "" for t in titles])
+        return tok([(t or "")[:limit] for t in titles])
 
     return tokenize
 

@@ -2,12 +2,15 @@
 
 One pure function, `decode_image`, serves ingest (validation), the training loader and scoring, so a
 picture is judged and converted the same way everywhere. Limits are checked from the header before any
-pixel is decoded, so decompression bombs cost microseconds, not gigabytes. The images of `image_uri`
+pixel is decoded, so decompression bombs cost microseconds, not gigabytes. For a model, it decodes straight
+to what the model's transform keeps of the picture (`model_view`), so a batch holds batch-size small
+images whatever the sizes of the originals. The images of `image_uri`
 catalogs are read by `pipeline.image_sources`.
 """
 from __future__ import annotations
 
 import io
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -28,6 +31,14 @@ ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 KEEP_FORMATS = frozenset({"JPEG", "PNG", "WEBP"})
 LOSSY_FORMATS = frozenset({"JPEG", "WEBP"})
 JPEG_QUALITY = 95
+# A model-sized decode (`decode_image(draft=...)`) lets libjpeg scale by 1/2, 1/4 or 1/8 only while the
+# shorter side stays at least this many times the model's input side, so the bicubic resize that follows
+# still does most of the low-pass: the model input then stays within a few levels of the full decode's
+# (tests/test_images.py measures it). Scaled down to the model side itself, it was off by up to 48 of 255.
+JPEG_DRAFT_GAP = 4
+# An image longer than this many times its width (or wider than this many times its height) is cut down to
+# the model's view at decode even when small: resized whole, a 16 x 600,000 strip would become 224 x 8.4 M.
+MAX_ASPECT = 4
 WHITE = (255, 255, 255, 255)
 
 
@@ -102,12 +113,75 @@ def _check_header(image: Image.Image, limits: ImageLimits) -> Decoded | None:
     return None
 
 
+def model_view(image: Image.Image, side: int, extent: tuple[float, float] | None = None) -> Image.Image:
+    """What the model's eval transform (`cmaclip.transforms.image_transform`: torchvision's Resize of the
+    shorter side to `side`, bicubic, then CenterCrop to `side` x `side`) keeps of `image`, resampled from
+    just that region.
+
+    The same sampling positions, filter and order of passes as the two steps, so the same pixels up to
+    floating-point rounding (tests/test_images.py compares them), but the cost follows `side`: nothing
+    outside the crop is resampled. `extent` is the part of `image` that holds the picture when JPEG draft
+    mode decoded it at 1/n scale: (width / n, height / n) of the original, where the decoded size is
+    rounded up.
+    """
+    width, height = extent or image.size
+    if width <= height:  # torchvision's rule: the longer side is truncated, not rounded
+        new_w, new_h = side, int(side * height / width)
+    else:
+        new_w, new_h = int(side * width / height), side
+    left, top = int(round((new_w - side) / 2.0)), int(round((new_h - side) / 2.0))  # CenterCrop's offsets
+    sx, sy = width / new_w, height / new_h
+    # min(): side * (width / side) can exceed width by an ulp, and Pillow refuses a box past the edge.
+    x0, y0, x1, y1 = left * sx, top * sy, min((left + side) * sx, width), min((top + side) * sy, height)
+    bicubic = Image.Resampling.BICUBIC
+    # Each pass rounds to 8 bits, so the order shows at sharp edges (up to 25 levels): run the passes one
+    # at a time, in the order Pillow picks for the whole resize, the second on the lines the first made.
+    if _vertical_first(image.size, (new_w, new_h)):
+        a, b = _lines(x0, x1, sx, image.width)
+        tall = image.resize((b - a, side), bicubic, box=(a, y0, b, y1))
+        return tall.resize((side, side), bicubic, box=(x0 - a, 0, x1 - a, side))
+    a, b = _lines(y0, y1, sy, image.height)
+    wide = image.resize((side, b - a), bicubic, box=(x0, a, x1, b))
+    return wide.resize((side, side), bicubic, box=(0, y0 - a, side, y1 - a))
+
+
+def _vertical_first(size: tuple[int, int], out: tuple[int, int]) -> bool:
+    """Pillow 13's order of passes for a resize from `size` to `out` (libImaging/Resample.c): vertical first
+    when both sides shrink and the height loses more than twice as many pixels as the width."""
+    (width, height), (out_w, out_h) = size, out
+    return width >= out_w and height >= out_h and height - out_h > 2 * (width - out_w)
+
+
+def _lines(lo: float, hi: float, scale: float, limit: int) -> tuple[int, int]:
+    """The source rows (or columns) that a bicubic pass over [lo, hi), at `scale` source px per output px,
+    reads: 2 source px either side, 2 x scale when shrinking (plus one for rounding)."""
+    reach = 2 * max(scale, 1.0) + 1
+    return max(0, int(lo - reach)), min(limit, math.ceil(hi + reach))
+
+
+def _needs_view(size: tuple[float, float], side: int) -> bool:
+    """Larger than the model's input (the resize would shrink it), or so elongated that the transform's
+    resize would make a long strip: worth cutting down at decode. Smaller images are left to the transform."""
+    short, long = sorted(size)
+    return short > side or long > MAX_ASPECT * short
+
+
+def _jpeg_draft(image: Image.Image, side: int) -> tuple[float, float]:
+    """Let libjpeg decode at 1/2, 1/4 or 1/8 scale while the shorter side stays >= JPEG_DRAFT_GAP x `side`,
+    so the full-size image is never held. Returns the picture's extent in the decoded image."""
+    want = JPEG_DRAFT_GAP * side
+    drafted = image.draft("RGB", (want, want))
+    return drafted[1][2:] if drafted else image.size
+
+
 def decode_image(data: bytes | None, limits: ImageLimits = DEFAULT_LIMITS,
                  draft: tuple[int, int] | None = None) -> Decoded:
-    """Fully decode `data` within `limits` and convert it to RGB; never raises on bad bytes.
+    """Decode `data` within `limits` and convert it to RGB; never raises on bad bytes.
 
-    `draft` (loader only) lets JPEG decode at a reduced scale no smaller than that size, which is much
-    faster for photos far larger than the model input. Limits are still checked on the full size.
+    Without `draft` (ingest), the full image. With `draft`, the square input size of a model, the image
+    as that model sees it (`model_view`), so a decoded image costs the same whatever its size: JPEG
+    decodes at a reduced scale, and the full-size pixels of other formats are released before returning.
+    Limits are always checked on the full size, from the header, before any pixel is decoded.
     """
     if data is None:
         return _refuse(reasons.IMAGE_MISSING, "null image")
@@ -126,17 +200,23 @@ def decode_image(data: bytes | None, limits: ImageLimits = DEFAULT_LIMITS,
     fmt = image.format
     refused = _check_header(image, limits)
     if refused is not None:
+        image.close()
         return refused
+    rgb, extent = None, image.size
     try:
         if draft is not None and fmt == "JPEG":
-            image.draft("RGB", draft)
+            extent = _jpeg_draft(image, max(draft))
         image.load()
-        source_mode = image.mode
-        transparent = "transparency" in image.info
+        converted = image.mode != "RGB" or "transparency" in image.info
         rgb = to_rgb(image)
+        if draft is not None and _needs_view(extent, max(draft)):
+            rgb = model_view(rgb, max(draft), extent)
     except Exception as exc:
         return _refuse(reasons.IMAGE_UNDECODABLE, f"{type(exc).__name__}: {exc}", fmt)
-    return Decoded(image=rgb, format=fmt, converted=source_mode != "RGB" or transparent)
+    finally:
+        if rgb is not image:  # free the source's pixels now, not when the collector gets to them
+            image.close()
+    return Decoded(image=rgb, format=fmt, converted=converted)
 
 
 def encode_rgb(image: Image.Image, lossless: bool) -> bytes:

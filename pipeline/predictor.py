@@ -29,7 +29,7 @@ from cmaclip.transforms import image_batch_transform, image_size, tokenizer, tri
 
 from . import reasons
 from .images import decode_image
-from .text import NotText, as_text, clean, normalize_product_id
+from .text import NotText, normalize_product_id, normalize_title
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
@@ -134,7 +134,9 @@ class Preprocessor:
 
     @property
     def draft(self) -> tuple[int, int]:
-        """JPEG draft size for `decode_image`: the training loader decodes with the same one."""
+        """The model's input size, for `decode_image(draft=...)`: images decode straight to what the model
+        sees of them, so a batch holds batch-size small images whatever the sizes of the originals. The
+        training loader decodes with the same one."""
         size = image_size(self.config)
         return (size, size)
 
@@ -327,15 +329,15 @@ def check_row(product_id: Any, title: Any, image: bytes | None, draft: tuple[int
     """One raw row -> ((product_id, title, PIL RGB image), None) or (None, quarantine row) where a quarantine
     row is (product_id, stage, reason, detail).
 
-    The product_id is normalised and the title cleaned exactly as ingest does it (`pipeline.text`), so a
-    prediction's key is the dataset's key. An empty or null title is fine (the model learned to ignore it); a
-    missing id or a bad image is not.
+    The product_id is normalised and the title cut and cleaned exactly as ingest does it (`pipeline.text`), so
+    a prediction's key is the dataset's key and the model reads the title it was trained on. An empty or null
+    title is fine (the model learned to ignore it); a missing id or a bad image is not.
     """
     product_id, refused = check_product_id(product_id)
     if refused is not None:
         return None, refused
     try:
-        title = clean(None if _missing(title) else as_text(title)) or ""
+        title = normalize_title(None if _missing(title) else title) or ""
     except NotText as exc:
         return None, (product_id, "score", reasons.TITLE_NOT_TEXT, str(exc))
     decoded = decode_image(None if _missing(image) else image, draft=draft)

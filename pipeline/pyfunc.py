@@ -60,7 +60,7 @@ class CMACLIPPyfunc(mlflow.pyfunc.PythonModel):
 
 def predict_rows(predictor: Predictor, frame: pd.DataFrame, run_id: str = "", batch_size: int = 64) -> pd.DataFrame:
     """Raw rows -> one output row per input row (see the module docstring), in input order. Rows are
-    checked and decoded exactly as `Predictor.predict_frame` does it (same cleaning, same JPEG draft size),
+    checked and decoded exactly as `Predictor.predict_frame` does it (same cleaning, same decode to the model's size),
     one batch at a time, so memory follows the batch size, not the frame."""
     frame = frame.reset_index(drop=True)
     titles = frame["title"] if "title" in frame else [None] * len(frame)

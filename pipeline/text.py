@@ -22,6 +22,11 @@ _CONTROLS = [*range(0x20), *range(0x7F, 0xA0)]
 _DROP = {cp: None for cp in _CONTROLS if chr(cp) not in _SPACE_CONTROLS}
 _TO_SPACE = {ord(c): " " for c in _SPACE_CONTROLS}
 _TABLE = _DROP | _TO_SPACE
+# Titles are cut to this many characters before anything else, so a megabyte-long title costs microseconds
+# and the dataset never stores what no model reads: a 77-token CLIP context reads at most
+# cmaclip.transforms.max_title_chars(77) = 2,541 characters, and the 4x margin leaves room for the
+# whitespace and control characters that cleaning removes. (cmaclip imports torch; this module must not.)
+MAX_TITLE_CHARS = 10_240
 
 
 class NotText(ValueError):
@@ -85,7 +90,9 @@ def _id_or_none(value: bytes | None) -> str | None:
 
 
 def normalize_title(value: str | bytes | None) -> str | None:
-    return clean(as_text(value))
+    """A title as ingest stores it and scoring reads it: its first MAX_TITLE_CHARS characters, cleaned."""
+    text = as_text(value)
+    return clean(text[:MAX_TITLE_CHARS] if text is not None else None)
 
 
 def normalize_label(value: str | bytes | None, synonyms: dict[str, str] | None = None) -> str | None:

@@ -16,6 +16,7 @@ from pipeline import cli, reasons, storage
 from pipeline.ingest import (CatalogError, dataset_files, ingest, read_labels, read_manifest, split_of)
 from pipeline.sql import load_sql
 from pipeline.synthetic import BAD_ROWS, MESSY_TITLE, make_row
+from pipeline.text import MAX_TITLE_CHARS, normalize_title
 
 TASKS = "color,pattern,style"
 
@@ -256,6 +257,21 @@ def test_labels_trimmed_and_mapped_and_nulls_kept(tmp_path: Path) -> None:
     assert manifest["counts"]["labels_missing"]["color"] == 2
     with pytest.raises(ValueError, match="label_map"):
         ingest(str(tmp_path / "c.parquet"), TASKS, out, label_map={"size": {}})
+
+
+def test_long_titles_are_stored_cut(tmp_path: Path) -> None:
+    rows = good_rows(3)
+    rows[0]["title"] = "Acme Red Dress " + "with pockets " * 100_000  # 1.3 MB
+    rows[1]["title"] = "\t" * MAX_TITLE_CHARS + rows[1]["title"]     # all padding up to the cut: nothing left
+    out = str(tmp_path / "out")
+    manifest = ingest(write(tmp_path / "c.parquet", rows_table(rows)), TASKS, out, min_class_count=1)
+    assert manifest["counts"]["rows_kept"] == 3
+    stored = dict(zip(*dataset(out).select(["product_id", "title"]).to_pydict().values()))
+    for row in rows:  # what scoring reads from the same cell (pipeline.predictor.check_row)
+        assert stored[row["product_id"]] == normalize_title(row["title"])
+    assert len(stored[rows[0]["product_id"]]) == MAX_TITLE_CHARS
+    assert stored[rows[1]["product_id"]] is None
+    assert stored[rows[2]["product_id"]] == rows[2]["title"]
 
 
 def test_dictionary_and_large_string_columns_are_text(tmp_path: Path) -> None:

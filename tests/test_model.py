@@ -1,5 +1,6 @@
 """The CMA-CLIP model against the paper (section 3.2) and against open_clip itself."""
 import dataclasses
+import random
 
 import pytest
 import torch
@@ -8,7 +9,8 @@ import cmaclip
 from cmaclip.config import VARIANTS, load_config, with_variant
 from cmaclip.losses import multitask_loss
 from cmaclip.model import ModalityAttention
-from cmaclip.transforms import image_batch_transform, image_transform, padding_mask, tokenizer, trim_tokens
+from cmaclip.transforms import (CHARS_PER_TOKEN, image_batch_transform, image_transform, max_title_chars,
+                                padding_mask, tokenizer, trim_tokens)
 
 TASKS = {"color": 5, "pattern": 3}
 TITLES = ["red striped summer dress", "blue", "", "a very long title " * 3 + "with many words"]
@@ -105,6 +107,82 @@ def test_batch_image_transform_is_bit_identical_to_open_clip(size):
     assert batched.dtype == torch.float32 and batched.shape == (len(images), 3, size, size)
     assert torch.equal(batched, torch.stack([per_image(im) for im in images]))
     assert image_batch_transform(config)([]).shape == (0, 3, size, size)
+
+
+# --- titles: cut to what the context can hold ------------------------------------------------------------
+
+@pytest.fixture(scope="module", params=["tiny", "paper-vit-b-32"])  # contexts of 32 and 77 tokens
+def clip_config(request):
+    return load_config(request.param)
+
+
+def open_clip_tokenizer(config):
+    """open_clip's tokenizer as is: every title encoded in full, then truncated to the context."""
+    from open_clip import get_tokenizer
+    return get_tokenizer(config.clip.model_name, context_length=config.clip.context_length)
+
+
+def test_chars_per_token_bounds_the_vocabulary():
+    from open_clip.tokenizer import SimpleTokenizer
+    bpe = SimpleTokenizer()
+    # The byte encoder spells each byte as one character, so an entry's length is its length in bytes.
+    longest = max(len(entry.removesuffix("</w>")) for entry, i in bpe.encoder.items()
+                  if i not in (bpe.sot_token_id, bpe.eot_token_id))
+    assert longest + 1 <= CHARS_PER_TOKEN  # + the one space dropped between two words
+
+
+def whole_words() -> list[str]:
+    """The vocabulary's one-token ASCII words: the most characters per token, the fewest tokens per title."""
+    from open_clip.tokenizer import SimpleTokenizer
+    return [e[:-4] for e in SimpleTokenizer().encoder if e.endswith("</w>") and e[:-4].isascii() and e[:-4].isalpha()]
+
+
+def test_the_longest_title_that_fits_is_not_cut(clip_config):
+    # The longest one-token word, as many times as the context holds: the longest title that fits.
+    from open_clip.tokenizer import SimpleTokenizer
+    bpe = SimpleTokenizer()
+    count = clip_config.clip.context_length - 2  # start and end of text
+    title = " ".join([max(whole_words(), key=len)] * count)
+    assert len(bpe.encode(title)) == count and len(title) <= max_title_chars(clip_config.clip.context_length)
+    ours = tokenizer(clip_config)([title])
+    assert torch.equal(ours, open_clip_tokenizer(clip_config)([title]))
+    assert ours[0, -1] == bpe.eot_token_id  # the whole title, then the end of text, in the last slot
+
+
+def random_title(rng: random.Random, length: int, vocabulary: list[str], whole: float = 0.5) -> str:
+    """Whole words of `vocabulary` (a share `whole` of the words; all of them, one space apart: as few tokens
+    as a title can have), and words of every kind the tokenizer splits on: scripts, digits, punctuation,
+    emoji, HTML references, long runs."""
+    alphabets = ["abcdefghijklmnopqrstuvwxyz", "ABCDEFGHIJKLMNOPQRSTUVWXYZéèüßç", "абвгдежзий", "漢字東京赤青",
+                 "0123456789", "-&/.,'!()", "😀👗👩🏽\u200d💻", "&amp;"]
+    words, total = [], 0
+    while total < length:
+        if rng.random() < whole:
+            word = rng.choice(vocabulary)
+        else:
+            size = rng.choice([1, 2, 4, 8, 16]) if rng.random() < 0.97 else rng.randint(100, 400)
+            word = "".join(rng.choices(rng.choice(alphabets), k=size))
+        words.append(word + (" " if whole == 1 else rng.choice([" ", " ", "", "  "])))
+        total += len(words[-1])
+    return "".join(words)[:length]
+
+
+def test_cutting_never_changes_the_tokens(clip_config):
+    ours, theirs = tokenizer(clip_config), open_clip_tokenizer(clip_config)
+    limit = max_title_chars(clip_config.clip.context_length)
+    rng, vocabulary = random.Random(0), sorted(whole_words(), key=len)
+    titles = [random_title(rng, rng.randint(limit // 8, 3 * limit), vocabulary[-rng.choice([100, 10_000]):],
+                           rng.choice([0.5, 1.0])) for _ in range(40)]
+    assert any(len(t) > limit for t in titles) and any(len(t) <= limit for t in titles)
+    assert torch.equal(ours(titles), theirs(titles))
+
+
+def test_a_megabyte_title_reads_as_its_first_characters(clip_config):
+    title = random_title(random.Random(1), 1 << 20, whole_words())
+    limit = max_title_chars(clip_config.clip.context_length)
+    tokens = tokenizer(clip_config)([title])
+    assert torch.equal(tokens, open_clip_tokenizer(clip_config)([title[:limit]]))
+    assert torch.equal(tokens, open_clip_tokenizer(clip_config)([title[:2 * limit]]))  # the cut changed nothing
 
 
 def test_keyless_attention_formula():

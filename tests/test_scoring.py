@@ -26,6 +26,7 @@ from cmaclip.losses import multitask_loss
 from cmaclip.metrics import task_metrics
 from pipeline import reasons, scoring, synthetic
 from pipeline.predictor import Predictor, Preprocessor, decode_rows
+from pipeline.text import MAX_TITLE_CHARS, normalize_title
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
@@ -163,6 +164,24 @@ def test_workers_prepare_pixels_in_the_model_dtype(checkpoint, tmp_catalog):
     high = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), fp32.preprocessor, shard)
     assert low.pixels.dtype == torch.bfloat16 and high.pixels.dtype == torch.float32
     assert torch.equal(low.pixels, high.pixels.to(torch.bfloat16))  # the cast the forward would have done
+
+
+def test_scoring_reads_long_titles_cut_as_ingest_stores_them(tmp_path):
+    import pyarrow as pa
+
+    rows = [synthetic.make_row(5, i) for i in range(3)]
+    long_title = "Acme Red Dress " + "with pockets " * 100_000  # 1.3 MB
+    stored = normalize_title(long_title)                         # what ingest keeps of it
+    rows[0]["title"], rows[1]["title"] = long_title, stored
+    rows[1]["image"] = rows[0]["image"]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "catalog.parquet")
+    good, _ = decode_rows((r["product_id"], r["title"], r["image"]) for r in rows)
+    assert good.titles[0] == good.titles[1] == stored and len(stored) == MAX_TITLE_CHARS
+    shard = scoring.plan_shards(str(tmp_path / "catalog.parquet"), 10).shards[0]
+    pre = Preprocessor(load_config("tiny"))
+    batch = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 3)), pre, shard.image_column)
+    assert torch.equal(batch.tokens[0], batch.tokens[1]) and torch.equal(batch.pixels[0], batch.pixels[1])
+    assert not torch.equal(batch.tokens[0], batch.tokens[2])
 
 
 def test_default_workers_leave_the_cores_to_the_forward_on_cpu(monkeypatch):
