@@ -180,7 +180,7 @@ def main() -> None:
     make_checkpoint(args.config, Path(args.checkpoint))
     info = machine()
     print(f"decode memory bench: config {args.config}, {args.rows} rows per batch, workers 0, image column "
-          f"{'plain' if args.plain_images else 'as pyarrow writes it'}, CPU {info['cpu_model']}, "
+          f"{'plain' if args.plain_images else 'as pyarrow writes it'}, CPU {info['cpu']}, "
           f"{info['threads']} threads", flush=True)
     results = {}
     for name, (fmt, size) in CASES.items():

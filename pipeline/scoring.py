@@ -50,6 +50,7 @@ from .sql import load_sql, write_parquet
 CONTRACT = "cmaclip.predictions/v1"
 METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
 ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
+READ_BUFFER = 1 << 20             # Parquet pages are read through this buffer, not whole column chunks
 PREFETCH_BATCHES = 4               # per worker: enough to hide a slow image, little memory
 SOURCE_FILE = "_catalog_file"      # raw_batches: the catalog file each row came from
 DUPLICATE = "_duplicate_id"        # raw_batches: why the row is quarantined as duplicate_id (null: it is not)
@@ -302,7 +303,8 @@ def batch_schema(image_column: str) -> pa.Schema:
 def _as_bytes(column: pa.Array) -> pa.Array:
     if pa.types.is_dictionary(column.type):
         column = column.dictionary_decode()
-    return column.cast(pa.large_binary())
+    # A cast copies the column, and the image column is most of a batch's memory: only when it must.
+    return column if column.type == pa.large_binary() else column.cast(pa.large_binary())
 
 
 def _canonical(batch: pa.RecordBatch, schema: pa.Schema, file: str, first_row: int,
@@ -325,7 +327,7 @@ def raw_batches(shard: Shard, batch_size: int,
     pending, pending_rows, opened = [], 0, None
     for piece in shard.pieces:
         if opened is None or opened[0] != piece.file:
-            opened = (piece.file, storage.parquet_file(piece.file))
+            opened = (piece.file, storage.parquet_file(piece.file, buffer_size=READ_BUFFER))
         meta = opened[1].metadata
         group_start = sum(meta.row_group(g).num_rows for g in range(piece.row_group))  # as a row of the file
         offset = 0
@@ -360,8 +362,16 @@ def _keyed(table: pa.Table) -> tuple[pa.Table, list[tuple]]:
             ids.append(product_id)
         else:
             quarantine.append(refused)
-    table = table.take(keep)
+    if len(keep) < table.num_rows:  # a take copies every column, images included
+        table = table.take(keep)
     return table.set_column(0, "product_id", pa.array(ids, pa.large_string())), quarantine
+
+
+def _cells(column: pa.ChunkedArray) -> Iterator[Any]:
+    """A column's values one at a time: an image's bytes live as a Python object only while it decodes."""
+    for chunk in column.chunks:
+        for i in range(len(chunk)):
+            yield chunk[i].as_py()
 
 
 def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
@@ -370,10 +380,10 @@ def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Prepro
     table = pa.Table.from_batches(slices)
     rows_in = table.num_rows
     table, unkeyed = _keyed(table)
-    ids, titles, images = (table.column(i).to_pylist() for i in range(3))
-    quarantine = []
+    ids, titles = table.column(0).to_pylist(), table.column(1).to_pylist()
+    quarantine, images = [], _cells(table.column(2))
     if shard.image_column == "image_uri":
-        images, failed = fetch_images(images, table.column(SOURCE_FILE).to_pylist(), shard.sources)
+        images, failed = fetch_images(list(images), table.column(SOURCE_FILE).to_pylist(), shard.sources)
         quarantine = [(ids[i], "score", reason, why) for i, (reason, why) in failed.items()]
         keep = [i for i in range(len(ids)) if i not in failed]
         ids, titles, images = [ids[i] for i in keep], [titles[i] for i in keep], [images[i] for i in keep]

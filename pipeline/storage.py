@@ -272,9 +272,10 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
-def parquet_file(uri: str) -> pq.ParquetFile:
-    """An open Parquet file (footer read, no data yet)."""
-    return pq.ParquetFile(open_input(uri))
+def parquet_file(uri: str, buffer_size: int = 0) -> pq.ParquetFile:
+    """An open Parquet file (footer read, no data yet). `buffer_size` > 0 reads a column chunk page by page
+    through a buffer of that size, instead of whole: a row group of large images then costs its pages."""
+    return pq.ParquetFile(open_input(uri), buffer_size=buffer_size)
 
 
 def parquet_files(uri: str) -> list[str]:

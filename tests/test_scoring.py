@@ -179,7 +179,7 @@ def test_scoring_reads_long_titles_cut_as_ingest_stores_them(tmp_path):
     assert good.titles[0] == good.titles[1] == stored and len(stored) == MAX_TITLE_CHARS
     shard = scoring.plan_shards(str(tmp_path / "catalog.parquet"), 10).shards[0]
     pre = Preprocessor(load_config("tiny"))
-    batch = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 3)), pre, shard.image_column)
+    batch = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 3)), pre, shard)
     assert torch.equal(batch.tokens[0], batch.tokens[1]) and torch.equal(batch.pixels[0], batch.pixels[1])
     assert not torch.equal(batch.tokens[0], batch.tokens[2])
 
