@@ -125,6 +125,16 @@ def test_align_refuses_title_corruption_that_unpairs_images_and_titles(tmp_path)
         train_stage(tiny_model(cfg), ALIGN, cfg, loader(data, 16), [collate(data, range(16))], tmp_path)
 
 
+def test_a_pipeline_training_has_its_stages_in_order_and_ends_with_a_classifier():
+    from pipeline.training import check_stages
+
+    assert check_stages(("align", "warmup", "end_to_end", "tuning")) == list(ALL_STAGES)
+    assert check_stages(["align", "tuning"]) == ["align", "tuning"]
+    for bad in ([], ["align"], ["warmup", "align"], ["tuning", "warmup"], ["warmup", "warmup"], ["pretrain"]):
+        with pytest.raises(ValueError, match="subsequence"):
+            check_stages(bad)
+
+
 # --- training ------------------------------------------------------------------------------------------
 
 def test_align_trains_the_towers_on_titled_pairs_and_warmup_starts_from_them(tmp_path):
@@ -244,11 +254,12 @@ def test_cli_trains_align_over_unlabelled_rows_then_warmup(partly_labelled_datas
     train_rows = [t for f in dataset_files(partly_labelled_dataset, "train")
                   for t in storage.parquet_file(f["uri"]).read(columns=["title"]).column("title").to_pylist()]
     with mlflow_home(tmp_path / "home"):
-        code = cli.main(["train", "--data", partly_labelled_dataset, "--out", str(tmp_path / "run"),
-                         "--stages", "align,warmup", "--epochs", "1", "--no-register", "--json", "--device", "cpu"])
+        # No --stages: the config's, and the epochs override turns align on.
+        code = cli.main(["train", "--data", partly_labelled_dataset, "--out", str(tmp_path / "run"), "--epochs",
+                         "align=1,warmup=1,end_to_end=1,tuning=1", "--no-register", "--json", "--device", "cpu"])
         assert code == 0
         result = json.loads(capsys.readouterr().out)
-        assert result["training"]["stages"] == [ALIGN, "warmup"] and set(result["stages"]) == {ALIGN, "warmup"}
+        assert result["training"]["stages"] == list(ALL_STAGES) and set(result["stages"]) == set(ALL_STAGES)
         state_json = json.loads((tmp_path / "run/stages/align/last/state.json").read_text())
         # Every titled training row, labelled or not.
         assert state_json["state"]["history"][0]["train/samples"] == sum(1 for t in train_rows if t)
