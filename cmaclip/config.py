@@ -12,7 +12,9 @@ from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-STAGES = ("warmup", "end_to_end", "tuning")
+STAGES = ("warmup", "end_to_end", "tuning")   # Algorithm 1's, in order: what a training runs by default
+ALIGN = "align"                               # optional catalog pre-training of the CLIP towers, before warm-up
+ALL_STAGES = (ALIGN, *STAGES)
 
 
 @dataclass
@@ -45,9 +47,10 @@ TITLE_POLICIES = ("drop_title", "remove_label_words", "swap_title")
 
 @dataclass
 class StageConfig:
-    """One stage of Algorithm 1: epochs and learning rate per parameter group (0 = frozen), and what the
-    stage does to its training inputs (cmaclip/corruption.py, transforms.augment_image). The defaults
-    change nothing: the stage trains on the products as they are, exactly as without these fields."""
+    """One training stage (Algorithm 1's, or align): epochs and learning rate per parameter group (0 = frozen;
+    align's lr_clip also trains CLIP's temperature), and what the stage does to its training inputs
+    (cmaclip/corruption.py, transforms.augment_image). The defaults change nothing: the stage trains on the
+    products as they are, exactly as without these fields."""
     epochs: int = 20
     lr_clip: float = 0.0
     lr_sequence: float = 1e-5
@@ -90,6 +93,8 @@ class StageConfig:
 
 def _default_stages() -> dict[str, StageConfig]:
     return {
+        # Off (0 epochs) unless a config or an epochs override gives it some; it trains CLIP only.
+        ALIGN: StageConfig(epochs=0, lr_clip=1e-5, lr_sequence=0.0, lr_modality=0.0, lr_head=0.0),
         "warmup": StageConfig(lr_clip=0.0),
         "end_to_end": StageConfig(lr_clip=1e-5),
         "tuning": StageConfig(lr_clip=0.0, lr_sequence=0.0),
@@ -108,6 +113,10 @@ class TrainConfig:
     target_precision: float = 0.9        # recall is measured at this precision
     monitor: str = "mean_recall_at_precision"
     stages: dict[str, StageConfig] = field(default_factory=_default_stages)
+
+    def stage_order(self) -> tuple[str, ...]:
+        """The stages a training runs unless told which: align when it has epochs, then Algorithm 1's three."""
+        return ALL_STAGES if self.stages[ALIGN].epochs > 0 else STAGES
 
 
 @dataclass
@@ -130,9 +139,11 @@ class CMACLIPConfig:
         train = dict(d.get("train", {}))
         stages = _default_stages()
         for name, s in train.pop("stages", {}).items():
-            if name not in STAGES:
-                raise ValueError(f"unknown stage {name!r}; stages are {STAGES}")
-            stages[name] = StageConfig(**s)
+            if name not in ALL_STAGES:
+                raise ValueError(f"unknown stage {name!r}; stages are {ALL_STAGES}")
+            # align's defaults freeze the CMA modules, so its entry is read over them, not over StageConfig()'s.
+            base = dataclasses.asdict(stages[name]) if name == ALIGN else {}
+            stages[name] = StageConfig(**{**base, **s})
         return cls(
             name=d.get("name", "custom"),
             clip=CLIPConfig(**d.get("clip", {})),

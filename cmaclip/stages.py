@@ -1,6 +1,8 @@
-"""The three training stages of Algorithm 1 (paper section 4.2.2): what each freezes, and the learning rate
-of each parameter group (clip = CLIP, sequence = CMA_SA, modality = CMA_MA, head = MLP).
+"""The three training stages of Algorithm 1 (paper section 4.2.2), and the optional catalog pre-training
+before them: what each freezes, and the learning rate of each parameter group (clip = CLIP, sequence =
+CMA_SA, modality = CMA_MA, head = MLP).
 
+    align       (optional)   CLIP's towers and temperature train on its contrastive loss (cmaclip/align.py)
     warmup      lines 4-17   CLIP frozen; sequence attention, modality attention and heads train
     end_to_end  lines 18-22  everything trains
     tuning      lines 23-27  CLIP and sequence attention frozen; modality attention and heads train
@@ -22,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .config import STAGES, CMACLIPConfig
+from .config import ALIGN, ALL_STAGES, CMACLIPConfig
 from .model import CMACLIP, CMACLIPOutput, Tokens
 
 GROUPS = ("clip", "sequence", "modality", "head")
@@ -36,29 +38,30 @@ class Stage:
 
 
 STAGE_DEFS = {
+    ALIGN: Stage(ALIGN, frozenset({"sequence", "modality", "head"}), "catalog pre-training, before Algorithm 1"),
     "warmup": Stage("warmup", frozenset({"clip"}), "lines 4-17"),
     "end_to_end": Stage("end_to_end", frozenset(), "lines 18-22"),
     "tuning": Stage("tuning", frozenset({"clip", "sequence"}), "lines 23-27"),
 }
-assert tuple(STAGE_DEFS) == STAGES
+assert tuple(STAGE_DEFS) == ALL_STAGES
 
 
 def learning_rates(stage: str, config: CMACLIPConfig) -> dict[str, float]:
     """Per-group learning rates of a stage, from the config (0 = frozen)."""
     if stage not in STAGE_DEFS:
-        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+        raise ValueError(f"unknown stage {stage!r}; stages are {ALL_STAGES}")
     s = config.train.stages[stage]
     return {"clip": s.lr_clip, "sequence": s.lr_sequence, "modality": s.lr_modality, "head": s.lr_head}
 
 
 def frozen_groups(stage: str, config: CMACLIPConfig) -> frozenset[str]:
-    """What Algorithm 1 freezes in the stage, plus any group the config gives a learning rate of 0."""
+    """What the stage freezes by definition, plus any group the config gives a learning rate of 0."""
     lrs = learning_rates(stage, config)
     if any(lr < 0 for lr in lrs.values()):
         raise ValueError(f"negative learning rate in stage {stage}: {lrs}")
     contradicts = sorted(g for g in STAGE_DEFS[stage].frozen if lrs[g] > 0)
     if contradicts:
-        raise ValueError(f"Algorithm 1 freezes {contradicts} in {stage} ({STAGE_DEFS[stage].lines}), "
+        raise ValueError(f"{stage} freezes {contradicts} ({STAGE_DEFS[stage].lines}), "
                          f"but the config gives them learning rates {[lrs[g] for g in contradicts]}; set 0")
     return STAGE_DEFS[stage].frozen | {g for g, lr in lrs.items() if lr == 0}
 
@@ -86,7 +89,8 @@ def apply_stage(model: CMACLIP, stage: str, config: CMACLIPConfig) -> list[dict]
     """Freeze what the stage freezes and return the optimizer's parameter groups (trainable ones only).
 
     Every parameter outside the four groups (CLIP's logit_scale, which CMA-CLIP never uses) is frozen too:
-    it would get no gradient, and DDP refuses parameters that require grad but get none."""
+    it would get no gradient, and DDP refuses parameters that require grad but get none. Except in align,
+    whose contrastive loss learns it: there it trains at lr_clip without weight decay, as in CLIP."""
     frozen, lrs = frozen_groups(stage, config), learning_rates(stage, config)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -99,6 +103,9 @@ def apply_stage(model: CMACLIP, stage: str, config: CMACLIPConfig) -> list[dict]
         param_groups.append({"name": name, "params": params, "lr": lrs[name]})
     if not param_groups:
         raise ValueError(f"stage {stage} trains nothing: every group is frozen")
+    if stage == ALIGN:
+        scale = model.towers.clip.logit_scale.requires_grad_(True)
+        param_groups.append({"name": "logit_scale", "params": [scale], "lr": lrs["clip"], "weight_decay": 0.0})
     set_train_mode(model, frozen)
     return param_groups
 

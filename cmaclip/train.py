@@ -1,4 +1,5 @@
-"""Training: one stage of Algorithm 1 (`train_stage`), or the three chained (`train_stages`).
+"""Training: one stage (`train_stage`), Algorithm 1's three or the optional catalog pre-training `align`
+before them (cmaclip/align.py), or several chained (`train_stages`).
 
 Choices, and why:
 - Optimizer: AdamW, i.e. Adam with decoupled weight decay (config.train.weight_decay, the paper's 1e-4), one
@@ -12,8 +13,9 @@ Choices, and why:
   with a grad scaler on GPUs without it, fp32 otherwise. Gradients are clipped to config.train.grad_clip.
 - Best checkpoint: by config.train.monitor on the validation set (default: mean recall at 90% precision;
   the paper's "lowest validation accuracy" is a slip). Ties, common on small data where that recall is 0,
-  go to the higher mean accuracy, then the lower validation loss. Early stopping after config.train.patience
-  epochs without a better one.
+  go to the higher mean accuracy, then the lower validation loss. Align's: by image-to-title recall@1, then
+  recall@5, then the lower contrastive loss. Early stopping after config.train.patience epochs without a
+  better one.
 - Resume: after every epoch `last/` holds weights, optimizer, grad scaler, every rank's RNG state, the
   epoch, the best so far and the history; a rerun with the same out_dir continues after the last completed
   epoch and, on CPU with the same seed and batches, ends with bit-identical weights. A finished stage
@@ -21,13 +23,15 @@ Choices, and why:
 - DDP: under torchrun (torch.distributed initialized) the trainable part is wrapped in
   DistributedDataParallel; every rank validates its own shard and the predictions are gathered with
   all_gather_object (duplicates from sampler padding dropped by product id), so every rank computes the
-  same metrics and takes the same early-stopping decision. Only rank 0 writes files and calls callbacks.
+  same metrics and takes the same early-stopping decision (align gathers its embeddings the same way).
+  Only rank 0 writes files and calls callbacks.
   out_dir must be visible to all ranks (one node, or a shared filesystem) for resume.
 - Epochs are numbered from 0, like the loader factory's argument; `epochs_run` counts completed ones.
 
 Checkpoint folder of a stage (out_dir):
     best/   cmaclip checkpoint (checkpoint.py): model.safetensors + cmaclip.json with thresholds calibrated
-            on validation at config.train.target_precision and extra = {stage, epoch, metrics, precision}
+            on validation at config.train.target_precision (none after align) and extra = {stage, epoch,
+            metrics, precision, monitor}
     last/   model.safetensors, train_state.pt (optimizer, scaler, RNG; torch.save, read with
             weights_only=True), state.json (epoch, step, best so far, history, config, finished)
 """
@@ -53,7 +57,10 @@ from torch import nn
 
 from .cache import CacheConfig, FeatureCache, cache_config
 from .checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from .config import STAGES, CMACLIPConfig
+from .align import MONITOR as ALIGN_MONITOR
+from .align import ContrastiveTowers, contrastive_loss, embed_pairs, has_title, retrieval_metrics
+from .clip_baseline import logit_scale
+from .config import ALIGN, ALL_STAGES, CMACLIPConfig
 from .evaluate import Predictions, autocast, metrics_from_predictions, predict, resolve_precision, \
     thresholds_from_metrics
 from .losses import IGNORE, multitask_loss
@@ -197,12 +204,12 @@ def _with_last(iterable: Iterable):
     yield prev, True
 
 
-def _rank_key(metrics: dict[str, float], monitor: str) -> list[float]:
-    """Larger is better: the monitored metric, then mean accuracy, then lower validation loss."""
+def _rank_key(metrics: dict[str, float], monitor: str, then: str = "mean_accuracy") -> list[float]:
+    """Larger is better: the monitored metric, then `then`, then lower validation loss."""
     if monitor not in metrics:
         raise KeyError(f"monitor {monitor!r} is not a validation metric; have {sorted(metrics)}")
     sign = -1.0 if monitor.endswith("loss") else 1.0
-    key = [sign * metrics[monitor], metrics.get("mean_accuracy", -math.inf), -metrics.get("loss", math.inf)]
+    key = [sign * metrics[monitor], metrics.get(then, -math.inf), -metrics.get("loss", math.inf)]
     return [-math.inf if math.isnan(v) else float(v) for v in key]
 
 
@@ -254,19 +261,41 @@ class _StageRun:
         # Augmented images differ every epoch, so nothing frozen would recur (corrupted titles are keyed).
         self.cache = (FeatureCache(cache, out_dir / f"cache-rank{self.rank}") if cache is not None
                       and self.prefix != "none" and not config.train.stages[stage].augments_images else None)
-        self.net: nn.Module = _Trainable(model, self.prefix)
+        self.net: nn.Module = self.trainable()
         self.state = _State()
+
+    # -- what the stage optimises: Algorithm 1's classification (_AlignRun overrides these) --------------
+    @property
+    def monitor(self) -> str:
+        return self.train_cfg.monitor
+
+    def trainable(self) -> nn.Module:
+        return _Trainable(self.model, self.prefix)
+
+    def loss_parts(self) -> list[str]:
+        """Names of the loss's parts, logged as loss/<part>."""
+        return self.model.tasks
+
+    def loss(self, inputs: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        """(loss, its parts, samples it covers) of one micro-batch; runs under autocast."""
+        loss, per_task = multitask_loss(self.net(**inputs), self.targets(batch))
+        return loss, [per_task[t] for t in self.model.tasks], len(batch["product_id"])
+
+    def rank_key(self, metrics: dict[str, float]) -> list[float]:
+        return _rank_key(metrics, self.monitor)
 
     # -- set-up -------------------------------------------------------------------------------------------
     def wrap_ddp(self) -> None:
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel as DDP
-            # A single-modality variant never uses the other tower: DDP must be told to expect that.
-            both = self.model.use_image and self.model.use_text
             gpu = None
             if self.device.type == "cuda":
                 gpu = [self.device.index if self.device.index is not None else torch.cuda.current_device()]
-            self.net = DDP(self.net, device_ids=gpu, find_unused_parameters=not both)
+            self.net = DDP(self.net, device_ids=gpu, find_unused_parameters=self.unused_parameters())
+
+    def unused_parameters(self) -> bool:
+        """A single-modality variant never uses the other tower: DDP must be told to expect that."""
+        return not (self.model.use_image and self.model.use_text)
 
     def finished(self) -> bool:
         patience = self.train_cfg.patience
@@ -314,8 +343,7 @@ class _StageRun:
 
     def train_epoch(self, batches: Iterable[dict], callbacks: Sequence[Callback], progress: bool) -> dict:
         set_train_mode(self.model, self.frozen)
-        tasks = self.model.tasks
-        window = torch.zeros(2 + len(tasks), device=self.device)  # loss, micro-batches, per-task losses
+        window = torch.zeros(2 + len(self.loss_parts()), device=self.device)  # loss, micro-batches, parts
         total = torch.zeros(2, device=self.device)                   # loss * samples, samples
         if progress and self.rank == 0:
             from tqdm.auto import tqdm
@@ -323,15 +351,14 @@ class _StageRun:
         start = time.perf_counter()
         for i, (batch, last) in enumerate(_with_last(batches)):
             boundary = last or (i + 1) % self.accumulation == 0
-            inputs, targets = self.inputs(batch), self.targets(batch)
+            inputs = self.inputs(batch)
             no_sync = self.net.no_sync() if (self.world > 1 and not boundary) else nullcontext()
             with no_sync:
                 with autocast(self.device, self.precision):
-                    loss, per_task = multitask_loss(self.net(**inputs), targets)
+                    loss, parts, n = self.loss(inputs, batch)
                 self.scaler.scale(loss / self.accumulation).backward()
-            n = len(batch["product_id"])
             window += torch.stack([loss.detach(), torch.tensor(1.0, device=self.device),
-                                   *[per_task[t].detach() for t in tasks]])
+                                   *[part.detach() for part in parts]])
             total += torch.stack([loss.detach() * n, torch.tensor(float(n), device=self.device)])
             if boundary:
                 self.log_step(self.optimizer_step(), window, callbacks)
@@ -349,7 +376,7 @@ class _StageRun:
         window = _sum_across_ranks(window).tolist()
         count = max(window[1], 1.0)
         metrics = {"loss": window[0] / count, "grad_norm": grad_norm,
-                   **{f"loss/{t}": v / count for t, v in zip(self.model.tasks, window[2:])},
+                   **{f"loss/{t}": v / count for t, v in zip(self.loss_parts(), window[2:])},
                    **{f"lr/{g}": lr for g, lr in self.group_lrs.items()}}
         if self.rank == 0:
             for cb in callbacks:
@@ -363,7 +390,7 @@ class _StageRun:
         return metrics_from_predictions(preds, self.train_cfg.target_precision)
 
     def update_best(self, epoch: int, metrics: dict[str, float]) -> bool:
-        key = _rank_key(metrics, self.train_cfg.monitor)
+        key = self.rank_key(metrics)
         improved = self.state.best_key is None or key > self.state.best_key
         if improved:
             self.state.best_key, self.state.best_epoch, self.state.best_metrics = key, epoch, metrics
@@ -374,7 +401,7 @@ class _StageRun:
 
     def save_best(self, epoch: int, metrics: dict[str, float]) -> None:
         extra = {"stage": self.stage, "epoch": epoch, "metrics": metrics, "precision": self.precision,
-                 "target_precision": self.train_cfg.target_precision, "monitor": self.train_cfg.monitor}
+                 "target_precision": self.train_cfg.target_precision, "monitor": self.monitor}
         ckpt = Checkpoint(self.config, self.labels, thresholds_from_metrics(metrics, self.model.tasks), extra)
         tmp = self.out_dir / "best.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -427,6 +454,46 @@ class _StageRun:
             self.cache.close()
 
 
+class _AlignRun(_StageRun):
+    """The align stage: CLIP's contrastive loss on (image, title) pairs; image-to-title retrieval recall on
+    validation (cmaclip/align.py). Checkpoints, resume, DDP and callbacks are the other stages'."""
+
+    def __init__(self, model: CMACLIP, stage: str, config: CMACLIPConfig, out_dir: Path, **kwargs):
+        inputs = config.train.stages[stage]
+        if inputs.drop_title or inputs.swap_title:
+            raise ValueError("align learns from each image and its own title: drop_title and swap_title would "
+                             "unpair them; set both to 0 in the align stage")
+        super().__init__(model, stage, config, out_dir, **kwargs)
+
+    @property
+    def monitor(self) -> str:
+        return ALIGN_MONITOR
+
+    def trainable(self) -> nn.Module:
+        return ContrastiveTowers(self.model)
+
+    def unused_parameters(self) -> bool:
+        return False  # both towers and the temperature enter every loss
+
+    def loss_parts(self) -> list[str]:
+        return []
+
+    def loss(self, inputs: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        keep = has_title(inputs["text"])
+        return contrastive_loss(*self.net(**inputs), keep), [], int(keep.sum())
+
+    def validate(self, batches: Iterable[dict]) -> dict[str, float]:
+        ids, image, title = embed_pairs(self.model, batches, device=self.device, precision=self.precision)
+        if self.world > 1:
+            parts = _gather((ids, image, title))
+            ids = [i for p in parts for i in p[0]]
+            image, title = torch.cat([p[1] for p in parts]), torch.cat([p[2] for p in parts])
+        return retrieval_metrics(ids, image, title, float(logit_scale(self.model.towers).detach()))
+
+    def rank_key(self, metrics: dict[str, float]) -> list[float]:
+        return _rank_key(metrics, self.monitor, then="image_to_title_recall_at_5")
+
+
 def read_stage_result(out_dir: str | os.PathLike) -> StageResult | None:
     """The stored result of a finished stage in out_dir, or None if it has not finished."""
     out_dir = Path(out_dir)
@@ -447,7 +514,7 @@ def train_stage(model: CMACLIP, stage: str, config: CMACLIPConfig, train_batches
                 cache: None | str | CacheConfig = None, device: str | torch.device = "cpu",
                 labels: dict[str, list[str]] | None = None, resume: bool = True,
                 progress: bool = False) -> StageResult:
-    """Train one stage of Algorithm 1 and return its best checkpoint (out_dir/best) and history.
+    """Train one stage (Algorithm 1's, or align) and return its best checkpoint (out_dir/best) and history.
 
     `model` gives the architecture, tasks and starting weights, and ends with the last epoch's weights
     (the best ones are in best/); `config.train` gives the training settings. `train_batches` and
@@ -457,12 +524,13 @@ def train_stage(model: CMACLIP, stage: str, config: CMACLIPConfig, train_batches
     (pipeline.data applies the stage's); `config` only tells the trainer whether images change.
     `labels`: class names per task for the checkpoint (default "0", "1", ...). `progress`: a tqdm bar
     per epoch on rank 0."""
-    if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; stages are {STAGES}")
+    if stage not in ALL_STAGES:
+        raise ValueError(f"unknown stage {stage!r}; stages are {ALL_STAGES}")
     if config.train.stages[stage].epochs < 1:
         raise ValueError(f"stage {stage} has {config.train.stages[stage].epochs} epochs; leave it out instead")
     out_dir, device = Path(out_dir), torch.device(device)
-    run = _StageRun(model, stage, config, out_dir, cache=cache_config(cache), device=device, labels=labels)
+    run_class = _AlignRun if stage == ALIGN else _StageRun
+    run = run_class(model, stage, config, out_dir, cache=cache_config(cache), device=device, labels=labels)
     if not (resume and run.load_last()):
         if run.rank == 0:
             for name in ("last", "last.old", "best", "best.old"):
@@ -522,18 +590,20 @@ def _starting_model(source, device) -> tuple[CMACLIP, dict[str, list[str]] | Non
 def train_stages(config: CMACLIPConfig, init: CMACLIP | Callable[[], CMACLIP] | str | os.PathLike,
                  train_batches: Batches | Mapping[str, Batches], val_batches: Batches,
                  out_dir: str | os.PathLike, *,
-                 stages: Sequence[str] = STAGES, callbacks: Sequence[Callback] = (),
+                 stages: Sequence[str] | None = None, callbacks: Sequence[Callback] = (),
                  cache: None | str | CacheConfig = None, device: str | torch.device = "cpu",
                  labels: dict[str, list[str]] | None = None, resume: bool = True,
                  progress: bool = False) -> dict[str, StageResult]:
     """Run stages in order (out_dir/<stage>/), each starting from the previous stage's best checkpoint.
 
-    `init` starts the first stage: a model, a factory returning one, or a checkpoint folder. With
-    resume=True a finished stage is not run again and an interrupted one continues. `train_batches` may be
-    {stage: batches}, for stages whose inputs differ (title corruption, image augmentation)."""
-    unknown = [s for s in stages if s not in STAGES]
+    `init` starts the first stage: a model, a factory returning one, or a checkpoint folder. `stages`: by
+    default the config's (`TrainConfig.stage_order`: align when it has epochs, then Algorithm 1's three).
+    With resume=True a finished stage is not run again and an interrupted one continues. `train_batches` may
+    be {stage: batches}, for stages whose inputs differ (title corruption, image augmentation)."""
+    stages = config.train.stage_order() if stages is None else stages
+    unknown = [s for s in stages if s not in ALL_STAGES]
     if unknown:
-        raise ValueError(f"unknown stages {unknown}; stages are {STAGES}")
+        raise ValueError(f"unknown stages {unknown}; stages are {ALL_STAGES}")
     results: dict[str, StageResult] = {}
     source = init
     for stage in stages:
@@ -554,7 +624,7 @@ def train_stages(config: CMACLIPConfig, init: CMACLIP | Callable[[], CMACLIP] | 
 # ---------------------------------------------------------------------------------------------------------
 # For the CLI.
 
-SUMMARY_KEYS = ("mean_recall_at_precision", "mean_accuracy", "mean_macro_f1", "loss")
+SUMMARY_KEYS = ("mean_recall_at_precision", "mean_accuracy", "mean_macro_f1", ALIGN_MONITOR, "loss")
 
 
 class PrintCallback(Callback):
@@ -570,7 +640,8 @@ class PrintCallback(Callback):
 
 
 def stage_table(results: dict[str, StageResult], keys: Sequence[str] = SUMMARY_KEYS) -> str:
-    """A per-stage table of the best validation metrics."""
+    """A per-stage table of the best validation metrics (the columns some stage has)."""
+    keys = [k for k in keys if any(k in r.best_metrics for r in results.values())]
     header = ["stage", "epochs", "best_epoch", *keys]
     rows = [[s, str(r.epochs_run), str(r.best_epoch), *(f"{r.best_metrics.get(k, float('nan')):.4f}"
                                                       for k in keys)] for s, r in results.items()]

@@ -1,11 +1,14 @@
 """Retrain CMA-CLIP on demand; the registry decides whether the new model becomes the champion.
 
-    ingest -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
+    ingest -> align -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
 
 Trigger it from the UI (the form shows the params below, validated by their JSON schema) or with
 `airflow dags trigger cmaclip_retrain -c '{"epochs": {"warmup": 2}}'`. Each task is one call into
 `pipeline.orchestration`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
 named after the run, so a retried training stage resumes after its last completed epoch.
+
+`align` opens the training (its MLflow parent run) and runs the optional catalog pre-training when the
+config, or the `epochs` param (`{"align": 2}`), gives it epochs; otherwise it trains nothing and passes on.
 
 `compare` is a short-circuit: when the gate fails (or `promote` is off, or there is no champion to
 compare with) `promote` shows as skipped. A new champion, promoted here or registered as the very first
@@ -32,9 +35,11 @@ PARAMS = {
                     examples=orch.config_names(),
                     description="A config name in configs/ or the path of a config JSON file."),
     "epochs": Param({}, type="object", title="Epochs per stage",
-                    properties={s: {"type": "integer", "minimum": 1, "maximum": 1000} for s in orch.STAGES},
+                    properties={orch.ALIGN: {"type": "integer", "minimum": 0, "maximum": 1000},
+                                **{s: {"type": "integer", "minimum": 1, "maximum": 1000} for s in orch.STAGES}},
                     additionalProperties=False,
-                    description='Overrides of the config\'s epochs, e.g. {"warmup": 2, "tuning": 1}; {} keeps them.'),
+                    description='Overrides of the config\'s epochs, e.g. {"warmup": 2, "tuning": 1}; {} keeps them. '
+                                '{"align": 2} adds the catalog pre-training before warmup, {"align": 0} removes it.'),
     "target_precision": Param(0.9, type="number", exclusiveMinimum=0, exclusiveMaximum=1,
                               title="Target precision",
                               description="Thresholds are calibrated, and recall reported, at this precision."),
@@ -72,10 +77,14 @@ def cmaclip_retrain():
         return orch.ingest_catalog(params["catalog_uri"], params["tasks"], _run_folder())
 
     @task(**TRAINING)
-    def warmup(dataset: dict, params=None, dag=None, run_id=None):
+    def align(dataset: dict, params=None, dag=None, run_id=None):
         state = orch.open_training(dataset, _run_folder(), params["config"], epochs=params["epochs"],
                                    target_precision=params["target_precision"], model_name=params["model_name"],
                                    dag_id=dag.dag_id, run_id=run_id)
+        return orch.train_stage(state, orch.ALIGN, params["training_processes"])
+
+    @task(**TRAINING)
+    def warmup(state: dict, params=None):
         return orch.train_stage(state, "warmup", params["training_processes"])
 
     @task(**TRAINING)
@@ -112,7 +121,7 @@ def cmaclip_retrain():
                                                 extra={"version": promoted["challenger"]})
         return promoted
 
-    registered = register(evaluate(tuning(end_to_end(warmup(ingest())))))
+    registered = register(evaluate(tuning(end_to_end(warmup(align(ingest()))))))
     gate = compare(registered)
     gate >> promote(registered, gate["decision"])
 

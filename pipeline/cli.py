@@ -82,8 +82,9 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="tiny", help="config name in configs/ or a JSON file")
     p.add_argument("--data", required=True, help="ingested dataset URI (the folder with manifest.json)")
     p.add_argument("--out", required=True, help="training folder URI (checkpoints; s3:// works)")
-    p.add_argument("--stages", default="warmup,end_to_end,tuning", help="comma-separated, in order")
-    p.add_argument("--epochs", type=_epochs, help="epochs for every stage (3) or per stage (warmup=2,tuning=1)")
+    p.add_argument("--stages", help="comma-separated, in order, from align,warmup,end_to_end,tuning (default: the "
+                   "config's: align when it has epochs, then warmup,end_to_end,tuning)")
+    p.add_argument("--epochs", type=_epochs, help="epochs for every stage (3) or per stage (align=2,warmup=1)")
     p.add_argument("--model-name", default="cmaclip", help="registered model name")
     p.add_argument("--no-register", action="store_true", help="log the model but do not register it")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
@@ -93,7 +94,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 def _train(args: argparse.Namespace) -> Any:
     from .training import train
     stream = sys.stderr if args.json else sys.stdout
-    result = train(args.config, args.data, args.out, stages=[s for s in args.stages.split(",") if s],
+    stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
+    result = train(args.config, args.data, args.out, stages=stages,
                    epochs=args.epochs, model_name=args.model_name, register=not args.no_register,
                    device=args.device, print_fn=lambda line: print(line, file=stream, flush=True))
     return result if args.json else None

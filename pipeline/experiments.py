@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 import cmaclip
-from cmaclip.config import STAGES, CMACLIPConfig, with_variant
+from cmaclip.config import ALL_STAGES, CMACLIPConfig, with_variant
 from cmaclip.evaluate import evaluate
 from cmaclip.transforms import tokenizer
 
@@ -180,11 +180,12 @@ def stage_summary(result) -> dict[str, Any]:
 
 def train_variant(variant: str, config: CMACLIPConfig, data: Splits, run_dir: Path,
                   opts: Options) -> tuple[Path, dict[str, Any]]:
-    """Algorithm 1's three stages for one variant; (best checkpoint of the last stage, summary)."""
+    """Algorithm 1's three stages for one variant, after align when it has epochs; (best checkpoint of the
+    last stage, summary)."""
     from cmaclip.train import PrintCallback, train_stages
 
     vconfig = with_variant(config, variant)
-    stages = [s for s in STAGES if vconfig.train.stages[s].epochs > 0]
+    stages = [s for s in ALL_STAGES if vconfig.train.stages[s].epochs > 0]
     train = {s: epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed, s), opts.threads)
              for s in stages}  # per stage: each has its own title corruption and image augmentation
     results = train_stages(

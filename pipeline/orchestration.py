@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 MODEL_NAME = os.environ.get("CMACLIP_MODEL_NAME", "cmaclip")
 TASKS = ("color", "pattern", "style")
 STAGES = ("warmup", "end_to_end", "tuning")       # cmaclip.config.STAGES, without importing torch
+ALIGN = "align"                                   # cmaclip.config.ALIGN: optional, before warmup
 SCORING_SCHEDULE = os.environ.get("CMACLIP_SCORING_SCHEDULE", "0 2 * * *")
 # A mapped task per group of shards: far below Airflow's max_map_length (1024), and few enough that the
 # per-task start-up (interpreter, model load) stays small next to the scoring itself.
@@ -123,7 +124,8 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
                   epochs: Mapping[str, int] | None = None, target_precision: float | None = None,
                   model_name: str = MODEL_NAME, dag_id: str = "", run_id: str = "") -> dict[str, Any]:
     """Start (or, on a retry, find again) the training of this run: its MLflow parent run and handle,
-    tagged with the Airflow run it belongs to. Returns the state the stage tasks pass along:
+    tagged with the Airflow run it belongs to. Its stages are the config's after the `epochs` overrides
+    (align only when it has epochs). Returns the state the stage tasks pass along:
     {"training": handle, "results": []}."""
     from . import storage, training
 
@@ -140,8 +142,13 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
 
 def train_stage(state: Mapping[str, Any], stage: str, processes: int | str = 1) -> dict[str, Any]:
     """Train `stage` on `processes` processes (torchrun when more than one), resuming it after the last
-    completed epoch on a retry; returns the state with the stage's result appended."""
+    completed epoch on a retry; returns the state with the stage's result appended. A stage the training
+    does not include (align, unless its config gives it epochs) passes the state on unchanged."""
     from . import launch
+
+    if stage not in state["training"]["stages"]:
+        log.info("stage %s is not in this training's stages %s: nothing to train", stage, state["training"]["stages"])
+        return {"training": state["training"], "results": list(state["results"])}
 
     result = launch.run_stage_distributed(state["training"], stage, processes)
     return {"training": state["training"], "results": [*state["results"], result]}

@@ -10,7 +10,7 @@ from . import settings
 FASHION_SMALL = settings.REPO_ROOT.parent / "shared" / "data" / "fashion-small" / "products.parquet"
 TASKS = ("color", "article_type", "usage")
 VARIANTS = ("cma-clip", "no-modality-attention", "no-attention", "image-only", "text-only")
-STAGES = ("warmup", "end_to_end", "tuning")  # cmaclip.config.STAGES, without importing torch
+STAGES = ("align", "warmup", "end_to_end", "tuning")  # cmaclip.config.ALL_STAGES, without importing torch
 
 
 @dataclass
@@ -42,7 +42,7 @@ class Options:
 
 
 def _epochs(text: str) -> dict[str, int]:
-    """'warmup=1,end_to_end=2' -> {'warmup': 1, 'end_to_end': 2}."""
+    """'warmup=1,end_to_end=2' -> {'warmup': 1, 'end_to_end': 2}; align=N adds the catalog pre-training."""
     pairs = [item.split("=", 1) for item in text.split(",") if item]
     out = {k.strip(): int(v) for k, v in pairs}
     unknown = set(out) - set(STAGES)

@@ -10,7 +10,9 @@ per split), the code version and package versions; artifacts = config.json, labe
 Stage run: per-epoch metrics (step = epoch): `train/loss`, `train/loss/<task>`, `val/<task>/{accuracy,
 macro_f1,recall_at_precision,threshold,image_weight}`, `val/mean_*`, `val/loss`, `lr/<group>`; throttled
 step metrics `step/*`; MLflow system metrics; artifacts = the best checkpoint, config.json, labels.json,
-thresholds.json, plots/<task>/{precision_recall,confusion,lambda}.png, best_metrics.json.
+thresholds.json, plots/<task>/{precision_recall,confusion,lambda}.png, best_metrics.json. The align stage
+run logs `val/image_to_title_recall_at_{1,5}`, `val/loss` (contrastive), `val/logit_scale`, `val/n` instead
+of the per-task metrics, and no plots.
 """
 from __future__ import annotations
 
@@ -242,11 +244,12 @@ class MLflowCallback(Callback):
 
 # --- stage artifacts ---------------------------------------------------------------------------------
 
-def log_stage_artifacts(run_id: str, result: StageResult, predictions: Predictions,
+def log_stage_artifacts(run_id: str, result: StageResult, predictions: Predictions | None,
                         titles: Mapping[str, str | None], labels: Mapping[str, list[str]],
                         target_precision: float) -> None:
     """The stage's outputs: best checkpoint, its config, vocabularies, thresholds and metrics, and the
-    per-task plots of the best checkpoint on the validation split. Idempotent (same artifact paths)."""
+    per-task plots of the best checkpoint's `predictions` on the validation split (none without them: the
+    align stage trains no classifier). Idempotent (same artifact paths)."""
     from cmaclip.checkpoint import read_checkpoint_meta
 
     c = client()
@@ -259,6 +262,8 @@ def log_stage_artifacts(run_id: str, result: StageResult, predictions: Predictio
     c.log_dict(run_id, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                         "metrics": result.best_metrics}, "best_metrics.json")
     log_metrics(c, run_id, {f"best/{k}": v for k, v in result.best_metrics.items()}, result.best_epoch)
+    if predictions is None:
+        return
     with tempfile.TemporaryDirectory(prefix="cmaclip-plots-") as tmp:
         write_plots(Path(tmp), predictions, titles, labels, target_precision)
         c.log_artifacts(run_id, tmp, "plots")

@@ -1,4 +1,6 @@
-"""The three training stages over an ingested dataset, each an MLflow run; what the CLI and the DAG call.
+"""The training stages over an ingested dataset, each an MLflow run; what the CLI and the DAG call. By
+default the config's stages: the optional catalog pre-training `align` when the config gives it epochs, then
+Algorithm 1's warmup, end_to_end and tuning.
 
 Airflow runs it as separate tasks that pass small JSON dicts along:
 
@@ -27,10 +29,10 @@ import pandas as pd
 import torch
 
 from cmaclip.checkpoint import load_checkpoint
-from cmaclip.config import STAGES, CMACLIPConfig, load_config
+from cmaclip.config import ALIGN, ALL_STAGES, STAGES, CMACLIPConfig, load_config
 from cmaclip.evaluate import predict
 from cmaclip.model import CMACLIP, create_model
-from cmaclip.train import Callback, PrintCallback, StageResult, train_stage
+from cmaclip.train import SUMMARY_KEYS, Callback, PrintCallback, StageResult, train_stage
 
 from . import settings, storage, tracking
 from .data import dist_rank_world, make_loader, set_epoch
@@ -38,7 +40,6 @@ from .ingest import dataset_files, read_manifest, vocabularies
 
 TRAINING_FILE = "training.json"
 IN_MEMORY_MAX_ROWS = 20_000   # splits up to this size are held in memory as raw rows (faster epochs)
-SUMMARY_KEYS = ("mean_recall_at_precision", "mean_accuracy", "mean_macro_f1", "loss")
 
 
 # --- config and data ---------------------------------------------------------------------------------
@@ -199,20 +200,32 @@ def _checkpoint_uri(training: Mapping[str, Any], stage: str) -> str:
 
 # --- the three calls ---------------------------------------------------------------------------------
 
+def check_stages(stages: Sequence[str]) -> list[str]:
+    """A training's stages: known, in order, and ending with a stage that trains the classifier."""
+    stages = list(stages)
+    known = all(s in ALL_STAGES for s in stages)
+    ordered = known and all(ALL_STAGES.index(a) < ALL_STAGES.index(b) for a, b in zip(stages, stages[1:]))
+    if not (stages and ordered) or stages[-1] == ALIGN:
+        raise ValueError(f"stages must be a non-empty subsequence of {ALL_STAGES} that does not end with "
+                         f"{ALIGN} (it trains no classifier); got {stages}")
+    return stages
+
+
 def start_training(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri: str, out_uri: str, *,
-                   stages: Sequence[str] = STAGES, epochs: int | Mapping[str, int] | None = None,
+                   stages: Sequence[str] | None = None, epochs: int | Mapping[str, int] | None = None,
                    model_name: str = "cmaclip", run_name: str | None = None,
                    experiment: str = tracking.TRAINING_EXPERIMENT, device: str = "auto",
                    cache: str | None = "memory", workers: int = 0,
                    tags: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Create the parent MLflow run and `out_uri/training.json`; returns that small dict (the handle every
-    later call takes). Calling it again for the same out_uri, config and dataset returns the same
-    training while it is unfinished (a retried Airflow task), so there is never a second parent run."""
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise ValueError(f"stages must be a non-empty subset of {STAGES}, in order; got {list(stages)}")
+    later call takes). `stages`: by default the config's after the `epochs` overrides (align runs when it
+    has epochs). Calling it again for the same out_uri, config and dataset returns the same training while
+    it is unfinished (a retried Airflow task), so there is never a second parent run."""
+    config = as_config(config)
+    config = with_epochs(config, epochs, stages or config.train.stage_order())
+    stages = check_stages(config.train.stage_order() if stages is None else stages)
     vocab = vocabularies(dataset_uri)
-    config = with_epochs(as_config(config), epochs, stages).with_tasks({t: len(v) for t, v in vocab.items()})
+    config = config.with_tasks({t: len(v) for t, v in vocab.items()})
     manifest = read_manifest(dataset_uri)
     handle_uri = storage.join(out_uri, TRAINING_FILE)
     wanted = {"config": config.to_dict(), "dataset_uri": dataset_uri, "stages": list(stages)}
@@ -306,6 +319,9 @@ def _initial_model(config: CMACLIPConfig) -> CMACLIP:
 def _log_stage(training: Mapping[str, Any], run_id: str, result: StageResult, config: CMACLIPConfig,
                device: str) -> None:
     """Artifacts of the stage, from its best checkpoint's predictions on the validation split."""
+    if result.stage == ALIGN:  # no classifier trained yet: its predictions would say nothing
+        tracking.log_stage_artifacts(run_id, result, None, {}, {}, config.train.target_precision)
+        return
     model, ckpt = load_checkpoint(result.best_checkpoint, device=device)
     loader = split_batches(training["dataset_uri"], "validation", ckpt.config, 2 * config.train.micro_batch_size,
                            rank=0, world_size=1)  # the whole split, also on rank 0 of a DDP run
@@ -365,7 +381,7 @@ def fail_training(training: Mapping[str, Any]) -> None:
 # --- everything in one process (the CLI) -------------------------------------------------------------
 
 def train(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri: str, out_uri: str, *,
-          stages: Sequence[str] = STAGES, epochs: int | Mapping[str, int] | None = None,
+          stages: Sequence[str] | None = None, epochs: int | Mapping[str, int] | None = None,
           model_name: str = "cmaclip", register: bool = True, print_fn: Callable[[str], None] | None = print,
           **options: Any) -> dict[str, Any]:
     """start_training, run_stage for each stage, finish_training; prints epoch lines and a stage table
@@ -385,7 +401,8 @@ def train(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri: str, out
 
 
 def stage_table(results: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = SUMMARY_KEYS) -> str:
-    """Per stage: epochs run, best epoch and its validation metrics."""
+    """Per stage: epochs run, best epoch and its validation metrics (the columns some stage has)."""
+    keys = [k for k in keys if any(r["metrics"].get(k) is not None for r in results.values())]
     header = ["stage", "epochs", "best_epoch", *keys, "run_id"]
     rows = [[s, str(r["epochs_run"]), str(r["best_epoch"]),
              *(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "-" for k in keys), r["run_id"]]

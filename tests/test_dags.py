@@ -60,11 +60,11 @@ def test_dagbag_loads_both_dags_without_errors(dagbag):
 
 def test_retrain_dag_shape(dagbag):
     dag = dagbag.dags["cmaclip_retrain"]
-    order = ["ingest", "warmup", "end_to_end", "tuning", "evaluate", "register", "compare", "promote"]
+    order = ["ingest", "align", "warmup", "end_to_end", "tuning", "evaluate", "register", "compare", "promote"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert not dag.timetable.can_be_scheduled  # manual trigger only
-    assert {dag.get_task(t).pool for t in ("warmup", "end_to_end", "tuning")} == {airflow_home.GPU_POOL}
+    assert {dag.get_task(t).pool for t in ("align", "warmup", "end_to_end", "tuning")} == {airflow_home.GPU_POOL}
     assert all(dag.get_task(t).retries >= 1 for t in order)
     assert dag.get_task("warmup").retry_exponential_backoff > 1
     assert {"catalog_uri", "tasks", "config", "epochs", "target_precision", "model_name", "promote",
@@ -76,7 +76,22 @@ def test_retrain_dag_shape(dagbag):
                       "model_name": "no spaces please", "training_processes": 0}.items():
         with pytest.raises(ParamValidationError):
             dag.params.get_param(name).resolve(bad)
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("epochs").resolve({"align": -1})
     assert dag.params.get_param("epochs").resolve({"warmup": 2}) == {"warmup": 2}
+    assert dag.params.get_param("epochs").resolve({"align": 0}) == {"align": 0}   # align off where a config has it
+
+
+def test_a_stage_outside_the_training_passes_the_state_on(monkeypatch):
+    from pipeline import launch
+
+    calls = []
+    monkeypatch.setattr(launch, "run_stage_distributed", lambda t, s, n: calls.append(s) or {"stage": s})
+    state = {"training": {"stages": ["warmup", "end_to_end", "tuning"]}, "results": []}
+    assert orchestration.train_stage(state, orchestration.ALIGN) == state and calls == []   # align off: no-op
+    state["training"]["stages"] = [orchestration.ALIGN, *orchestration.STAGES]
+    assert orchestration.train_stage(state, orchestration.ALIGN, 2)["results"] == [{"stage": "align"}]
+    assert calls == ["align"]
 
 
 def test_scoring_dag_shape(dagbag):
@@ -186,8 +201,12 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
 
     assert retrained["dag_run"].state == "success", retrained["states"]
     states = retrained["states"]
-    for task_id in ("ingest", "warmup", "tuning", "evaluate", "register", "compare"):
+    for task_id in ("ingest", "align", "warmup", "tuning", "evaluate", "register", "compare"):
         assert states[(task_id, -1)] == ("success", 1), (task_id, states)
+    # The tiny config leaves align off: its task passed the training on without training anything.
+    handle = json.loads(next(airflow_env["home"].rglob("training/training.json")).read_text())
+    assert handle["stages"] == list(orchestration.STAGES)
+    assert not any(p.name == "align" for p in airflow_env["home"].rglob("stages/*"))
     # end_to_end failed once, was retried by Airflow, and the retry trained only the missing epoch.
     assert states[("end_to_end", -1)] == ("success", 2)
     assert retrained["attempts"] == [[0], [1]]

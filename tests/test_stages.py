@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import cmaclip
+from cmaclip.config import ALIGN
 from cmaclip.stages import (STAGE_DEFS, apply_stage, frozen_forward, frozen_groups, frozen_prefix,
                             group_modules, learning_rates, padding_mask_from_eot, trainable_forward)
 from cmaclip.train import train_stage
@@ -33,7 +34,8 @@ def test_stage_definitions_follow_algorithm_1():
     assert frozen_groups("end_to_end", cfg) == set()
     assert frozen_groups("tuning", cfg) == {"clip", "sequence"}
     assert learning_rates("end_to_end", cfg) == {g: 1e-5 for g in ("clip", "sequence", "modality", "head")}
-    assert set(STAGE_DEFS) == {"warmup", "end_to_end", "tuning"}
+    assert frozen_groups(ALIGN, cfg) == {"sequence", "modality", "head"}     # catalog pre-training: CLIP only
+    assert list(STAGE_DEFS) == [ALIGN, "warmup", "end_to_end", "tuning"]
 
 
 def test_config_cannot_unfreeze_what_algorithm_1_freezes_but_lr_0_freezes_more():
@@ -46,22 +48,25 @@ def test_config_cannot_unfreeze_what_algorithm_1_freezes_but_lr_0_freezes_more()
     assert frozen_groups("end_to_end", cfg) == {"head"}
 
 
-@pytest.mark.parametrize("stage", ["warmup", "end_to_end", "tuning"])
+@pytest.mark.parametrize("stage", [ALIGN, "warmup", "end_to_end", "tuning"])
 def test_apply_stage_freezes_groups_and_builds_optimizer_groups(stage):
     cfg = tiny_config()
     model = tiny_model(cfg)
     param_groups = apply_stage(model, stage, cfg)
     frozen = frozen_groups(stage, cfg)
     lrs = learning_rates(stage, cfg)
+    # align also trains CLIP's temperature, at CLIP's learning rate and without weight decay.
+    scale = [{"name": "logit_scale", "lr": lrs["clip"], "weight_decay": 0.0}] if stage == ALIGN else []
     assert [g["name"] for g in param_groups] == [g for g in ("clip", "sequence", "modality", "head")
-                                                 if g not in frozen]
-    assert all(g["lr"] == lrs[g["name"]] for g in param_groups)
+                                                 if g not in frozen] + [g["name"] for g in scale]
+    assert all(g["lr"] == lrs[g["name"]] for g in param_groups if g["name"] != "logit_scale")
+    assert [{k: g[k] for k in ("name", "lr", "weight_decay")} for g in param_groups if "weight_decay" in g] == scale
     in_optimizer = {id(p) for g in param_groups for p in g["params"]}
     for name, params in model.parameter_groups().items():
         assert all(p.requires_grad == (name not in frozen) for p in params), name
-    # Only optimizer parameters require grad: logit_scale (unused) and frozen groups do not.
+    # Only optimizer parameters require grad: logit_scale (unused outside align) and frozen groups do not.
     assert {id(p) for p in model.parameters() if p.requires_grad} == in_optimizer
-    assert not model.towers.clip.logit_scale.requires_grad
+    assert model.towers.clip.logit_scale.requires_grad == (stage == ALIGN)
     for name, modules in group_modules(model).items():
         for module in modules:
             assert all(m.training == (name not in frozen) for m in module.modules()), name
@@ -86,7 +91,7 @@ def test_frozen_prefix_and_split_forward_equal_the_full_forward():
 
 
 @pytest.mark.parametrize("stage, frozen", [("warmup", ("clip",)), ("tuning", ("clip", "sequence")),
-                                           ("end_to_end", ())])
+                                           ("end_to_end", ()), (ALIGN, ("sequence", "modality", "head"))])
 def test_training_a_stage_keeps_frozen_parts_bit_identical(tmp_path, stage, frozen):
     cfg = tiny_config(batch_size=16, micro_batch_size=16)
     cfg.cma.dropout = 0.1   # dropout on: frozen modules must still be in eval mode, not just lr 0
