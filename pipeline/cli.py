@@ -150,7 +150,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None,
-                   help="image-decoding DataLoader processes (0: in turn; default: auto, see README)")
+                   help="image-decoding DataLoader processes (0: in turn; default: auto, see docs/benchmarks.md)")
     p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")

@@ -287,7 +287,7 @@ def render(results: dict[str, Any], command: str) -> str:
 
 
 def readme_section(results: dict[str, Any], command: str) -> str:
-    """The README's paper section: the latest Table 2 and Table 6 and how to reproduce them."""
+    """The paper section of docs/benchmarks.md: the latest Table 2 and Table 6 and how to reproduce them."""
     p = results["protocol"]
     init = "pretrained CLIP" if p["pretrained"] else "CLIP from random weights (no pretrained weights offline)"
     return "\n".join([
@@ -307,14 +307,14 @@ def readme_section(results: dict[str, Any], command: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Re-render paper.md (and print the README section) from a stored paper.json, without training."""
+    """Re-render paper.md (and print the docs/benchmarks.md section) from a stored paper.json, without training."""
     import argparse
     import json
     from pathlib import Path
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("results_json", nargs="?", default="bench/results/paper.json")
-    parser.add_argument("--readme", help="also write the README section to this file")
+    parser.add_argument("--readme", help="also write the docs/benchmarks.md paper section to this file")
     args = parser.parse_args(argv)
     path = Path(args.results_json)
     results = json.loads(path.read_text())

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import io
 import json
-import time
 import unicodedata
 from pathlib import Path
 
@@ -368,9 +367,7 @@ def test_cli_ingest(tmp_catalog: str, tmp_path: Path, capsys) -> None:
 @pytest.mark.slow
 def test_fashion_small_end_to_end(fashion_small: str, tmp_path: Path) -> None:
     out = str(tmp_path / "fashion")
-    started = time.perf_counter()
     manifest = ingest(fashion_small, "color,article_type,usage", out)
-    seconds = time.perf_counter() - started
     assert_accounted(manifest, out)
     counts = manifest["counts"]
     assert counts["rows_in"] == 20193
@@ -378,8 +375,7 @@ def test_fashion_small_end_to_end(fashion_small: str, tmp_path: Path) -> None:
     assert counts["images_converted"] == 184  # the grayscale JPEGs
     assert counts["labels_masked_rare"]["usage"] == {"Home": 1}
     assert "Casual" in manifest["vocabularies"]["usage"] and len(manifest["vocabularies"]["color"]) == 43
-    assert abs(counts["rows_by_split"]["train"] / 20193 - 0.8) < 0.01
-    assert seconds < 120
+    assert abs(counts["rows_by_split"]["train"] / 20193 - 0.8) < 0.01  # speed: bench/ingest.py
 
 
 def test_part_writer_commits_nothing_on_failure(tmp_path: Path) -> None:
