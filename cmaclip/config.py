@@ -65,6 +65,8 @@ class StageConfig:
     crop_scale: tuple[float, float] | None = None  # square crop of this area range of the eval crop; None = eval's
     flip: float = 0.0                    # probability of a horizontal flip
     color_jitter: float = 0.0            # brightness, contrast, saturation factors in [1-x, 1+x]; never for colour
+    # Auxiliary loss (cmaclip/losses.py): weight of each task's head classifying I' alone and T' alone
+    modality_loss: float = 0.0
 
     def __post_init__(self):
         probabilities = {k: getattr(self, k) for k in (*TITLE_POLICIES, "flip")}
@@ -78,6 +80,8 @@ class StageConfig:
             self.crop_scale = tuple(float(x) for x in self.crop_scale)  # a list when read from JSON
             if len(self.crop_scale) != 2 or not 0.0 < self.crop_scale[0] <= self.crop_scale[1] <= 1.0:
                 raise ValueError(f"crop_scale must be (min, max) with 0 < min <= max <= 1, not {self.crop_scale}")
+        if self.modality_loss < 0:
+            raise ValueError(f"modality_loss is a loss weight: at least 0, not {self.modality_loss}")
         if not 0.0 <= self.color_jitter < 1.0:
             raise ValueError(f"color_jitter must be in [0, 1), not {self.color_jitter}")
         self.label_word_tasks = list(self.label_word_tasks)

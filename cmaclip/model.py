@@ -32,6 +32,9 @@ class Tokens:
 class CMACLIPOutput:
     logits: dict[str, torch.Tensor]        # task -> [B, classes]
     image_weight: dict[str, torch.Tensor]  # task -> [B], lambda of equation (6)
+    # task -> {"image": head(I'), "text": head(T')}: each modality classified alone (training's
+    # per-modality loss asks for them; None otherwise)
+    modality_logits: dict[str, dict[str, torch.Tensor]] | None = None
 
 
 class SequenceAttention(nn.Module):
@@ -154,12 +157,18 @@ class CMACLIP(nn.Module):
             padding = tokens.text_padding
         return torch.cat(parts, dim=1), padding, n_image
 
-    def classify(self, image: torch.Tensor | None, text: torch.Tensor | None) -> CMACLIPOutput:
-        logits, weights = {}, {}
+    def classify(self, image: torch.Tensor | None, text: torch.Tensor | None,
+                 per_modality: bool = False) -> CMACLIPOutput:
+        """Each task's head on c (equation 6); with `per_modality`, also on I' alone and T' alone: the same
+        head, so each global embedding must name the label by itself (the auxiliary loss of training)."""
+        logits, weights, alone = {}, {}, {} if per_modality else None
         for task in self.config.tasks:
             c, lam = self.modality_attention[task](image, text)
             logits[task], weights[task] = self.heads[task](c), lam
-        return CMACLIPOutput(logits, weights)
+            if per_modality:
+                present = {"image": image, "text": text}
+                alone[task] = {m: self.heads[task](x) for m, x in present.items() if x is not None}
+        return CMACLIPOutput(logits, weights, alone)
 
     def forward(self, images: torch.Tensor | None, text: torch.Tensor | None) -> CMACLIPOutput:
         return self.classify(*self.fuse(self.encode_tokens(images, text)))

@@ -139,14 +139,14 @@ def frozen_forward(model: CMACLIP, prefix: str, images: torch.Tensor, text: torc
 
 
 def trainable_forward(model: CMACLIP, prefix: str, image=None, text=None, eot=None,
-                      images=None) -> CMACLIPOutput:
+                      images=None, per_modality: bool = False) -> CMACLIPOutput:
     """The trainable part of the forward pass, from `frozen_forward`'s output (or the raw batch)."""
     if prefix == "none":
-        return model(images, text)
+        return model.classify(*model.fuse(model.encode_tokens(images, text)), per_modality)
     if prefix == "tokens":
         padding = padding_mask_from_eot(eot, text.shape[1]) if text is not None else None
-        return model.classify(*model.fuse(Tokens(image, text, padding, eot)))
-    return model.classify(image, text)
+        return model.classify(*model.fuse(Tokens(image, text, padding, eot)), per_modality)
+    return model.classify(image, text, per_modality)
 
 
 def padding_mask_from_eot(eot: torch.Tensor, length: int) -> torch.Tensor:

@@ -63,7 +63,7 @@ from .clip_baseline import logit_scale
 from .config import ALIGN, ALL_STAGES, CMACLIPConfig
 from .evaluate import Predictions, autocast, metrics_from_predictions, predict, resolve_precision, \
     thresholds_from_metrics
-from .losses import IGNORE, multitask_loss
+from .losses import IGNORE, modality_loss, multitask_loss
 from .model import CMACLIP
 from .stages import apply_stage, frozen_forward, frozen_groups, frozen_prefix, set_train_mode, trainable_forward
 from .transforms import trim_tokens
@@ -224,12 +224,14 @@ class _Trainable(nn.Module):
     """The part of the forward pass a stage trains, as one module: this is what DDP wraps, so its forward
     is where gradient synchronisation hooks in."""
 
-    def __init__(self, model: CMACLIP, prefix: str):
+    def __init__(self, model: CMACLIP, prefix: str, per_modality: bool = False):
         super().__init__()
-        self.model, self.prefix = model, prefix
+        self.model, self.prefix, self.per_modality = model, prefix, per_modality
 
-    def forward(self, **inputs) -> dict[str, torch.Tensor]:
-        return trainable_forward(self.model, self.prefix, **inputs).logits
+    def forward(self, **inputs):
+        """Logits per task; with `per_modality`, (logits, each modality's logits alone)."""
+        out = trainable_forward(self.model, self.prefix, per_modality=self.per_modality, **inputs)
+        return (out.logits, out.modality_logits) if self.per_modality else out.logits
 
 
 class _StageRun:
@@ -269,17 +271,28 @@ class _StageRun:
     def monitor(self) -> str:
         return self.train_cfg.monitor
 
+    @property
+    def modality_weight(self) -> float:
+        """Weight of the per-modality loss; 0 when the model has one modality (it would repeat the loss)."""
+        both = self.model.use_image and self.model.use_text
+        return self.train_cfg.stages[self.stage].modality_loss if both else 0.0
+
     def trainable(self) -> nn.Module:
-        return _Trainable(self.model, self.prefix)
+        return _Trainable(self.model, self.prefix, per_modality=self.modality_weight > 0)
 
     def loss_parts(self) -> list[str]:
         """Names of the loss's parts, logged as loss/<part>."""
-        return self.model.tasks
+        return [*self.model.tasks, *(["modality"] if self.modality_weight > 0 else [])]
 
     def loss(self, inputs: dict[str, torch.Tensor], batch: dict) -> tuple[torch.Tensor, list[torch.Tensor], int]:
         """(loss, its parts, samples it covers) of one micro-batch; runs under autocast."""
-        loss, per_task = multitask_loss(self.net(**inputs), self.targets(batch))
-        return loss, [per_task[t] for t in self.model.tasks], len(batch["product_id"])
+        targets, out = self.targets(batch), self.net(**inputs)
+        if self.modality_weight == 0:
+            loss, per_task = multitask_loss(out, targets)
+            return loss, [per_task[t] for t in self.model.tasks], len(batch["product_id"])
+        (loss, per_task), alone = multitask_loss(out[0], targets), modality_loss(out[1], targets)
+        parts = [per_task[t] for t in self.model.tasks] + [alone]
+        return loss + self.modality_weight * alone, parts, len(batch["product_id"])
 
     def rank_key(self, metrics: dict[str, float]) -> list[float]:
         return _rank_key(metrics, self.monitor)

@@ -1,0 +1,56 @@
+"""What each modality contributes to a prediction, measured by withholding it.
+
+λ (equation 6) is not that measure: it weighs I' and T', but sequence attention has already mixed both
+modalities into each of them, so λ says which *embedding* the head reads, not which *input* decided. Its
+value also depends on the training run (0.93 for colour after one protocol run, 0.0005 after a shorter one
+of the same config). What holds across trainings is what the model does without an input:
+
+    title contribution = p(ŷ | image, title) - p(ŷ | image, no title)
+    image contribution = p(ŷ | image, title) - p(ŷ | blank image, title)
+
+ŷ is the prediction from both inputs. "No title" is the empty title (the start and end tokens only);
+a "blank image" is all zeros after normalization, i.e. every pixel at the mean colour CLIP normalizes by.
+A contribution near 0 means the prediction does not need that input; a large positive one means it rests
+on it. Three forward passes per batch instead of one, so scoring computes them only when asked.
+"""
+from __future__ import annotations
+
+import torch
+
+from .model import CMACLIP
+from .transforms import eot_index
+
+MODALITIES = ("title", "image")
+
+
+def empty_titles(text: torch.Tensor) -> torch.Tensor:
+    """The token ids of the empty title, for a batch of tokenized titles: start token, end token, padding."""
+    rows = torch.arange(text.shape[0], device=text.device)
+    empty = torch.zeros_like(text)
+    empty[:, 0], empty[:, 1] = text[:, 0], text[rows, eot_index(text)]
+    return empty
+
+
+@torch.no_grad()
+def modality_contributions(model: CMACLIP, images: torch.Tensor | None,
+                           text: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
+    """Per task: `prediction`, `confidence` (p(ŷ) from both inputs) and each modality's contribution, all
+    [B]. A modality the model does not read contributes 0."""
+    full = model(images, text)
+    withheld = {
+        "title": model(images, empty_titles(text)) if model.use_text else None,
+        "image": model(torch.zeros_like(images), text) if model.use_image else None,
+    }
+    out = {}
+    for task, logits in full.logits.items():
+        probs = logits.float().softmax(-1)
+        confidence, prediction = probs.max(-1)
+        out[task] = {"prediction": prediction, "confidence": confidence}
+        for modality in MODALITIES:
+            other = withheld[modality]
+            if other is None:
+                out[task][modality] = torch.zeros_like(confidence)
+                continue
+            without = other.logits[task].float().softmax(-1).gather(1, prediction[:, None])[:, 0]
+            out[task][modality] = confidence - without
+    return out
