@@ -26,13 +26,15 @@ CONDITIONS = ("clean", "label_words_removed")
 
 def run_variant(variant: str, config, data, conditions, manifest: dict, opts) -> dict:
     from cmaclip.checkpoint import load_checkpoint
-    from pipeline.experiments import evaluate_conditions, run_key, train_variant
+    from pipeline.experiments import evaluate_conditions, last_checkpoint, run_key, train_variant
 
     started = time.perf_counter()
     run_dir = Path(opts.work_dir) / "runs" / run_key(config, manifest)
-    checkpoint, summary = train_variant(variant, config, data, run_dir, opts)
-    model, _ = load_checkpoint(checkpoint, device=opts.device)
-    test = evaluate_conditions(model, data.test, {c: conditions[c] for c in CONDITIONS}, config, opts)
+    checkpoints, summary = train_variant(variant, config, data, run_dir / variant, opts)
+    model, ckpt = load_checkpoint(last_checkpoint(checkpoints), device=opts.device)
+    tested = evaluate_conditions(model, ckpt.thresholds, data.test, {c: conditions[c] for c in CONDITIONS},
+                                 config, opts)
+    test = {c: r["test"] for c, r in tested.items()}
     out = {"test": {c: {**{t: round(100 * m[t]["accuracy"], 1) for t in config.tasks},
                         "mean_accuracy": round(100 * m["mean_accuracy"], 1),
                         "mean_recall_at_precision": round(100 * m["mean_recall_at_precision"], 1)}

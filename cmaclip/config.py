@@ -94,6 +94,29 @@ class StageConfig:
     def augments_images(self) -> bool:
         return self.crop_scale is not None or self.flip > 0 or self.color_jitter > 0
 
+    def choices_on(self) -> dict[str, dict[str, Any]]:
+        """The training choices this stage turns on: {group: {field: value}} of the fields that differ from
+        StageConfig's defaults."""
+        default = StageConfig()
+        out = {group: {f: getattr(self, f) for f in fields if getattr(self, f) != getattr(default, f)}
+               for group, fields in TRAINING_CHOICES.items()}
+        return {group: on for group, on in out.items() if on}
+
+    def without(self, group: str) -> "StageConfig":
+        """This stage with one group of training choices back at StageConfig's defaults."""
+        default = StageConfig()
+        return dataclasses.replace(self, **{f: getattr(default, f) for f in TRAINING_CHOICES[group]})
+
+
+# What a stage does to its training beyond epochs and learning rates, in the groups the paper protocol
+# ablates together (pipeline/ablations.py). Every StageConfig field is either a schedule field or in a group.
+TRAINING_CHOICES: dict[str, tuple[str, ...]] = {
+    "title corruption": (*TITLE_POLICIES, "label_word_tasks"),
+    "image augmentation": ("crop_scale", "flip", "color_jitter"),
+    "modality loss": ("modality_loss",),
+}
+SCHEDULE_FIELDS = ("epochs", "lr_clip", "lr_sequence", "lr_modality", "lr_head")
+
 
 def _default_stages() -> dict[str, StageConfig]:
     return {

@@ -15,7 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
-from .metrics import summarize, task_metrics
+from .metrics import precision_at_threshold, summarize, task_metrics
 from .model import CMACLIP
 from .transforms import trim_tokens
 
@@ -166,6 +166,13 @@ def metrics_from_predictions(preds: Predictions, target_precision: float = 0.9) 
         flat["loss"] = float(sum(_nll(preds.probs[t], preds.labels[t]) for t in labelled))
     flat["n"] = len(preds)
     return flat
+
+
+def precision_at_thresholds(preds: Predictions, thresholds: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Per labelled task with a threshold (a checkpoint's, calibrated on validation): the threshold, the
+    precision reached at it on these predictions and the coverage (metrics.precision_at_threshold)."""
+    return {t: precision_at_threshold(preds.probs[t], preds.labels[t], thresholds[t])
+            for t in preds.tasks if t in preds.labels and t in thresholds}
 
 
 def thresholds_from_metrics(metrics: dict[str, float], tasks: Iterable[str]) -> dict[str, float]:

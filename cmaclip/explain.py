@@ -15,10 +15,12 @@ on it. Three forward passes per batch instead of one, so scoring computes them o
 """
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
 
 from .model import CMACLIP
-from .transforms import eot_index
+from .transforms import eot_index, trim_tokens
 
 MODALITIES = ("title", "image")
 
@@ -54,3 +56,19 @@ def modality_contributions(model: CMACLIP, images: torch.Tensor | None,
             without = other.logits[task].float().softmax(-1).gather(1, prediction[:, None])[:, 0]
             out[task][modality] = confidence - without
     return out
+
+
+def mean_contributions(model: CMACLIP, batches: Iterable[dict],
+                       device: str | torch.device = "cpu") -> dict[str, dict[str, float]]:
+    """Per task, each modality's contribution averaged over every sample of `batches` (labels not needed).
+    The model should be in eval mode: dropout would otherwise differ between the three passes."""
+    sums: dict[str, dict[str, float]] = {}
+    n = 0
+    for batch in batches:
+        parts = modality_contributions(model, batch["images"].to(device), trim_tokens(batch["text"]).to(device))
+        for task, values in parts.items():
+            totals = sums.setdefault(task, dict.fromkeys(MODALITIES, 0.0))
+            for modality in MODALITIES:
+                totals[modality] += float(values[modality].sum())
+        n += len(batch["product_id"])
+    return {task: {m: total / max(n, 1) for m, total in totals.items()} for task, totals in sums.items()}

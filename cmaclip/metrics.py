@@ -44,6 +44,24 @@ def recall_at_precision(correct: np.ndarray, confidence: np.ndarray, precision: 
     return float(hits[i] / correct.size), float(conf[i])
 
 
+def precision_at_threshold(probs: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    """What a threshold fixed beforehand (calibrated on other data) delivers on these samples: `precision`
+    of the top-1 predictions kept (confidence >= threshold; NaN when none is kept) and `coverage`, the
+    share of labelled samples kept. Unlabelled samples (-1) are skipped, as in `task_metrics`."""
+    probs, labels = np.asarray(probs), np.asarray(labels)
+    keep = labels >= 0
+    probs, labels = probs[keep], labels[keep]
+    out = {"threshold": float(threshold), "n": int(labels.size), "precision": float("nan"), "coverage": 0.0}
+    if labels.size == 0:
+        return out
+    kept = probs.max(axis=1) >= threshold
+    correct = probs.argmax(axis=1) == labels
+    out["coverage"] = float(kept.mean())
+    if kept.any():
+        out["precision"] = float(correct[kept].mean())
+    return out
+
+
 def macro_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
     classes = np.union1d(y_true, y_pred)
     if classes.size == 0:

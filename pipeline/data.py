@@ -111,9 +111,9 @@ class SampleMaker:
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_transform": None, "_tokenize": None}
 
-    def for_stage(self, stage: str | None, seed: int) -> "SampleMaker":
-        """The same maker with another stage's input changes."""
-        return SampleMaker(self.config, self.vocab, self.limits, stage, seed)
+    def for_stage(self, stage: str | None, seed: int, config: CMACLIPConfig | None = None) -> "SampleMaker":
+        """The same maker with another stage's input changes (of `config`, by default this maker's)."""
+        return SampleMaker(config or self.config, self.vocab, self.limits, stage, seed)
 
     @property
     def changes_inputs(self) -> bool:

@@ -1,6 +1,8 @@
 """The paper's experiments on a real catalog, as one fixed protocol (`run_protocol`): ingest with hash
-splits, train CMA-CLIP and its ablations with Algorithm 1, the CLIP baselines, the title-noise test and
-the attention maps; then one results dict, written as JSON, markdown and an MLflow run.
+splits, train CMA-CLIP and its ablations with Algorithm 1, the CLIP baselines, the title-noise test (with
+the stored thresholds' precision and the modality contributions under each title condition), the ablation
+of each training choice (pipeline/ablations.py) and the attention maps; then one results dict, written as
+JSON, markdown and an MLflow run.
 
 Used by `bench/paper.py` and `cmaclip evaluate`; both take the flags of `paper_options.add_arguments`.
 """
@@ -20,7 +22,8 @@ import torch
 
 import cmaclip
 from cmaclip.config import ALL_STAGES, CMACLIPConfig, with_variant
-from cmaclip.evaluate import evaluate
+from cmaclip.evaluate import evaluate, precision_at_thresholds
+from cmaclip.explain import mean_contributions
 from cmaclip.transforms import tokenizer
 
 from .ingest import SPLITS, ingest
@@ -30,6 +33,7 @@ from .paper_options import VARIANTS, Options
 from .paper_outputs import finite, log_mlflow, write_reports
 
 NOISY_VARIANTS = VARIANTS  # image-only doubles as a check: title noise must not move it
+EXPLAINED_VARIANTS = ("cma-clip", "no-modality-attention")  # fused: what each modality contributes is the question
 
 
 # --- set-up -------------------------------------------------------------------------------------------
@@ -92,12 +96,6 @@ def timed(timing: dict[str, float], key: str):
         timing[key] = timing.get(key, 0.0) + time.perf_counter() - start
 
 
-def evaluate_split(model, batches, config: CMACLIPConfig, device: str) -> dict[str, Any]:
-    """Test metrics in fp32: the reported numbers do not depend on the machine's bf16 support."""
-    flat, _ = evaluate(model, batches, config.train.target_precision, device=device, precision="fp32")
-    return nested(flat, list(config.tasks))
-
-
 # --- title noise (Table 5) ----------------------------------------------------------------------------
 
 def noise_conditions(test: SplitData, swap_seed: int) -> dict[str, list[str | None]]:
@@ -119,14 +117,31 @@ def noise_stats(test: SplitData, conditions: dict[str, list[str | None]]) -> dic
     return {"label_named": named, "titles_changed": changed}
 
 
-def evaluate_conditions(model, test: SplitData, conditions: dict[str, list[str | None]],
-                        config: CMACLIPConfig, opts: Options) -> dict[str, Any]:
+def evaluate_conditions(model, thresholds: dict[str, float], test: SplitData,
+                        conditions: dict[str, list[str | None]], config: CMACLIPConfig, opts: Options,
+                        explain: bool = False) -> dict[str, dict[str, Any]]:
+    """Per title condition: `test` metrics, in fp32 so the reported numbers do not depend on the machine's
+    bf16 support; `calibration`, the precision and coverage reached at the checkpoint's stored
+    `thresholds` (calibrated on validation, original titles); with `explain`, the mean modality
+    `contributions` (cmaclip.explain: three forward passes, so only where asked)."""
     tokenize = tokenizer(config)
     out = {}
     for cond, titles in conditions.items():
-        batches = retitled(test.batches(opts.eval_batch_size), dict(zip(test.product_id, titles)), tokenize)
-        out[cond] = evaluate_split(model, batches, config, opts.device)
+        by_id = dict(zip(test.product_id, titles))
+        flat, preds = evaluate(model, retitled(test.batches(opts.eval_batch_size), by_id, tokenize),
+                               config.train.target_precision, device=opts.device, precision="fp32")
+        out[cond] = {"test": nested(flat, list(config.tasks)),
+                     "calibration": precision_at_thresholds(preds, thresholds)}
+        if explain:
+            out[cond]["contributions"] = mean_contributions(
+                model, retitled(test.batches(opts.eval_batch_size), by_id, tokenize), opts.device)
     return out
+
+
+def by_part(tested: dict[str, dict[str, dict[str, Any]]], part: str,
+            variants: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """{variant: {condition: results}} -> {variant: {condition: that part}}, for the variants named."""
+    return {v: {c: r[part] for c, r in runs.items()} for v, runs in tested.items() if v in variants}
 
 
 # --- CMA-CLIP and its variants (Tables 2 and 6) --------------------------------------------------------
@@ -178,45 +193,59 @@ def stage_summary(result) -> dict[str, Any]:
             "train_samples_per_s": float(np.mean([h["train/samples_per_s"] for h in history])) if history else None}
 
 
-def train_variant(variant: str, config: CMACLIPConfig, data: Splits, run_dir: Path,
-                  opts: Options) -> tuple[Path, dict[str, Any]]:
-    """Algorithm 1's three stages for one variant, after align when it has epochs; (best checkpoint of the
-    last stage, summary)."""
+def trained_stages(config: CMACLIPConfig) -> list[str]:
+    """The stages a protocol training runs: align when it has epochs, then Algorithm 1's three."""
+    return [s for s in ALL_STAGES if config.train.stages[s].epochs > 0]
+
+
+def train_variant(variant: str, config: CMACLIPConfig, data: Splits, out_dir: Path, opts: Options, *,
+                  init: Path | None = None, stages: Sequence[str] | None = None
+                  ) -> tuple[dict[str, Path], dict[str, Any]]:
+    """Train one variant into out_dir/<stage>; (best checkpoint per stage in order, summary). By default
+    every trained stage from a new model; `init` (a checkpoint) and `stages` run only the later stages, as
+    an ablation that reuses another run's earlier ones does. Progress lines are prefixed by out_dir's name."""
     from cmaclip.train import PrintCallback, train_stages
 
     vconfig = with_variant(config, variant)
-    stages = [s for s in ALL_STAGES if vconfig.train.stages[s].epochs > 0]
-    train = {s: epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed, s), opts.threads)
+    stages = trained_stages(vconfig) if stages is None else list(stages)
+    train = {s: epochs_with_threads(data.train.epochs(config.train.micro_batch_size, opts.seed, s, vconfig),
+                                    opts.threads)
              for s in stages}  # per stage: each has its own title corruption and image augmentation
     results = train_stages(
-        vconfig, lambda: new_model(vconfig, opts.seed), train,
-        data.validation.batches(opts.eval_batch_size), run_dir / variant, stages=stages,
-        callbacks=[PrintCallback(_printer(variant))], cache="memory", device=opts.device, labels=data.vocab,
+        vconfig, init or (lambda: new_model(vconfig, opts.seed)), train,
+        data.validation.batches(opts.eval_batch_size), out_dir, stages=stages,
+        callbacks=[PrintCallback(_printer(out_dir.name))], cache="memory", device=opts.device, labels=data.vocab,
         resume=True)
-    last = results[list(results)[-1]]
-    return last.best_checkpoint, {"stages": {s: stage_summary(r) for s, r in results.items()}}
+    return ({s: r.best_checkpoint for s, r in results.items()},
+            {"stages": {s: stage_summary(r) for s, r in results.items()}})
+
+
+def last_checkpoint(checkpoints: dict[str, Path]) -> Path:
+    """The best checkpoint of the last stage: the trained model."""
+    return list(checkpoints.values())[-1]
 
 
 def run_variants(config: CMACLIPConfig, data: Splits, conditions: dict[str, list[str | None]],
                  run_dir: Path, opts: Options, timing: dict[str, float]):
-    """Train and test every variant; (models, robustness, checkpoints)."""
+    """Train and test every variant; (models, {variant: evaluate_conditions' results}, {variant: {stage:
+    best checkpoint}})."""
     from cmaclip.checkpoint import load_checkpoint
 
-    models, robustness, checkpoints = {}, {}, {}
+    models, tested, checkpoints = {}, {}, {}
     for variant in opts.variants:
         with timed(timing, variant):
-            checkpoint, summary = train_variant(variant, config, data, run_dir, opts)
-            model, _ = load_checkpoint(checkpoint, device=opts.device)
-            runs = evaluate_conditions(model, data.test, conditions if variant in NOISY_VARIANTS
-                                       else {"clean": conditions["clean"]}, config, opts)
-        summary["test"] = runs["clean"]
+            checkpoints[variant], summary = train_variant(variant, config, data, run_dir / variant, opts)
+            model, ckpt = load_checkpoint(last_checkpoint(checkpoints[variant]), device=opts.device)
+            tested[variant] = evaluate_conditions(
+                model, ckpt.thresholds, data.test,
+                conditions if variant in NOISY_VARIANTS else {"clean": conditions["clean"]}, config, opts,
+                explain=variant in EXPLAINED_VARIANTS)
+        summary["test"] = tested[variant]["clean"]["test"]
         summary["parameters"] = sum(p.numel() for p in model.parameters())
-        models[variant], checkpoints[variant] = summary, checkpoint
-        if variant in NOISY_VARIANTS:
-            robustness[variant] = runs
+        models[variant] = summary
         _printer(variant)(f"test mean recall {summary['test']['mean_recall_at_precision']:.4f} "
                           f"mean accuracy {summary['test']['mean_accuracy']:.4f}")
-    return models, robustness, checkpoints
+    return models, tested, checkpoints
 
 
 # --- CLIP baselines (Table 2) ---------------------------------------------------------------------------
@@ -331,19 +360,24 @@ def run_protocol(opts: Options) -> dict[str, Any]:
         data = load_splits(uri, config, manifest["vocabularies"])
     run_dir = Path(opts.work_dir) / "runs" / run_key(config, manifest)
     conditions = noise_conditions(data.test, opts.swap_seed)
-    models, robustness, checkpoints = run_variants(config, data, conditions, run_dir, opts, timing)
+    models, tested, checkpoints = run_variants(config, data, conditions, run_dir, opts, timing)
+    from .ablations import run_ablations  # it trains with this module's train_variant
+    ablations = run_ablations(config, data, conditions, checkpoints, run_dir, opts, timing)
     with timed(timing, "clip-baselines"):
         models.update(clip_baselines(config, data, run_dir, opts))
     attention = []
     if "cma-clip" in checkpoints:
         from .attention_figures import attention_examples
         with timed(timing, "attention"):
-            attention = attention_examples(checkpoints["cma-clip"], data.test, config,
+            attention = attention_examples(last_checkpoint(checkpoints["cma-clip"]), data.test, config,
                                            Path(opts.results_dir) / "attention", opts.attention_examples)
     parameters = next(m["parameters"] for m in models.values() if "parameters" in m)
     return {
         "protocol": protocol_info(opts, config, manifest, uri, parameters),
-        "models": models, "robustness": robustness, "noise": noise_stats(data.test, conditions),
+        "models": models, "robustness": by_part(tested, "test", NOISY_VARIANTS),
+        "calibration": by_part(tested, "calibration", NOISY_VARIANTS),
+        "contributions": by_part(tested, "contributions", EXPLAINED_VARIANTS),
+        "ablations": ablations, "noise": noise_stats(data.test, conditions),
         "attention": attention, "run_dir": str(run_dir), "command": opts.command,
         "timing": {"total_s": time.perf_counter() - started, "parts": timing},
     }

@@ -86,10 +86,12 @@ class SplitData:
         sampler = EpochSampler(len(self.samples), shuffle, seed, epoch)
         return DataLoader(self.samples, batch_size=batch_size, sampler=sampler, collate_fn=collate)
 
-    def epochs(self, batch_size: int, seed: int, stage: str | None = None) -> Callable[[int], DataLoader]:
+    def epochs(self, batch_size: int, seed: int, stage: str | None = None,
+               config: CMACLIPConfig | None = None) -> Callable[[int], DataLoader]:
         """The trainer's loader factory: epoch -> that epoch's shuffled batches, with the input changes of
-        the training `stage` (its title corruption and image augmentation, seeded by `seed`) if it has any."""
-        maker = self.samples.split.make.for_stage(stage, seed)
+        the training `stage` (its title corruption and image augmentation, seeded by `seed`) if it has any.
+        `config`: whose stage settings (an ablation's); by default the one the split was loaded with."""
+        maker = self.samples.split.make.for_stage(stage, seed, config)
         if not maker.changes_inputs:
             return lambda epoch: self.batches(batch_size, shuffle=True, seed=seed, epoch=epoch)
 

@@ -29,6 +29,7 @@ class Options:
     contrastive_lr: float = 5e-4
     attention_examples: int = 6
     variants: tuple[str, ...] = VARIANTS
+    ablations: bool = True                 # retrain CMA-CLIP without each training choice the config turns on
     precision: str | None = None           # overrides config.train.precision
     threads: str = "auto"                  # torch threads: a number, or "auto" (chosen by load each epoch)
     eval_batch_size: int = 256
@@ -77,6 +78,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contrastive-lr", type=float, default=d.contrastive_lr)
     p.add_argument("--attention-examples", type=int, default=d.attention_examples)
     p.add_argument("--variants", type=_variants, default=d.variants, help=f"subset of {','.join(VARIANTS)}")
+    p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=d.ablations,
+                   help="retrain CMA-CLIP without each training choice the config turns on (title corruption, "
+                   "image augmentation, modality loss per stage; align), reusing the full run's earlier stages")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
     p.add_argument("--threads", default=d.threads, help="torch threads: N, or auto (by machine load, per epoch)")
     p.add_argument("--device", default=d.device, help="cpu, or cuda for the paper's setting")
@@ -89,6 +93,6 @@ def options_from_args(args: argparse.Namespace, command: str) -> Options:
                    results_dir=args.results_dir, seed=args.seed, swap_seed=args.swap_seed, limit=args.limit,
                    epochs=args.epochs, contrastive_epochs=args.contrastive_epochs,
                    contrastive_lr=args.contrastive_lr, attention_examples=args.attention_examples,
-                   variants=args.variants, threads=args.threads, device=args.device,
+                   variants=args.variants, ablations=args.ablations, threads=args.threads, device=args.device,
                    precision=args.precision, mlflow=not args.no_mlflow, command=command)
 

@@ -29,12 +29,15 @@ def finite(value: Any) -> Any:
 
 def figures(results: dict[str, Any]) -> dict[str, float]:
     """Every number of the tables as flat `models.<model>.<task>.<metric>` /
-    `robustness.<model>.<condition>.<task>.<metric>` keys (for MLflow metrics)."""
+    `robustness.<model>.<condition>.<task>.<metric>` / `ablations.<name>.<condition>.<metric>` ... keys
+    (for MLflow metrics)."""
     from .tracking import flatten
 
+    ablations = {row["name"]: row["test"] for row in results.get("ablations", {}).get("rows", [])}
     flat = flatten({"models": {k: m["test"] for k, m in results["models"].items() if "test" in m},
-                    "robustness": results["robustness"], "noise": results["noise"],
-                    "timing": results["timing"]})
+                    "robustness": results["robustness"], "calibration": results.get("calibration", {}),
+                    "contributions": results.get("contributions", {}), "ablations": ablations,
+                    "noise": results["noise"], "timing": results["timing"]})
     return {k: float(v) for k, v in flat.items() if isinstance(v, (int, float)) and v is not None}
 
 

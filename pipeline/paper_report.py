@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .paper_options import VARIANTS
+
 TABLE2 = (("cma-clip", "CMA-CLIP"), ("fine-tuned-clip", "Fine-tuned CLIP (zero-shot prompts)"),
           ("raw-clip", "Raw CLIP (zero-shot prompts)"), ("image-only", "Image only"), ("text-only", "Text only"))
 TABLE6 = (("cma-clip", "CMA-CLIP"), ("no-modality-attention", "CMA-CLIP w/o MA"),
@@ -15,8 +17,15 @@ CONDITIONS = (("clean", "original titles"), ("label_words_removed", "label words
               ("titles_swapped", "titles swapped"))
 NAMES = dict(TABLE2 + TABLE6)
 # The paper's average recall at 90% precision on MRWPA (Tables 2 and 6), quoted only to compare directions.
+NOT_IN_RUN = "Not in this run (its results predate this table, or it had no model to compute it for)."
 PAPER_MEAN_RECALL = {"raw-clip": 0.425, "fine-tuned-clip": 0.405, "cma-clip": 0.534,
                      "no-modality-attention": 0.475, "no-attention": 0.458}
+
+
+def in_model_order(by_model: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Items of a per-model dict in the tables' model order (a stored JSON has them sorted by name)."""
+    order = [*VARIANTS, *NAMES]
+    return sorted(by_model.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order))
 
 
 def pct(value: float | None) -> str:
@@ -78,7 +87,7 @@ def robustness_table(results: dict[str, Any]) -> str:
     lines = ["| model | titles | " + " | ".join(f"{t} R/Acc" for t in tasks) + " | mean R | "
              + " | ".join(f"{t} λ (Δ)" for t in tasks) + " |",
              "|" + "---|" * (2 * len(tasks) + 3)]
-    for key, runs in results["robustness"].items():
+    for key, runs in in_model_order(results["robustness"]):
         clean = runs["clean"]
         for cond, label in CONDITIONS:
             m = runs[cond]
@@ -86,6 +95,95 @@ def robustness_table(results: dict[str, Any]) -> str:
             lams = [_lambda_cell(m, clean, t) for t in tasks]
             lines.append(f"| {NAMES.get(key, key)} | {label} | " + " | ".join(cells)
                          + f" | {pct(m['mean_recall_at_precision'])} | " + " | ".join(lams) + " |")
+    return "\n".join(lines)
+
+
+def _calibration_cell(cell: dict[str, Any] | None, target: float) -> str:
+    if cell is None:
+        return "—"
+    precision = cell["precision"]
+    shown = pct(precision)
+    if precision is not None and not math.isnan(precision) and precision < target:
+        shown = f"**{shown}**"  # the threshold breaks its promise here
+    return f"{shown} / {pct(cell['coverage'])}"
+
+
+def calibration_table(results: dict[str, Any]) -> str:
+    """Per model and title condition: precision reached / coverage (%) at each task's stored threshold."""
+    tasks, target = results["protocol"]["tasks"], results["protocol"]["target_precision"]
+    if not results.get("calibration"):
+        return NOT_IN_RUN
+    lines = ["| model | titles | " + " | ".join(f"{t} P / coverage" for t in tasks) + " |",
+             "|" + "---|" * (len(tasks) + 2)]
+    for key, runs in in_model_order(results.get("calibration", {})):
+        for cond, label in CONDITIONS:
+            if cond in runs:
+                cells = [_calibration_cell(runs[cond].get(t), target) for t in tasks]
+                lines.append(f"| {NAMES.get(key, key)} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _signed(value: float | None) -> str:
+    return "—" if value is None or math.isnan(value) else f"{value:+.3f}"
+
+
+def contributions_table(results: dict[str, Any]) -> str:
+    """Per fused model and title condition, per task: λ next to the title's and the image's contribution
+    (mean confidence lost when that input is withheld)."""
+    tasks = results["protocol"]["tasks"]
+    if not results.get("contributions"):
+        return NOT_IN_RUN
+    lines = ["| model | titles | " + " | ".join(f"{t} λ | {t} title | {t} image" for t in tasks) + " |",
+             "|" + "---|" * (3 * len(tasks) + 2)]
+    for key, runs in in_model_order(results.get("contributions", {})):
+        for cond, label in CONDITIONS:
+            if cond not in runs:
+                continue
+            lam = results["robustness"].get(key, {}).get(cond, {})
+            cells = [f"{lam[t]['image_weight']:.3f} | {_signed(runs[cond][t]['title'])} | "
+                     f"{_signed(runs[cond][t]['image'])}" if t in lam else "— | — | —" for t in tasks]
+            lines.append(f"| {NAMES.get(key, key)} | {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _removed(row: dict[str, Any]) -> str:
+    settings = ", ".join(f"{k}={v}" for k, v in row["removed"].items())
+    return f"{row['stage']}: {row['group']} ({settings})"
+
+
+def _retrained(row: dict[str, Any]) -> str:
+    start = f"from {row['reused_stages'][-1]}" if row["reused_stages"] else "from scratch"
+    return f"{', '.join(row['stages'])} ({start})"
+
+
+def _ablation_cell(test: dict[str, Any], full: dict[str, Any] | None) -> str:
+    acc, rec = test["mean_accuracy"], test["mean_recall_at_precision"]
+    cell = f"{pct(acc)} / {pct(rec)}"
+    if full is None:
+        return cell
+    return (f"{cell} ({100 * (acc - full['mean_accuracy']):+.1f} / "
+            f"{100 * (rec - full['mean_recall_at_precision']):+.1f})")
+
+
+def ablation_table(results: dict[str, Any]) -> str:
+    """One line per training choice removed: mean accuracy / mean recall (%) per title condition, and the
+    difference from the full CMA-CLIP in points."""
+    ablations = results.get("ablations")
+    if ablations is None:
+        return NOT_IN_RUN
+    if "not_run" in ablations:
+        return f"Not run: {ablations['not_run']}."
+    if not ablations["rows"]:
+        return (f"The config turns no training choice on ({', '.join(ablations['groups'])} are off in every "
+                "stage, and align has no epochs): nothing to ablate.")
+    full = results["robustness"].get("cma-clip", {})
+    lines = ["| removed | retrained | " + " | ".join(f"{label}: acc / R (Δ)" for _, label in CONDITIONS) + " |",
+             "|" + "---|" * (len(CONDITIONS) + 2),
+             "| nothing (CMA-CLIP) | — | " + " | ".join(_ablation_cell(full[c], None) if c in full else "—"
+                                                      for c, _ in CONDITIONS) + " |"]
+    for row in ablations["rows"]:
+        cells = [_ablation_cell(row["test"][c], full.get(c)) for c, _ in CONDITIONS]
+        lines.append(f"| {_removed(row)} | {_retrained(row)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -183,6 +281,54 @@ def _robustness_findings(results: dict[str, Any]) -> list[str]:
     return out
 
 
+def _calibration_findings(results: dict[str, Any]) -> list[str]:
+    """Per title condition, which model/task thresholds still reach the target precision."""
+    target, tasks, out = results["protocol"]["target_precision"], results["protocol"]["tasks"], []
+    calibration = results.get("calibration", {})
+    for cond, label in CONDITIONS:
+        cells = [(NAMES.get(k, k), t, runs[cond][t]) for k, runs in in_model_order(calibration) if cond in runs
+                 for t in tasks if t in runs[cond]]
+        missed = [f"{m} / {t} {pct(c['precision'])}" for m, t, c in cells
+                  if c["precision"] is not None and not math.isnan(c["precision"]) and c["precision"] < target]
+        empty = [f"{m} / {t}" for m, t, c in cells if c["coverage"] == 0]
+        if cells:
+            out.append(f"With {label}, the stored thresholds reach {target:.0%} precision in "
+                       f"{len(cells) - len(missed) - len(empty)} of {len(cells)} model/task cells"
+                       + (f"; below it: {', '.join(missed)}" if missed else "")
+                       + (f"; nothing kept: {', '.join(empty)}" if empty else "") + ".")
+    return out
+
+
+CONTRIBUTION_STEP = 0.001  # the table's last digit: a smaller shift is reported as none
+
+
+def _directions(runs: dict[str, Any], modality: str, tasks: list[str]) -> str:
+    """Per corrupted title condition, the tasks where the modality's contribution rises and falls."""
+    parts = []
+    for cond, label in CONDITIONS[1:]:
+        shift = {t: runs[cond][t][modality] - runs["clean"][t][modality] for t in tasks}
+        up = [t for t in tasks if shift[t] >= CONTRIBUTION_STEP]
+        down = [t for t in tasks if shift[t] <= -CONTRIBUTION_STEP]
+        moves = [f"{word} for {', '.join(ts)}" for word, ts in (("rises", up), ("falls", down)) if ts]
+        parts.append(f"with {label} it {' and '.join(moves) or 'does not move'}")
+    return "; ".join(parts)
+
+
+def _contribution_findings(results: dict[str, Any]) -> list[str]:
+    """How each modality's contribution moves from the original titles to the corrupted ones."""
+    out, tasks = [], results["protocol"]["tasks"]
+    order = " → ".join(label for _, label in CONDITIONS)
+    for key, runs in in_model_order(results.get("contributions", {})):
+        if any(c not in runs for c, _ in CONDITIONS):
+            continue
+        for modality in ("title", "image"):
+            values = ", ".join(f"{t} " + " → ".join(_signed(runs[c][t][modality]) for c, _ in CONDITIONS)
+                               for t in tasks)
+            out.append(f"{NAMES.get(key, key)} {modality} contribution ({order}): {values}; "
+                       f"{_directions(runs, modality, tasks)}.")
+    return out
+
+
 def _baseline_findings(results: dict[str, Any]) -> list[str]:
     cma, ft = _mean(results, "cma-clip"), _mean(results, "fine-tuned-clip")
     if cma is None or ft is None:
@@ -211,7 +357,7 @@ def findings(results: dict[str, Any]) -> list[str]:
     """Statements computed from the numbers; the reader judges them against the standard error."""
     return (_fusion_findings(results) + _ablation_findings(results) + _baseline_findings(results)
             + _robustness_findings(results) + _removed_accuracy_findings(results) + _lambda_findings(results)
-            + _saturation_findings(results))
+            + _contribution_findings(results) + _calibration_findings(results) + _saturation_findings(results))
 
 
 def _protocol_section(results: dict[str, Any]) -> list[str]:
@@ -274,6 +420,31 @@ def render(results: dict[str, Any], command: str) -> str:
         "",
         robustness_table(results),
         "",
+        "Modality contributions, next to λ: a modality's contribution is the mean drop of the confidence in "
+        "the prediction when that input is withheld (the title emptied, or the image blanked to CLIP's mean "
+        "colour; `cmaclip/explain.py`), over every test product. Unlike λ, it measures inputs, not the two "
+        "embeddings sequence attention has already mixed.",
+        "",
+        contributions_table(results),
+        "",
+        "## Calibration: precision reached at the stored threshold",
+        "",
+        f"Each task's threshold is the one its checkpoint stores, calibrated on the validation split (original "
+        f"titles) at {results['protocol']['target_precision']:.0%} precision; it is what scoring abstains below. "
+        "P: precision of the test predictions at or above it (bold: below the target); coverage: the share of "
+        "labelled test products at or above it (0 when the threshold is infinite, i.e. no validation threshold "
+        "reached the target).",
+        "",
+        calibration_table(results),
+        "",
+        "## Ablation of the training choices (mean accuracy / mean recall at 90% precision, %)",
+        "",
+        "Each training choice the config turns on (per stage: title corruption, image augmentation, the "
+        "auxiliary modality loss; the align stage) removed in turn; CMA-CLIP retrained from the full run's "
+        "checkpoint of the last stage the removal leaves unchanged. Δ: points against the full CMA-CLIP.",
+        "",
+        ablation_table(results),
+        "",
         "## Figure 2 — sequence attention from a title word to image patches",
         "",
         *[f"- `{a['png']}`: {a['title']!r}, word {a['word']!r} (layer {a['layer']})" for a in results["attention"]],
@@ -301,7 +472,9 @@ def readme_section(results: dict[str, Any], command: str) -> str:
         metric_table(results, TABLE2 + TABLE6[1:]),
         "",
         f"Reproduce: `{command}` (add `--pretrained <weights>` for the paper's setting). Full report with the "
-        "robustness test (Table 5) and attention maps (Figure 2): `bench/results/paper.md`.",
+        "robustness test (Table 5), the modality contributions, the precision reached at the stored thresholds "
+        "under each title condition, the ablation of each training choice the config turns on "
+        "(`--no-ablations` skips it) and attention maps (Figure 2): `bench/results/paper.md`.",
         "",
     ])
 

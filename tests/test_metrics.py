@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from cmaclip.metrics import NO_THRESHOLD, macro_f1, recall_at_precision, task_metrics
+from cmaclip.metrics import NO_THRESHOLD, macro_f1, precision_at_threshold, recall_at_precision, task_metrics
 
 
 def brute_force(correct, confidence, precision):
@@ -42,3 +42,18 @@ def test_macro_f1_and_accuracy():
     # class 0: tp1 fp0 fn1 -> 2/3; class 1: tp2 fp1 fn0 -> 0.8; class 2: 1
     assert m.macro_f1 == pytest.approx((2 / 3 + 0.8 + 1) / 3)
     assert macro_f1(np.array([1]), np.array([1])) == 1.0
+
+
+def test_precision_at_a_stored_threshold():
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.3, 0.7], [0.6, 0.4], [0.5, 0.5]])
+    labels = np.array([0, 1, 1, 0, -1])  # the last is unlabelled: skipped
+    got = precision_at_threshold(probs, labels, 0.7)
+    assert got["n"] == 4 and got["coverage"] == 0.75  # 0.9, 0.8 and 0.7 kept, 0.6 not
+    assert got["precision"] == pytest.approx(2 / 3)   # the 0.8 prediction (class 0) is wrong
+    # The threshold calibrated on validation is the one task_metrics returns for it: on the same data,
+    # the precision it reaches is at least the target.
+    threshold = task_metrics(probs, labels, 0.9).threshold
+    assert precision_at_threshold(probs, labels, threshold)["precision"] >= 0.9
+    nothing = precision_at_threshold(probs, labels, NO_THRESHOLD)
+    assert nothing["coverage"] == 0.0 and np.isnan(nothing["precision"])
+    assert precision_at_threshold(probs, np.full(5, -1), 0.5)["n"] == 0

@@ -1,0 +1,77 @@
+"""The ablation list of the paper protocol is derived from the config (pipeline/ablations.py): one per
+training-choice group turned on in a trained stage, plus align when it has epochs; and what each reuses."""
+import dataclasses
+
+import pytest
+
+import cmaclip
+from cmaclip.config import SCHEDULE_FIELDS, TRAINING_CHOICES, StageConfig
+from pipeline.ablations import ablations, reused_stages, with_stage
+
+
+def _config(**stages):
+    config = cmaclip.load_config("tiny")
+    for name, changes in stages.items():
+        config = with_stage(config, name, dataclasses.replace(config.train.stages[name], **changes))
+    return config
+
+
+def test_every_stage_field_is_a_schedule_field_or_a_training_choice():
+    grouped = [f for fields in TRAINING_CHOICES.values() for f in fields]
+    assert len(grouped) == len(set(grouped))
+    assert sorted(f.name for f in dataclasses.fields(StageConfig)) == sorted([*SCHEDULE_FIELDS, *grouped])
+
+
+def test_no_choice_on_means_nothing_to_ablate():
+    assert ablations(cmaclip.load_config("tiny")) == []
+    assert ablations(cmaclip.load_config("paper-cpu-small")) == []
+
+
+def test_one_ablation_per_group_on_per_stage_and_align():
+    config = _config(align={"epochs": 1}, warmup={"crop_scale": (0.8, 1.0), "flip": 0.5},
+                     end_to_end={"modality_loss": 0.3, "drop_title": 0.1},
+                     tuning={"remove_label_words": 0.5, "swap_title": 0.2})
+    got = {(a.stage, a.group): a for a in ablations(config)}
+    assert list(got) == [("warmup", "image augmentation"), ("end_to_end", "title corruption"),
+                         ("end_to_end", "modality loss"), ("tuning", "title corruption"), ("align", "align stage")]
+    tuning = got["tuning", "title corruption"]
+    assert tuning.removed == {"remove_label_words": 0.5, "swap_title": 0.2}
+    assert not tuning.config.train.stages["tuning"].corrupts_titles
+    assert tuning.config.train.stages["end_to_end"] == config.train.stages["end_to_end"]  # the rest untouched
+    assert reused_stages(config, tuning.config) == ["align", "warmup", "end_to_end"]
+    assert reused_stages(config, got["end_to_end", "modality loss"].config) == ["align", "warmup"]
+    assert reused_stages(config, got["align", "align stage"].config) == []
+    assert got["align", "align stage"].config.train.stages["align"].epochs == 0
+
+
+def test_a_stage_without_epochs_has_nothing_to_ablate():
+    config = _config(tuning={"epochs": 0, "modality_loss": 0.5})
+    assert ablations(config) == []
+
+
+@pytest.mark.parametrize("group", list(TRAINING_CHOICES))
+def test_without_resets_only_its_group(group):
+    on = StageConfig(drop_title=0.2, label_word_tasks=["color"], crop_scale=(0.5, 1.0), flip=0.5,
+                     color_jitter=0.1, modality_loss=0.4, lr_head=3e-4)
+    off = on.without(group)
+    assert group not in off.choices_on() and set(off.choices_on()) == set(on.choices_on()) - {group}
+    assert off.lr_head == on.lr_head
+
+
+def test_ablations_flag():
+    import argparse
+
+    from pipeline.paper_options import add_arguments, options_from_args
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert options_from_args(parser.parse_args([]), "x").ablations
+    assert not options_from_args(parser.parse_args(["--no-ablations"]), "x").ablations
+
+
+def test_report_says_when_there_is_nothing_to_ablate():
+    from pipeline.paper_report import ablation_table
+
+    results = {"ablations": {"rows": [], "groups": list(TRAINING_CHOICES)}, "robustness": {}}
+    assert "nothing to ablate" in ablation_table(results)
+    assert ablation_table({"ablations": {"not_run": "--no-ablations"}}) == "Not run: --no-ablations."
