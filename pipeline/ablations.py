@@ -1,10 +1,11 @@
 """Ablation of each training choice of the protocol's config: what each one adds or costs (issue 13).
 
-The list is the config's, not a hand-kept one: for every trained stage, each group of
-`cmaclip.config.TRAINING_CHOICES` the stage turns on (title corruption, image augmentation, the modality
-loss) is reset to StageConfig's defaults, and the align stage, when it has epochs, is dropped. CMA-CLIP is
-trained under each ablated config starting from the full run's best checkpoint of the last stage the
-ablation leaves unchanged, so ablating a tuning-only choice costs one tuning stage, not a whole training.
+The list is the config's, not a hand-kept one: each group of `cmaclip.config.TRAINING_CHOICES` (title
+corruption, image augmentation, the modality loss) that some trained stage turns on is reset to
+StageConfig's defaults in every stage, and the align stage, when it has epochs, is dropped. One line per
+choice, as a user would switch it off. CMA-CLIP is trained under each ablated config starting from the full
+run's best checkpoint of the last stage the ablation leaves unchanged, so ablating a tuning-only choice
+costs one tuning stage, not a whole training.
 Each is tested under the same title conditions as the full model.
 """
 from __future__ import annotations
@@ -25,32 +26,35 @@ ALIGN_GROUP = "align stage"
 
 @dataclass
 class Ablation:
-    stage: str                  # the stage it changes
-    group: str                  # a TRAINING_CHOICES group, or ALIGN_GROUP
-    removed: dict[str, Any]     # the settings it takes away, as the full config has them
-    config: CMACLIPConfig       # the full config without them
+    group: str                          # a TRAINING_CHOICES group, or ALIGN_GROUP
+    removed: dict[str, dict[str, Any]]  # stage -> the settings it takes away, as the full config has them
+    config: CMACLIPConfig               # the full config without them
 
     @property
     def name(self) -> str:
-        return f"{self.stage}-{self.group.replace(' ', '-')}"
+        return self.group.replace(" ", "-")
+
+    @property
+    def stages(self) -> list[str]:
+        return list(self.removed)
 
 
-def with_stage(config: CMACLIPConfig, stage: str, settings: StageConfig) -> CMACLIPConfig:
-    stages = {**config.train.stages, stage: settings}
+def with_stages(config: CMACLIPConfig, changed: dict[str, StageConfig]) -> CMACLIPConfig:
+    stages = {**config.train.stages, **changed}
     return dataclasses.replace(config, train=dataclasses.replace(config.train, stages=stages))
 
 
 def ablations(config: CMACLIPConfig) -> list[Ablation]:
-    """One ablation per (trained stage, choice group turned on in it), in stage order, then align's."""
-    out = []
-    for stage in trained_stages(config):
-        settings = config.train.stages[stage]
-        for group, removed in settings.choices_on().items():
-            out.append(Ablation(stage, group, removed, with_stage(config, stage, settings.without(group))))
-    align = config.train.stages[ALIGN]
-    if align.epochs > 0:
-        out.append(Ablation(ALIGN, ALIGN_GROUP, {"epochs": align.epochs},
-                            with_stage(config, ALIGN, dataclasses.replace(align, epochs=0))))
+    """One ablation per choice group some trained stage turns on (in TRAINING_CHOICES order), then align's."""
+    out, stages = [], config.train.stages
+    for group in TRAINING_CHOICES:
+        removed = {s: stages[s].choices_on()[group] for s in trained_stages(config)
+                   if group in stages[s].choices_on()}
+        if removed:
+            out.append(Ablation(group, removed, with_stages(config, {s: stages[s].without(group) for s in removed})))
+    if stages[ALIGN].epochs > 0:
+        out.append(Ablation(ALIGN_GROUP, {ALIGN: {"epochs": stages[ALIGN].epochs}},
+                            with_stages(config, {ALIGN: dataclasses.replace(stages[ALIGN], epochs=0)})))
     return out
 
 
@@ -75,7 +79,7 @@ def run_ablation(ablation: Ablation, config: CMACLIPConfig, data: Splits,
                                          opts, init=init, stages=stages)
     model, ckpt = load_checkpoint(last_checkpoint(checkpoints), device=opts.device)
     tested = evaluate_conditions(model, ckpt.thresholds, data.test, conditions, ablation.config, opts)
-    return {"name": ablation.name, "stage": ablation.stage, "group": ablation.group,
+    return {"name": ablation.name, "changed_stages": ablation.stages, "group": ablation.group,
             "removed": ablation.removed, "reused_stages": reused,
             "started_from": str(init) if init else None, **summary,
             "test": {cond: r["test"] for cond, r in tested.items()}}

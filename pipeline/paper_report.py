@@ -147,8 +147,9 @@ def contributions_table(results: dict[str, Any]) -> str:
 
 
 def _removed(row: dict[str, Any]) -> str:
-    settings = ", ".join(f"{k}={v}" for k, v in row["removed"].items())
-    return f"{row['stage']}: {row['group']} ({settings})"
+    settings = "; ".join(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in removed.items())
+                         for stage, removed in row["removed"].items())
+    return f"{row['group']} ({settings})"
 
 
 def _retrained(row: dict[str, Any]) -> str:

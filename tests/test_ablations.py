@@ -6,13 +6,13 @@ import pytest
 
 import cmaclip
 from cmaclip.config import SCHEDULE_FIELDS, TRAINING_CHOICES, StageConfig
-from pipeline.ablations import ablations, reused_stages, with_stage
+from pipeline.ablations import ablations, reused_stages, with_stages
 
 
 def _config(**stages):
     config = cmaclip.load_config("tiny")
     for name, changes in stages.items():
-        config = with_stage(config, name, dataclasses.replace(config.train.stages[name], **changes))
+        config = with_stages(config, {name: dataclasses.replace(config.train.stages[name], **changes)})
     return config
 
 
@@ -27,21 +27,24 @@ def test_no_choice_on_means_nothing_to_ablate():
     assert ablations(cmaclip.load_config("paper-cpu-small")) == []
 
 
-def test_one_ablation_per_group_on_per_stage_and_align():
+def test_one_ablation_per_group_on_in_any_stage_and_align():
     config = _config(align={"epochs": 1}, warmup={"crop_scale": (0.8, 1.0), "flip": 0.5},
                      end_to_end={"modality_loss": 0.3, "drop_title": 0.1},
-                     tuning={"remove_label_words": 0.5, "swap_title": 0.2})
-    got = {(a.stage, a.group): a for a in ablations(config)}
-    assert list(got) == [("warmup", "image augmentation"), ("end_to_end", "title corruption"),
-                         ("end_to_end", "modality loss"), ("tuning", "title corruption"), ("align", "align stage")]
-    tuning = got["tuning", "title corruption"]
-    assert tuning.removed == {"remove_label_words": 0.5, "swap_title": 0.2}
-    assert not tuning.config.train.stages["tuning"].corrupts_titles
-    assert tuning.config.train.stages["end_to_end"] == config.train.stages["end_to_end"]  # the rest untouched
-    assert reused_stages(config, tuning.config) == ["align", "warmup", "end_to_end"]
-    assert reused_stages(config, got["end_to_end", "modality loss"].config) == ["align", "warmup"]
-    assert reused_stages(config, got["align", "align stage"].config) == []
-    assert got["align", "align stage"].config.train.stages["align"].epochs == 0
+                     tuning={"remove_label_words": 0.5, "swap_title": 0.2, "modality_loss": 1.0})
+    got = {a.group: a for a in ablations(config)}
+    assert list(got) == ["title corruption", "image augmentation", "modality loss", "align stage"]
+    titles = got["title corruption"]
+    assert titles.removed == {"end_to_end": {"drop_title": 0.1},
+                              "tuning": {"remove_label_words": 0.5, "swap_title": 0.2}}
+    assert not any(titles.config.train.stages[s].corrupts_titles for s in ("end_to_end", "tuning"))
+    assert titles.config.train.stages["end_to_end"].modality_loss == 0.3  # the other groups untouched
+    assert titles.config.train.stages["warmup"] == config.train.stages["warmup"]
+    assert reused_stages(config, titles.config) == ["align", "warmup"]
+    assert got["modality loss"].stages == ["end_to_end", "tuning"]
+    assert reused_stages(config, got["modality loss"].config) == ["align", "warmup"]
+    assert reused_stages(config, got["image augmentation"].config) == ["align"]
+    assert reused_stages(config, got["align stage"].config) == []
+    assert got["align stage"].config.train.stages["align"].epochs == 0
 
 
 def test_a_stage_without_epochs_has_nothing_to_ablate():
