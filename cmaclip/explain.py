@@ -33,29 +33,42 @@ def empty_titles(text: torch.Tensor) -> torch.Tensor:
     return empty
 
 
+def withheld_inputs(model: CMACLIP, images: torch.Tensor | None,
+                    text: torch.Tensor | None) -> dict[str, tuple[torch.Tensor | None, torch.Tensor | None]]:
+    """(images, text) with one modality withheld, for each modality the model reads."""
+    inputs = {}
+    if model.use_text:
+        inputs["title"] = (images, empty_titles(text))
+    if model.use_image:
+        inputs["image"] = (torch.zeros_like(images), text)
+    return inputs
+
+
+def contributions(full: dict[str, torch.Tensor],
+                  withheld: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """From the logits on both inputs (task -> [B, classes]) and on `withheld_inputs` (modality -> task ->
+    logits): per task `prediction`, `confidence` and each modality's contribution, all [B]. A modality
+    absent from `withheld` (the model does not read it) contributes 0."""
+    out = {}
+    for task, logits in full.items():
+        confidence, prediction = logits.float().softmax(-1).max(-1)
+        out[task] = {"prediction": prediction, "confidence": confidence}
+        for modality in MODALITIES:
+            if modality not in withheld:
+                out[task][modality] = torch.zeros_like(confidence)
+                continue
+            without = withheld[modality][task].float().softmax(-1).gather(1, prediction[:, None])[:, 0]
+            out[task][modality] = confidence - without
+    return out
+
+
 @torch.no_grad()
 def modality_contributions(model: CMACLIP, images: torch.Tensor | None,
                            text: torch.Tensor | None) -> dict[str, dict[str, torch.Tensor]]:
-    """Per task: `prediction`, `confidence` (p(ŷ) from both inputs) and each modality's contribution, all
-    [B]. A modality the model does not read contributes 0."""
-    full = model(images, text)
-    withheld = {
-        "title": model(images, empty_titles(text)) if model.use_text else None,
-        "image": model(torch.zeros_like(images), text) if model.use_image else None,
-    }
-    out = {}
-    for task, logits in full.logits.items():
-        probs = logits.float().softmax(-1)
-        confidence, prediction = probs.max(-1)
-        out[task] = {"prediction": prediction, "confidence": confidence}
-        for modality in MODALITIES:
-            other = withheld[modality]
-            if other is None:
-                out[task][modality] = torch.zeros_like(confidence)
-                continue
-            without = other.logits[task].float().softmax(-1).gather(1, prediction[:, None])[:, 0]
-            out[task][modality] = confidence - without
-    return out
+    """`contributions` of one batch: three forward passes (two for a one-modality model)."""
+    full = model(images, text).logits
+    withheld = {m: model(*inputs).logits for m, inputs in withheld_inputs(model, images, text).items()}
+    return contributions(full, withheld)
 
 
 def mean_contributions(model: CMACLIP, batches: Iterable[dict],

@@ -26,6 +26,8 @@ PARAMS = {
     "predictions_uri": Param(orch.default_predictions_uri(), type="string", minLength=1, title="Predictions folder"),
     "rows_per_shard": Param(10_000, type="integer", minimum=1, title="Rows per shard",
                             description="The unit of commit and of rerun; shards are grouped into mapped tasks."),
+    "explain": Param(False, type="boolean", title="Explain",
+                     description="Add each task's title and image contributions (3 forward passes per batch)."),
 }
 
 
@@ -40,7 +42,7 @@ def cmaclip_nightly_scoring():
     @task
     def plan(params=None, ti=None):
         planned = orch.plan_scoring(params["catalog_uri"], params["model"], params["rows_per_shard"],
-                                    params["predictions_uri"])
+                                    params["predictions_uri"], explain=params["explain"])
         ti.xcom_push(key="run", value=planned["run"])
         return planned["groups"]
 

@@ -155,6 +155,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core)")
+    p.add_argument("--explain", action="store_true",
+                   help="add <task>_title_contribution and <task>_image_contribution (3 forward passes; "
+                        "docs/model.md)")
     _image_source_args(p)
 
 
@@ -163,7 +166,7 @@ def _score(args: argparse.Namespace) -> Any:
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.shard is None,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
                  precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,
-                 image_roots=args.image_roots, image_hosts=args.image_hosts)
+                 image_roots=args.image_roots, image_hosts=args.image_hosts, explain=args.explain)
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:

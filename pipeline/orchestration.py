@@ -231,11 +231,11 @@ def _pin(model_ref: str) -> str:
 
 
 def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri: str,
-                 max_groups: int = MAX_SCORING_TASKS) -> dict[str, Any]:
-    """Plan the shards, pin the model version and name the run: {"run": {"plan", "model", "run_id"},
-    "groups": [{"label", "shards"}]}. The run id is a function of (input snapshot, model version), so a
-    rerun of the DAG resumes the same run and skips committed shards. The rows of duplicated product_ids
-    go to a side file under `out_uri` (the predictions folder), not into the XCom."""
+                 max_groups: int = MAX_SCORING_TASKS, explain: bool = False) -> dict[str, Any]:
+    """Plan the shards, pin the model version and name the run: {"run": {"plan", "model", "run_id",
+    "explain"}, "groups": [{"label", "shards"}]}. The run id is a function of (input snapshot, model
+    version, explain), so a rerun of the DAG resumes the same run and skips committed shards. The rows of
+    duplicated product_ids go to a side file under `out_uri` (the predictions folder), not into the XCom."""
     from . import scoring
 
     settings.check_storage_uri(catalog_uri, "catalog_uri")
@@ -243,8 +243,8 @@ def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri:
     _checked_model(model_ref)
     plan = scoring.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
     pinned = _pin(model_ref)
-    run_id = scoring.default_run_id(plan.id, _predictor(pinned))
-    return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id},
+    run_id = scoring.default_run_id(plan.id, _predictor(pinned), explain)
+    return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id, "explain": explain},
             "groups": group_shards(plan.shard_ids, max_groups)}
 
 
@@ -255,7 +255,8 @@ def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) 
     settings.check_storage_uri(out_uri, "predictions_uri")
     plan = scoring.Plan.from_dict(run["plan"])
     predictor = _predictor(run["model"])
-    markers = [scoring.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"])
+    markers = [scoring.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"],
+                                   explain=run.get("explain", False))
                for shard_id in group["shards"]]
     total = lambda key: sum(m[key] for m in markers)  # noqa: E731
     return {"shards": [m["shard"] for m in markers], "skipped": [m["shard"] for m in markers if m["skipped"]],

@@ -24,6 +24,7 @@ from safetensors import safe_open
 
 from cmaclip.checkpoint import WEIGHTS, Checkpoint, load_checkpoint, read_checkpoint_meta
 from cmaclip.config import CMACLIPConfig
+from cmaclip.explain import MODALITIES, contributions, withheld_inputs
 from cmaclip.model import CMACLIP
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
 
@@ -35,6 +36,18 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
 # A task without a stored threshold (an uncalibrated checkpoint) never abstains.
 DEFAULT_THRESHOLD = 0.0
+# The predictions contract's columns of each task, `<task><suffix>` -> type (Arrow's name), in contract
+# order. The one spelling: Predictor's columns, the Parquet schema (scoring) and the pyfunc signature
+# derive from it.
+TASK_COLUMNS = {"": "string", "_top": "string", "_confidence": "float32", "_image_weight": "float32"}
+# Asked for (`explain`): what each modality contributes to the top-1 label (cmaclip.explain).
+EXPLAIN_COLUMNS = {f"_{modality}_contribution": "float32" for modality in MODALITIES}
+
+
+def task_columns(tasks: Sequence[str], explain: bool = False) -> list[tuple[str, str]]:
+    """(name, type) of every per-task prediction column, in contract order."""
+    suffixes = {**TASK_COLUMNS, **(EXPLAIN_COLUMNS if explain else {})}
+    return [(f"{task}{suffix}", kind) for task in tasks for suffix, kind in suffixes.items()]
 
 
 def cpu_supports_bf16() -> bool:
@@ -200,14 +213,19 @@ class Predictor:
     def precision(self) -> str:
         return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
+    def columns(self, explain: bool = False) -> list[tuple[str, str]]:
+        """(name, type) of the per-task prediction columns, in contract order (`task_columns`)."""
+        return task_columns(self.tasks, explain)
+
     @property
     def output_columns(self) -> list[str]:
         """The per-task prediction columns, in contract order."""
-        return [c for t in self.tasks for c in (t, f"{t}_top", f"{t}_confidence", f"{t}_image_weight")]
+        return [name for name, _ in self.columns()]
 
     @torch.inference_mode()
-    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, np.ndarray]:
-        """Model inputs -> per task top-1 class id, its confidence and lambda (float32 numpy)."""
+    def forward(self, pixels: torch.Tensor, tokens: torch.Tensor, explain: bool = False) -> dict[str, np.ndarray]:
+        """Model inputs -> per task top-1 class id, its confidence and lambda, and with `explain` each
+        modality's contribution (two more forward passes; float32 numpy)."""
         non_blocking = self.device.type == "cuda"
         pixels = pixels.to(self.device, self.dtype, non_blocking=non_blocking)
         tokens = tokens.to(self.device, non_blocking=non_blocking)
@@ -218,6 +236,12 @@ class Predictor:
             result[f"{task}_top_id"] = top.cpu().numpy()
             result[f"{task}_confidence"] = conf.cpu().numpy().astype(np.float32)
             result[f"{task}_image_weight"] = out.image_weight[task].float().cpu().numpy()
+        if explain:
+            inputs = withheld_inputs(self.model, pixels, tokens)
+            withheld = {modality: self._run(*x).logits for modality, x in inputs.items()}
+            for task, parts in contributions(out.logits, withheld).items():
+                for modality in MODALITIES:
+                    result[f"{task}_{modality}_contribution"] = parts[modality].cpu().numpy()
         return result
 
     def _logits(self, pixels: torch.Tensor, tokens: torch.Tensor):
@@ -225,32 +249,25 @@ class Predictor:
         as_fp32 = lambda x: None if x is None else x.float()
         return self.model.classify(as_fp32(image), as_fp32(text))
 
-    def decode(self, raw: dict[str, np.ndarray]) -> dict[str, Any]:
-        """Class ids -> the contract's columns: `<task>` (None below the threshold), `<task>_top`,
-        `<task>_confidence`, `<task>_image_weight`."""
-        columns: dict[str, Any] = {}
+    def decode(self, raw: dict[str, np.ndarray], explain: bool = False) -> dict[str, Any]:
+        """`forward`'s output -> the contract's columns (`columns(explain)`): the labels of the class ids,
+        `<task>` None below the task's threshold; the float columns as computed."""
+        labels: dict[str, np.ndarray] = {}
         for task in self.tasks:
-            names = np.asarray(self.labels[task], dtype=object)
-            top = names[raw[f"{task}_top_id"]]
+            top = np.asarray(self.labels[task], dtype=object)[raw[f"{task}_top_id"]]
             keep = raw[f"{task}_confidence"] >= self.thresholds[task]
-            columns[task] = np.where(keep, top, None)
-            columns[f"{task}_top"] = top
-            columns[f"{task}_confidence"] = raw[f"{task}_confidence"]
-            columns[f"{task}_image_weight"] = raw[f"{task}_image_weight"]
-        return columns
+            labels[task], labels[f"{task}_top"] = np.where(keep, top, None), top
+        return {name: labels[name] if kind == "string" else raw[name] for name, kind in self.columns(explain)}
 
-    def predict(self, pixels: torch.Tensor, tokens: torch.Tensor) -> dict[str, Any]:
-        """The fast path: prepared tensors -> contract columns (in `output_columns` order)."""
+    def predict(self, pixels: torch.Tensor, tokens: torch.Tensor, explain: bool = False) -> dict[str, Any]:
+        """The fast path: prepared tensors -> contract columns (in `columns(explain)` order)."""
         if pixels.shape[0] == 0:
-            return self.decode(self._empty_raw())
-        return self.decode(self.forward(pixels, tokens))
+            return self.decode(self._empty_raw(explain), explain)
+        return self.decode(self.forward(pixels, tokens, explain), explain)
 
-    def _empty_raw(self) -> dict[str, np.ndarray]:
-        raw = {}
-        for task in self.tasks:
-            raw[f"{task}_top_id"] = np.zeros(0, dtype=np.int64)
-            raw[f"{task}_confidence"] = np.zeros(0, dtype=np.float32)
-            raw[f"{task}_image_weight"] = np.zeros(0, dtype=np.float32)
+    def _empty_raw(self, explain: bool = False) -> dict[str, np.ndarray]:
+        raw = {f"{task}_top_id": np.zeros(0, dtype=np.int64) for task in self.tasks}
+        raw.update({name: np.zeros(0, dtype=np.float32) for name, kind in self.columns(explain) if kind != "string"})
         return raw
 
     def predict_batch(self, product_ids: Sequence[str], titles: Sequence[str | None],

@@ -24,7 +24,7 @@ from mlflow.types import ColSpec, Schema
 
 from cmaclip.checkpoint import read_checkpoint_meta
 
-from .predictor import Predictor, check_row
+from .predictor import Predictor, check_row, task_columns
 
 ARTIFACT = "checkpoint"           # key of the checkpoint folder in the model's artifacts
 MODEL_NAME = "model"              # name of the logged model inside its run
@@ -35,6 +35,7 @@ ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")  # models from code: b
 # What the model needs at load time; pinned to what it was trained and tested with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow")
 LINEAGE_KEYS = ("model_name", "model_version", "run_id")
+MLFLOW_TYPES = {"string": "string", "float32": "float"}  # the contract's column types in MLflow's names
 
 
 def pip_requirements() -> list[str]:
@@ -89,10 +90,7 @@ def signature(tasks: list[str]) -> ModelSignature:
     inputs = Schema([ColSpec("string", "product_id"), ColSpec("string", "title", required=False),
                      ColSpec("binary", "image")])
     outputs = [ColSpec("string", "product_id", required=False)]
-    for task in tasks:
-        outputs += [ColSpec("string", task, required=False), ColSpec("string", f"{task}_top", required=False),
-                    ColSpec("float", f"{task}_confidence", required=False),
-                    ColSpec("float", f"{task}_image_weight", required=False)]
+    outputs += [ColSpec(MLFLOW_TYPES[kind], name, required=False) for name, kind in task_columns(tasks)]
     outputs += [ColSpec("string", k) for k in LINEAGE_KEYS]
     outputs += [ColSpec("datetime", "scored_at"), ColSpec("string", "quarantine_reason", required=False)]
     return ModelSignature(inputs, Schema(outputs))

@@ -246,9 +246,10 @@ def load_predictor(model: Any, *, precision: str = "auto", device: str = "cpu", 
     return Predictor.from_checkpoint(path, precision=precision, device=device, compile=compile)
 
 
-def default_run_id(plan_id: str, predictor: Predictor) -> str:
-    """Same input snapshot + same model -> same run, so rerunning a command resumes it."""
-    return _digest(plan_id, predictor.lineage.name, predictor.lineage.version)[:16]
+def default_run_id(plan_id: str, predictor: Predictor, explain: bool = False) -> str:
+    """Same input snapshot + same model (+ same output columns) -> same run, so rerunning a command resumes
+    it. `explain` adds columns, so it makes another run; off, it leaves the id as it was before it existed."""
+    return _digest(plan_id, predictor.lineage.name, predictor.lineage.version, *(["explain"] if explain else []))[:16]
 
 
 # --- output paths -----------------------------------------------------------------------------------
@@ -448,11 +449,9 @@ def batch_loader(shard: Shard, preprocessor: Preprocessor, batch_size: int, work
 
 # --- writing a shard ---------------------------------------------------------------------------------
 
-def prediction_schema(predictor: Predictor) -> pa.Schema:
+def prediction_schema(predictor: Predictor, explain: bool = False) -> pa.Schema:
     fields = [pa.field("product_id", pa.string(), nullable=False)]
-    for task in predictor.tasks:
-        fields += [pa.field(task, pa.string()), pa.field(f"{task}_top", pa.string()),
-                   pa.field(f"{task}_confidence", pa.float32()), pa.field(f"{task}_image_weight", pa.float32())]
+    fields += [pa.field(name, pa.type_for_alias(kind)) for name, kind in predictor.columns(explain)]
     fields += [pa.field("model_name", pa.string()), pa.field("model_version", pa.string()),
                pa.field("run_id", pa.string()), pa.field("scored_at", pa.timestamp("us", tz="UTC"))]
     return pa.schema(fields)
@@ -473,7 +472,7 @@ class ShardWriter:
     def __init__(self, uris: dict[str, str], predictor: Predictor, lineage: dict[str, Any], run_id: str,
                  scored_at: datetime):
         self.uris, self.predictor, self.lineage = uris, predictor, lineage
-        self.schema = _with_lineage(prediction_schema(predictor), lineage)
+        self.schema = _with_lineage(prediction_schema(predictor, lineage["explain"]), lineage)
         self.constants = {"model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
                           "run_id": run_id, "scored_at": scored_at}
         self.buffer: list[pa.RecordBatch] = []
@@ -527,31 +526,35 @@ def _remove_stale_temps(uri: str) -> None:
 
 # --- scoring a shard ---------------------------------------------------------------------------------
 
-def _matching_marker(uris: dict[str, str], shard: Shard, predictor: Predictor) -> dict | None:
-    """The shard's marker if this exact work (plan, shard, model) is committed; None if it must run."""
+def _matching_marker(uris: dict[str, str], shard: Shard, predictor: Predictor, explain: bool) -> dict | None:
+    """The shard's marker if this exact work (plan, shard, model, columns) is committed; None if it must run."""
     if not storage.exists(uris["marker"]):
         return None
     marker = storage.read_json(uris["marker"])
-    same = (marker.get("plan_id"), marker.get("shard"), marker.get("model_name"), marker.get("model_version")) \
-        == (shard.plan_id, shard.id, predictor.lineage.name, predictor.lineage.version)
+    same = (marker.get("plan_id"), marker.get("shard"), marker.get("model_name"), marker.get("model_version"),
+            marker.get("explain", False)) \
+        == (shard.plan_id, shard.id, predictor.lineage.name, predictor.lineage.version, explain)
     if not same:
         raise ValueError(f"{uris['marker']} records plan {marker.get('plan_id')} / model "
-                         f"{marker.get('model_name')}:{marker.get('model_version')}, not plan {shard.plan_id} / "
-                         f"{predictor.lineage.name}:{predictor.lineage.version}: use another run id")
+                         f"{marker.get('model_name')}:{marker.get('model_version')} / explain "
+                         f"{marker.get('explain', False)}, not plan {shard.plan_id} / "
+                         f"{predictor.lineage.name}:{predictor.lineage.version} / explain {explain}: "
+                         f"use another run id")
     outputs = [marker["predictions"]] + ([marker["quarantine"]] if marker.get("quarantine") else [])
     return marker if all(storage.exists(u) for u in outputs) else None
 
 
 def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None = None, batch_size: int = 32,
                 workers: int | None = None, precision: str = "auto", compile: bool = False,
-                progress: Callable[[int], None] | None = None) -> dict[str, Any]:
+                progress: Callable[[int], None] | None = None, explain: bool = False) -> dict[str, Any]:
     """Score one shard and commit it: predictions Parquet, quarantine Parquet (if any), then the done
-    marker. Skips the shard if its matching marker exists. Returns the marker (with `skipped`)."""
+    marker. Skips the shard if its matching marker exists. Returns the marker (with `skipped`).
+    `explain`: add each task's title and image contributions (`cmaclip.explain`; 3 forward passes)."""
     shard = Shard.from_dict(shard) if isinstance(shard, dict) else shard
     predictor = load_predictor(model, precision=precision, compile=compile)
-    run_id = _check_run_id(run_id or default_run_id(shard.plan_id, predictor))
+    run_id = _check_run_id(run_id or default_run_id(shard.plan_id, predictor, explain))
     uris = output_uris(out, shard.id, predictor.lineage.name, predictor.lineage.version, run_id)
-    done = _matching_marker(uris, shard, predictor)
+    done = _matching_marker(uris, shard, predictor, explain)
     if done is not None:
         if progress:
             progress(shard.rows)
@@ -559,7 +562,7 @@ def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None
     _remove_stale_temps(uris["predictions"])
     workers = default_workers(predictor.device) if workers is None else workers
     duplicates = _shard_duplicates(out, shard)
-    marker = _run_shard(shard, predictor, uris, run_id, batch_size, workers, progress, duplicates)
+    marker = _run_shard(shard, predictor, uris, run_id, batch_size, workers, progress, duplicates, explain)
     storage.write_json(uris["marker"], marker)  # last: the shard counts as done only from here
     return {**marker, "skipped": False}
 
@@ -576,11 +579,11 @@ def _shard_duplicates(out: str, shard: Shard) -> dict[tuple[str, int], str]:
 
 def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], run_id: str, batch_size: int,
                workers: int, progress: Callable[[int], None] | None,
-               duplicates: dict[tuple[str, int], str]) -> dict[str, Any]:
+               duplicates: dict[tuple[str, int], str], explain: bool) -> dict[str, Any]:
     started, scored_at = time.perf_counter(), datetime.now(timezone.utc)
     lineage = {**predictor.lineage.as_dict(), "run_id": run_id, "plan_id": shard.plan_id, "shard": shard.id,
                "input_fingerprint": shard.input_fingerprint, "labels": predictor.labels,
-               "thresholds": predictor.thresholds, "precision": predictor.precision}
+               "thresholds": predictor.thresholds, "precision": predictor.precision, "explain": explain}
     loader = batch_loader(shard, predictor.preprocessor, batch_size, workers,
                           pin_memory=predictor.device.type == "cuda", duplicates=duplicates)
     rows_in, waited, forward = 0, 0.0, 0.0
@@ -589,7 +592,7 @@ def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], run_id:
         for batch in loader:
             t0 = time.perf_counter()
             waited += t0 - tick
-            columns = predictor.predict(batch.pixels, batch.tokens)
+            columns = predictor.predict(batch.pixels, batch.tokens, explain)
             tick = time.perf_counter()
             forward += tick - t0
             writer.add(batch.product_ids, columns, batch.quarantine)
@@ -667,6 +670,8 @@ def finalize(plan: Plan | dict, out: str, run_id: str) -> dict[str, Any]:
     models = {(m["model_name"], m["model_version"]) for m in markers if m}
     if len(models) > 1:
         problems.append(f"shards were scored by different models: {sorted(models)}")
+    if len({m.get("explain", False) for m in markers if m}) > 1:  # one run, one schema
+        problems.append("some shards were scored with explain and some without")
     duplicates = sum(m["reasons"].get(reasons.DUPLICATE_ID, 0) for m in markers if m)
     if not problems and duplicates != plan.duplicates:
         problems.append(f"{duplicates} rows were quarantined as {reasons.DUPLICATE_ID}; the plan found "
@@ -689,6 +694,7 @@ def _manifest(plan: Plan, run_id: str, markers: list[dict]) -> dict[str, Any]:
         "input_fingerprint": plan.fingerprint, "rows_per_shard": plan.rows_per_shard, "shards": len(markers),
         "model_name": first["model_name"], "model_version": first["model_version"],
         "model_source": first.get("model_source", ""), "precision": first.get("precision"),
+        "explain": first.get("explain", False),
         "rows_in": total("rows_in"), "predicted": total("predicted"), "quarantined": total("quarantined"),
         "reasons": dict(sorted(reasons_total.items())),
         "predictions": [m["predictions"] for m in markers],
@@ -761,9 +767,9 @@ def score(catalog: str, model: Any, out: str, shard: str | None = None, all: boo
           rows_per_shard: int = 10_000, batch_size: int = 32, workers: int | None = None, precision: str = "auto",
           compile: bool = False, run_id: str | None = None, threads: int | None = None,
           progress: bool = True, image_roots: list[str] | None = None,
-          image_hosts: list[str] | None = None) -> dict[str, Any]:
+          image_hosts: list[str] | None = None, explain: bool = False) -> dict[str, Any]:
     """Plan, score one shard (`shard=ID`) or every shard (`all`), and finalize a complete run. Reruns
-    resume: committed shards are skipped. Returns a summary dict.
+    resume: committed shards are skipped. Returns a summary dict. `explain`: see `score_shard`.
 
     `threads` sets torch's intra-op threads for this process. On a node shared with other busy processes,
     fewer threads than cores can be much faster: OpenMP threads wait for each other at every op, and a
@@ -778,19 +784,19 @@ def score(catalog: str, model: Any, out: str, shard: str | None = None, all: boo
     if not shards:  # before the model loads: a wrong shard id fails at once
         raise ValueError("nothing to score: give shard=ID or all=True")
     predictor = load_predictor(model, precision=precision, compile=compile)
-    run_id = _check_run_id(run_id or default_run_id(plan.id, predictor))
+    run_id = _check_run_id(run_id or default_run_id(plan.id, predictor, explain))
     bar = tqdm(total=sum(s.rows for s in shards), unit="row", desc=f"score {run_id}", disable=not progress)
     markers = []
     with bar:
         for s in shards:
             markers.append(score_shard(s, predictor, out, run_id=run_id, batch_size=batch_size,
-                                       workers=workers, progress=bar.update))
+                                       workers=workers, progress=bar.update, explain=explain))
     summary = {"run_id": run_id, "plan_id": plan.id, "shards": len(plan.shards), "scored": len(markers),
                "skipped": sum(m["skipped"] for m in markers), "rows_in": sum(m["rows_in"] for m in markers),
                "predicted": sum(m["predicted"] for m in markers),
                "quarantined": sum(m["quarantined"] for m in markers),
                "model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
-               "precision": predictor.precision, "seconds": round(time.perf_counter() - started, 3)}
+               "precision": predictor.precision, "explain": explain, "seconds": round(time.perf_counter() - started, 3)}
     if shard is None:
         summary["manifest"] = manifest_uri(out, run_id)
         finalize(plan, out, run_id)

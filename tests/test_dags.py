@@ -103,6 +103,11 @@ def test_scoring_dag_shape(dagbag):
     assert score.map_index_template and score.max_active_tis_per_dagrun == orchestration.SCORING_PARALLELISM
     assert [o.uri for o in dag.get_task("publish").outlets] == [orchestration.PREDICTIONS_ASSET_URI]
     assert orchestration.MAX_SCORING_TASKS < 1024  # far below Airflow's default max_map_length
+    from airflow.sdk.exceptions import ParamValidationError
+
+    assert dag.params["explain"] is False  # the contribution columns only when asked for
+    with pytest.raises(ParamValidationError):
+        dag.params.get_param("explain").resolve("yes")
 
 
 def test_shard_groups_stay_below_the_map_limit():

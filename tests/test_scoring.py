@@ -357,6 +357,45 @@ def test_layout_lineage_metadata_and_readers(checkpoint, tmp_catalog, tmp_path):
     assert count == 400
 
 
+def test_explain_adds_each_modalitys_contribution_in_a_run_of_its_own(checkpoint, tmp_catalog, tmp_path, capsys):
+    from pipeline import cli
+
+    out, contributions = str(tmp_path / "out"), {f"{t}_{m}_contribution" for t in TASKS for m in ("title", "image")}
+    plain = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=250, workers=0, progress=False)
+    assert cli.main(["score", "--catalog", tmp_catalog, "--model", checkpoint, "--out", out, "--rows-per-shard",
+                     "250", "--workers", "0", "--threads", "1", "--explain"]) == 0
+    explained = json.loads(capsys.readouterr().out)
+    assert explained["run_id"] != plain["run_id"]  # other columns: another run, another output folder
+    tables = {}
+    for summary in (plain, explained):
+        manifest = json.loads(Path(summary["manifest"]).read_text())
+        assert manifest["explain"] is (summary is explained) and manifest["predicted"] == 400
+        meta = json.loads(pq.read_schema(manifest["predictions"][0]).metadata[b"cmaclip"])
+        assert meta["explain"] is manifest["explain"]
+        tables[manifest["explain"]] = pq.read_table(manifest["predictions"], partitioning=None).sort_by("product_id")
+    without, with_ = tables[False], tables[True]
+    predictor = Predictor.from_checkpoint(checkpoint)
+    for explain, table in tables.items():
+        assert table.column_names == scoring.prediction_schema(predictor, explain).names
+    assert not contributions & set(without.column_names)  # off by default: the schema is as it was
+    assert set(with_.column_names) - set(without.column_names) == contributions
+    for column in contributions:
+        values = with_.column(column).to_numpy()
+        assert with_.schema.field(column).type == pa.float32()
+        assert ((values >= -1) & (values <= 1)).all() and (values != 0).any()
+        confidence = with_.column(column.split("_")[0] + "_confidence").to_numpy()
+        assert (values <= confidence + 1e-6).all()  # what is lost is at most what there was
+    for task in TASKS:  # the same predictions otherwise
+        assert with_.column(f"{task}_top").equals(without.column(f"{task}_top"))
+    # A run id holds one schema: scoring with explain into the plain run is refused.
+    plan = scoring.plan_shards(tmp_catalog, rows_per_shard=250, out=out)
+    with pytest.raises(ValueError, match="explain False.*explain True.*use another run id"):
+        scoring.score_shard(plan.shards[0], checkpoint, out, run_id=plain["run_id"], workers=0, explain=True)
+    # publish reads both runs; the newest (explained) predictions carry their contributions.
+    latest = pq.read_table(scoring.publish(out)["latest"])
+    assert contributions <= set(latest.column_names) and latest.column("color_image_contribution").null_count == 0
+
+
 def test_publish_latest_per_product_and_catalog_view(checkpoint, tmp_catalog, tmp_path):
     out = str(tmp_path / "out")
     first = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=200, workers=0, progress=False)
