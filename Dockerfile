@@ -35,15 +35,15 @@ RUN pip install --upgrade "pip<27" setuptools wheel \
 COPY pyproject.toml constraints.txt README.md ./
 COPY cmaclip/__init__.py cmaclip/__init__.py
 COPY pipeline/__init__.py pipeline/__init__.py
+# The package-data folders are listed as packages in pyproject.toml: the install needs them present.
+COPY cmaclip/configs cmaclip/configs
+COPY pipeline/queries pipeline/queries
 # boto3: MLflow's S3 artifact store (the MLflow server proxies artifacts to MinIO/S3 through it).
 RUN pip install -c constraints.txt -e ".[airflow]" boto3
 
-# Editable install of the copied tree: pipeline finds sql/ and configs/ beside itself (REPO_ROOT), and
-# the Airflow DAG folder is the same dags/ the tests run.
+# Editable install of the copied tree, and the Airflow DAG folder is the same dags/ the tests run.
 COPY cmaclip cmaclip
 COPY pipeline pipeline
-COPY sql sql
-COPY configs configs
 COPY dags dags
 
 # Non-root, group 0 (the OpenShift/Airflow convention: any UID in group 0 can write the state folders).

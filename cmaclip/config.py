@@ -1,6 +1,6 @@
-"""Configuration dataclasses for CMA-CLIP and the loader for `configs/*.json`.
+"""Configuration dataclasses for CMA-CLIP and the loader for `cmaclip/configs/*.json`.
 
-A config is plain data: `CMACLIPConfig` maps one-to-one onto the JSON files in `configs/`, so a run's
+A config is plain data: `CMACLIPConfig` maps one-to-one onto the JSON files in `cmaclip/configs/`, so a run's
 config can be logged, diffed and rebuilt without importing anything but this module.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: ships in the wheel
 STAGES = ("warmup", "end_to_end", "tuning")   # Algorithm 1's, in order: what a training runs by default
 ALIGN = "align"                               # optional catalog pre-training of the CLIP towers, before warm-up
 ALL_STAGES = (ALIGN, *STAGES)
@@ -200,7 +200,7 @@ def with_variant(config: CMACLIPConfig, variant: str) -> CMACLIPConfig:
 
 
 def load_config(name_or_path: str | Path) -> CMACLIPConfig:
-    """A config by name (`tiny`, `paper-vit-b-32`: files in configs/) or by path to a JSON file."""
+    """A config by name (`tiny`, `paper-vit-b-32`: files in cmaclip/configs/) or by path to a JSON file."""
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.json"

@@ -33,7 +33,7 @@ PARAMS = {
                    minItems=1, uniqueItems=True, title="Tasks", description="Label columns to learn, one per line."),
     "config": Param("tiny", type="string", minLength=1, title="Model config",
                     examples=orch.config_names(),
-                    description="A config name in configs/ or the path of a config JSON file."),
+                    description="A config name in cmaclip/configs/ or the path of a config JSON file."),
     "epochs": Param({}, type="object", title="Epochs per stage",
                     properties={orch.ALIGN: {"type": "integer", "minimum": 0, "maximum": 1000},
                                 **{s: {"type": "integer", "minimum": 1, "maximum": 1000} for s in orch.STAGES}},

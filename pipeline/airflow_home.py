@@ -2,8 +2,8 @@
 
 `environment()` is the set of variables every Airflow process of the project gets (the demo's `airflow dags
 test`, the tests, `airflow standalone` for the UI): `AIRFLOW_HOME` under `CMACLIP_HOME`, the repo's `dags/`
-as the dags folder, a SQLite metadata DB, LocalExecutor, no example DAGs. `prepare()` migrates that DB and
-creates the `gpu` pool the training tasks queue on.
+(in a checkout) as the dags folder, a SQLite metadata DB, LocalExecutor, no example DAGs. `prepare()`
+migrates that DB and creates the `gpu` pool the training tasks queue on.
 
 At scale nothing here changes in the DAGs: point `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` at PostgreSQL and
 `AIRFLOW__CORE__EXECUTOR` at Celery or Kubernetes; an already-set `AIRFLOW__*` variable wins over these
@@ -21,7 +21,9 @@ from typing import Mapping, Sequence
 
 from pipeline import settings
 
-DAGS_FOLDER = settings.REPO_ROOT / "dags"
+# The checkout's dags/. The wheel does not ship them: installed, the DAG files go where Airflow looks by
+# default, $AIRFLOW_HOME/dags.
+DAGS_FOLDER = settings.REPO_ROOT / "dags" if settings.REPO_ROOT else None
 GPU_POOL = "gpu"
 # How many training tasks may run at once across all DAG runs: one per accelerator of the training
 # workers (a task that runs torchrun over N devices should count for N). Two on the embedded setup.
@@ -58,7 +60,7 @@ def environment(home: Path | None = None, base: Mapping[str, str] | None = None)
     defaults = {
         "CMACLIP_HOME": str(home),
         "AIRFLOW_HOME": str(af_home),
-        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER or af_home / "dags"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{af_home / 'airflow.db'}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(af_home / "logs"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -73,8 +75,8 @@ def environment(home: Path | None = None, base: Mapping[str, str] | None = None)
     }
     for key, value in defaults.items():
         env.setdefault(key, value)
-    # Tasks import `pipeline` from this checkout even where the package is not installed.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(settings.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # Tasks import `pipeline` from where this process did, even where the package is not installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(settings.IMPORT_ROOT), env.get("PYTHONPATH", "")) if p)
     return env
 
 
@@ -88,7 +90,7 @@ def run_airflow(args: Sequence[str], env: Mapping[str, str], check: bool = True,
                 capture: bool = True) -> subprocess.CompletedProcess:
     """Run one `airflow` command in the embedded environment; on failure the error carries its output."""
     proc = subprocess.run(airflow_command(args), env=dict(env), text=True,
-                          capture_output=capture, cwd=settings.REPO_ROOT)
+                          capture_output=capture, cwd=settings.IMPORT_ROOT)
     if check and proc.returncode != 0:
         detail = (proc.stdout or "")[-4000:] + (proc.stderr or "")[-4000:] if capture else ""
         raise RuntimeError(f"`airflow {' '.join(args)}` failed with exit code {proc.returncode}\n{detail}")

@@ -79,7 +79,7 @@ def _epochs(text: str) -> int | dict[str, int]:
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="tiny", help="config name in configs/ or a JSON file")
+    p.add_argument("--config", default="tiny", help="config name in cmaclip/configs/ or a JSON file")
     p.add_argument("--data", required=True, help="ingested dataset URI (the folder with manifest.json)")
     p.add_argument("--out", required=True, help="training folder URI (checkpoints; s3:// works)")
     p.add_argument("--stages", help="comma-separated, in order, from align,warmup,end_to_end,tuning (default: the "

@@ -45,7 +45,7 @@ def run_dag(dag_id: str, conf: Mapping[str, Any], env: Mapping[str, str], log_pa
     started = time.perf_counter()
     with open(log_path, "w") as log:
         code = subprocess.run(airflow_home.airflow_command(["dags", "test", dag_id, "-c", json.dumps(conf)]),
-                              env=dict(env), stdout=log, stderr=subprocess.STDOUT, cwd=settings.REPO_ROOT).returncode
+                              env=dict(env), stdout=log, stderr=subprocess.STDOUT, cwd=settings.IMPORT_ROOT).returncode
     if code != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-60:])
         raise RuntimeError(f"{dag_id} failed (exit code {code}); the end of {log_path}:\n{tail}")

@@ -7,7 +7,7 @@ publish. When scored, a product_id on more than one row of the catalog snapshot 
 one of the rows would give the others its attributes (a "Red Dress" row showing Navy/Skirt predicted from the
 other row's image), and rows that differ have no prediction that is each row's own. Ingest, which builds
 training examples rather than per-row attributes, keeps one row of each id (the smallest content hash,
-sql/ingest_rank.sql) and quarantines the others under the same code.
+queries/ingest_rank.sql) and quarantines the others under the same code.
 
 Shards are scored independently and the rows of one id may lie in any files and shards, so the plan scans
 the product_id column of the whole catalog once, batch by batch, into a local Parquet file that DuckDB groups

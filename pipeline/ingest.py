@@ -2,7 +2,7 @@
 
 Pass 1 (pipeline.staging) streams the catalog in row batches (memory bounded), checks each row
 (pipeline.validate, in a process pool for big catalogs) and stages the good rows in a local Parquet
-file. DuckDB then decides, with the SQL in sql/: which row wins each duplicated product_id, the split
+file. DuckDB then decides, with the SQL in queries/: which row wins each duplicated product_id, the split
 of each product, the label counts. Pass 2 streams the staged rows in that order into the dataset parts.
 
 Output under `out_uri`:
@@ -25,7 +25,7 @@ Rules (also recorded in the manifest):
   none of them instead (pipeline/duplicate_ids.py; docs/contracts.md, "Duplicate product_ids").
 - Images: stored as the original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB
   (alpha composited on white) and re-encoded, as JPEG q95 from a lossy source and PNG from a lossless one.
-- Splits: by md5(product_id) (see sql/ingest_split.sql and `split_of`), stable across re-ingests.
+- Splits: by md5(product_id) (see queries/ingest_split.sql and `split_of`), stable across re-ingests.
 """
 from __future__ import annotations
 
@@ -106,7 +106,7 @@ def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
 
 
 def split_of(product_id: str, splits: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
-    """The split ingest gives `product_id`; the same arithmetic as sql/ingest_split.sql."""
+    """The split ingest gives `product_id`; the same arithmetic as queries/ingest_split.sql."""
     train, validation, _ = check_splits(splits)
     key = int(hashlib.md5(product_id.encode("utf-8")).hexdigest()[:12], 16) / 2**48
     return "train" if key < train else "validation" if key < train + validation else "test"

@@ -54,8 +54,8 @@ def torchrun_command(nproc: int, handle: str, stage: str, result: str, epochs: i
 
 def _worker_env(base: Mapping[str, str] | None) -> dict[str, str]:
     env = dict(os.environ if base is None else base)
-    # The ranks import `pipeline` from this checkout even where the project is not pip-installed.
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(settings.REPO_ROOT), env.get("PYTHONPATH", "")) if p)
+    # The ranks import `pipeline` from where this process did, even where the project is not pip-installed.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(settings.IMPORT_ROOT), env.get("PYTHONPATH", "")) if p)
     # Every rank must log to the MLflow store this process uses (run_stage checks it).
     env.setdefault("MLFLOW_TRACKING_URI", settings.tracking_uri())
     env.setdefault("CMACLIP_HOME", str(settings.home()))
@@ -65,7 +65,7 @@ def _worker_env(base: Mapping[str, str] | None) -> dict[str, str]:
 def _stream(command: Sequence[str], env: Mapping[str, str], tail: int = 200) -> tuple[int, str]:
     """Run `command`, forwarding its output line by line; return the exit code and the last lines."""
     last: collections.deque[str] = collections.deque(maxlen=tail)
-    with subprocess.Popen(command, env=dict(env), cwd=settings.REPO_ROOT, stdout=subprocess.PIPE,
+    with subprocess.Popen(command, env=dict(env), cwd=settings.IMPORT_ROOT, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as proc:
         assert proc.stdout is not None
         for line in proc.stdout:

@@ -15,11 +15,13 @@ against `CMACLIP_STORAGE_PREFIXES` before anything is read or written.
 """
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import os
 import re
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from . import settings
@@ -52,8 +54,10 @@ def champion_asset_uri(model_name: str = MODEL_NAME) -> str:
 
 
 def config_names() -> list[str]:
-    """The configs shipped in configs/ (what the trigger form proposes)."""
-    return sorted(p.stem for p in (settings.REPO_ROOT / "configs").glob("*.json"))
+    """The configs shipped in cmaclip/configs/ (what the trigger form proposes). Found without importing
+    `cmaclip`, which imports torch: the DAG processor parses the DAG files that call this."""
+    package = importlib.util.find_spec("cmaclip").submodule_search_locations[0]
+    return sorted(p.stem for p in (Path(package) / "configs").glob("*.json"))
 
 
 def default_catalog_uri() -> str:
@@ -88,14 +92,14 @@ def run_uri(root: str, dag_id: str, run_id: str) -> str:
 
 
 def _checked_config(config: str) -> str:
-    """A config shipped in configs/ by name, or a config file (a path with a suffix, which `load_config`
-    reads as given) within the allowed storage. A name that is not shipped is refused: `load_config`
-    would look for it under configs/, where `..` could leave the folder."""
+    """A config shipped in cmaclip/configs/ by name, or a config file (a path with a suffix, which
+    `load_config` reads as given) within the allowed storage. A name that is not shipped is refused:
+    `load_config` would look for it under cmaclip/configs/, where `..` could leave the folder."""
     if config in config_names():
         return config
     if not os.path.splitext(config)[1]:
-        raise ValueError(f"config {config!r} is neither a config in configs/ ({', '.join(config_names())}) "
-                         "nor the path of a config file")
+        raise ValueError(f"config {config!r} is neither a config in cmaclip/configs/ "
+                         f"({', '.join(config_names())}) nor the path of a config file")
     return settings.check_storage_uri(config, "config")
 
 

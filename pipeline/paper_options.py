@@ -4,23 +4,31 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from . import settings
 
-FASHION_SMALL = settings.REPO_ROOT.parent / "shared" / "data" / "fashion-small" / "products.parquet"
+# Defaults for a source checkout: the shared fashion-small catalog beside the repo, results in bench/results.
+# Installed from a wheel there is neither: --catalog is required and results go under the data directory.
+FASHION_SMALL = (settings.REPO_ROOT.parent / "shared" / "data" / "fashion-small" / "products.parquet"
+                 if settings.REPO_ROOT else None)
 TASKS = ("color", "article_type", "usage")
 VARIANTS = ("cma-clip", "no-modality-attention", "no-attention", "image-only", "text-only")
 STAGES = ("align", "warmup", "end_to_end", "tuning")  # cmaclip.config.ALL_STAGES, without importing torch
 
 
+def _results_dir() -> Path:
+    return settings.REPO_ROOT / "bench" / "results" if settings.REPO_ROOT else settings.home() / "paper" / "results"
+
+
 @dataclass
 class Options:
-    catalog: str = str(FASHION_SMALL)
+    catalog: str = str(FASHION_SMALL or "")
     config: str | None = None              # default: paper-cpu-small, or paper-vit-b-32 with --pretrained
     pretrained: str | None = None
     tasks: tuple[str, ...] = TASKS
     work_dir: str = field(default_factory=lambda: str(settings.home() / "paper"))
-    results_dir: str = str(settings.REPO_ROOT / "bench" / "results")
+    results_dir: str = field(default_factory=lambda: str(_results_dir()))
     seed: int = 0
     swap_seed: int = 1
     limit: int | None = None               # first N catalog rows in sha256(product_id) order (smoke tests)
@@ -62,7 +70,8 @@ def _variants(text: str) -> tuple[str, ...]:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     d = Options()
-    p.add_argument("--catalog", default=d.catalog, help="catalog Parquet (default: shared fashion-small)")
+    p.add_argument("--catalog", default=d.catalog or None, required=not d.catalog,
+                   help="catalog Parquet (default in a checkout: the shared fashion-small)")
     p.add_argument("--config", default=None, help="config name or JSON path "
                    "(default: paper-cpu-small; paper-vit-b-32 when --pretrained is given)")
     p.add_argument("--pretrained", default=None, help="local CLIP weights (the paper's setting); "

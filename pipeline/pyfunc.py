@@ -22,6 +22,7 @@ import pandas as pd
 from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
+import cmaclip
 from cmaclip.checkpoint import read_checkpoint_meta
 
 from .predictor import Predictor, check_row, task_columns
@@ -29,8 +30,8 @@ from .predictor import Predictor, check_row, task_columns
 ARTIFACT = "checkpoint"           # key of the checkpoint folder in the model's artifacts
 MODEL_NAME = "model"              # name of the logged model inside its run
 INPUT_COLUMNS = ("product_id", "title", "image")
-REPO_ROOT = Path(__file__).resolve().parent.parent
-CODE_PATHS = [str(REPO_ROOT / "cmaclip"), str(REPO_ROOT / "pipeline")]
+# The two packages as installed (source checkout or wheel), with their package data (configs, SQL).
+CODE_PATHS = [str(Path(cmaclip.__file__).resolve().parent), str(Path(__file__).resolve().parent)]
 ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")  # models from code: builds CMACLIPPyfunc
 # What the model needs at load time; pinned to what it was trained and tested with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow")

@@ -54,7 +54,7 @@ READ_BUFFER = 1 << 20             # Parquet pages are read through this buffer, 
 PREFETCH_BATCHES = 4               # per worker: enough to hide a slow image, little memory
 SOURCE_FILE = "_catalog_file"      # raw_batches: the catalog file each row came from
 DUPLICATE = "_duplicate_id"        # raw_batches: why the row is quarantined as duplicate_id (null: it is not)
-SHARD_ID = "{:05d}"                # a shard's id: its index in plan order (sql/score_duplicates.sql uses it too)
+SHARD_ID = "{:05d}"                # a shard's id: its index in plan order (queries/score_duplicates.sql uses it too)
 CATALOG_PREFIX = "catalog_"        # publish: a catalog column named like a prediction column gets this prefix
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
@@ -729,7 +729,7 @@ def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
 
 
 def _publish_catalog(con: Any, catalog: str, latest: str, view: str) -> dict[str, Any]:
-    """sql/publish_catalog_view.sql, with catalog rows keyed by the scoring rule (`duplicate_ids.register_key`)
+    """queries/publish_catalog_view.sql, with catalog rows keyed by the scoring rule (`duplicate_ids.register_key`)
     and catalog columns named like a prediction column renamed (`_unique_columns`)."""
     storage.register_duckdb(con, catalog)
     files = storage.parquet_files(catalog)

@@ -18,13 +18,24 @@ import sqlite3
 import time
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+# The folder that holds the `pipeline` and `cmaclip` packages: the repo in a source checkout, site-packages
+# when installed from a wheel. Subprocesses get it on PYTHONPATH so they import this same code.
+IMPORT_ROOT = Path(__file__).resolve().parent.parent
+# The source checkout this code runs from, or None when installed from a wheel. Only defaults meant for
+# development hang off it (the data folder, the DAG folder, git lineage, the paper's results folder).
+REPO_ROOT = IMPORT_ROOT if (IMPORT_ROOT / "pyproject.toml").is_file() else None
 _prepared: set[str] = set()  # SQLite files this process has already prepared
 
 
 def home() -> Path:
-    """The project's data directory: `CMACLIP_HOME`, default `<repo>/data`."""
-    return Path(os.environ.get("CMACLIP_HOME") or REPO_ROOT / "data").expanduser().resolve()
+    """The project's data directory: `CMACLIP_HOME`; else `<repo>/data` in a source checkout, and
+    `$XDG_DATA_HOME/cmaclip` (`~/.local/share/cmaclip`) when installed, where site-packages is no place
+    for data."""
+    if os.environ.get("CMACLIP_HOME"):
+        return Path(os.environ["CMACLIP_HOME"]).expanduser().resolve()
+    if REPO_ROOT is not None:
+        return REPO_ROOT / "data"
+    return (Path(os.environ.get("XDG_DATA_HOME") or "~/.local/share").expanduser() / "cmaclip").resolve()
 
 
 def storage_prefixes() -> list[str]:

@@ -1,5 +1,6 @@
-"""Load the SQL files of the top-level `sql/` folder by name, and stream a query's result into Parquet. One
-statement per file; values are always bound as `$name` parameters, never formatted into the text."""
+"""Load the SQL files in `pipeline/queries/` (package data) by name, and stream a query's result into
+Parquet. One statement per file; values are always bound as `$name` parameters, never formatted into the
+text."""
 from __future__ import annotations
 
 from functools import lru_cache
@@ -10,12 +11,12 @@ import pyarrow.parquet as pq
 
 from . import storage
 
-SQL_DIR = Path(__file__).resolve().parent.parent / "sql"
+SQL_DIR = Path(__file__).resolve().parent / "queries"
 
 
 @lru_cache(maxsize=None)
 def load_sql(name: str) -> str:
-    """The text of `sql/<name>.sql` (the `.sql` suffix is optional)."""
+    """The text of `queries/<name>.sql` (the `.sql` suffix is optional)."""
     path = SQL_DIR / (name if name.endswith(".sql") else f"{name}.sql")
     if not path.is_file():
         known = sorted(p.stem for p in SQL_DIR.glob("*.sql"))

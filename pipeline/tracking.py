@@ -63,17 +63,20 @@ def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 @functools.lru_cache(maxsize=1)
 def code_version() -> str:
-    """The git commit of the repo (with `-dirty` if the tree has changes), else the package version."""
+    """The git commit of the checkout (with `-dirty` if the tree has changes), else the package version.
+    Installed from a wheel there is no checkout: a git repo around site-packages is not this code's."""
     def git(*args: str) -> str:
         return subprocess.run(["git", *args], cwd=settings.REPO_ROOT, capture_output=True, text=True,
                               timeout=10, check=True).stdout.strip()
-    try:
-        commit = git("rev-parse", "HEAD")
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
-        return commit + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        import cmaclip
-        return f"cmaclip-{cmaclip.__version__}"
+    if settings.REPO_ROOT is not None:
+        try:
+            commit = git("rev-parse", "HEAD")
+            dirty = bool(git("status", "--porcelain", "--untracked-files=no"))
+            return commit + ("-dirty" if dirty else "")
+        except (OSError, subprocess.SubprocessError):
+            pass
+    import cmaclip
+    return f"cmaclip-{cmaclip.__version__}"
 
 
 def _installed(dist: str) -> bool:

@@ -83,7 +83,7 @@ def test_orchestration_refuses_params_outside_the_prefixes_before_touching_stora
                           out_uri=str(outside / "predictions"))
     with pytest.raises(ValueError, match="config"):
         orch.open_training({"dataset_uri": run_folder}, run_folder, str(outside / "config.json"))
-    with pytest.raises(ValueError, match="neither a config in configs/"):
+    with pytest.raises(ValueError, match="neither a config in cmaclip/configs/"):
         orch.open_training({"dataset_uri": run_folder}, run_folder, "../../../etc/cmaclip")
     assert not (allowed / "runs").exists() and not (outside / "runs").exists()
     assert orch.run_uri("s3://cmaclip/runs", "cmaclip_retrain", "manual__1") == \
