@@ -25,47 +25,16 @@ from safetensors import safe_open
 from cmaclip.checkpoint import WEIGHTS, Checkpoint, load_checkpoint, read_checkpoint_meta
 from cmaclip.config import CMACLIPConfig
 from cmaclip.model import CMACLIP
+from cmaclip.precision import DTYPES, resolve_precision
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
 
 from . import reasons
 from .images import decode_image
 from .text import NotText, normalize_product_id, normalize_title
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
 # A task without a stored threshold (an uncalibrated checkpoint) never abstains.
 DEFAULT_THRESHOLD = 0.0
-
-
-def cpu_supports_bf16() -> bool:
-    """True where oneDNN has native bf16 matmuls (AVX-512 BF16 or AMX). Elsewhere bf16 is emulated and
-    slower than fp32, so 'auto' must not pick it."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if check is not None and torch.backends.mkldnn.is_available():
-        try:
-            return bool(check())
-        except RuntimeError:
-            pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The weight dtype for `precision` on `device`. fp16 is refused on CPU: it runs ~100x slower there."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if device.type == "cuda":
-        if precision == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if precision == "fp16":
-        raise ValueError("fp16 on CPU has no fast kernels; use precision='bf16' or 'fp32'")
-    if precision == "auto":
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def checkpoint_version(path: str | os.PathLike) -> str:
@@ -166,7 +135,8 @@ class Predictor:
     def __init__(self, model: CMACLIP, checkpoint: Checkpoint, lineage: Lineage, *,
                  device: str | torch.device = "cpu", precision: str = "auto", compile: bool = False):
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = DTYPES[self.precision]
         self.checkpoint = checkpoint
         self.lineage = lineage
         self.tasks = list(checkpoint.config.tasks)
@@ -195,10 +165,6 @@ class Predictor:
             if len(self.labels[task]) != classes:
                 raise ValueError(f"task {task!r}: the model has {classes} classes, "
                                  f"the checkpoint's vocabulary {len(self.labels[task])}")
-
-    @property
-    def precision(self) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
 
     @property
     def output_columns(self) -> list[str]:
