@@ -144,9 +144,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="catalog Parquet: file, folder or glob; any URI")
     p.add_argument("--model", required=True, help="checkpoint folder (models:/name@alias with the registry)")
     p.add_argument("--out", required=True, help="scoring output root URI")
-    which = p.add_mutually_exclusive_group()
+    which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--shard", help="score this shard id only (no finalize)")
-    which.add_argument("--all", action="store_true", default=True, help="score every shard, then finalize")
+    which.add_argument("--all", action="store_true", help="score every shard, then finalize")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None,
@@ -165,7 +165,7 @@ def _score(args: argparse.Namespace) -> Any:
 
     from .scoring import score
     check_precision(args.precision)  # before planning writes anything under --out
-    return score(args.catalog, args.model, args.out, shard=args.shard, all=args.shard is None,
+    return score(args.catalog, args.model, args.out, shard=args.shard, all=args.all,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
                  precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,
                  image_roots=args.image_roots, image_hosts=args.image_hosts)

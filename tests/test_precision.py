@@ -59,6 +59,6 @@ def test_cli_refuses_an_unknown_precision_before_writing(tmp_catalog, tmp_path, 
     from pipeline import cli
     out = tmp_path / "scores"
     code = cli.main(["score", "--catalog", tmp_catalog, "--model", str(tmp_path / "none"), "--out", str(out),
-                     "--precision", "fp8"])
+                     "--all", "--precision", "fp8"])
     assert code == 2 and "precision must be one of" in capsys.readouterr().err
     assert not out.exists()
