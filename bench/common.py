@@ -49,7 +49,7 @@ def cpu_model() -> str:
 
 
 def machine() -> dict:
-    from pipeline.predictor import cpu_supports_bf16
+    from cmaclip.precision import cpu_supports_bf16
 
     return {"python": sys.version.split()[0], "torch": torch.__version__, "threads": torch.get_num_threads(),
             "cpu": cpu_model(), "bf16_native": cpu_supports_bf16(), "load_avg_1m": round(os.getloadavg()[0], 2)}

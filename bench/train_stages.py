@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 import cmaclip  # noqa: E402
 from cmaclip.cache import CacheConfig  # noqa: E402
-from cmaclip.evaluate import resolve_precision  # noqa: E402
+from cmaclip.precision import resolve_precision  # noqa: E402
 from cmaclip.losses import multitask_loss  # noqa: E402
 from cmaclip.stages import apply_stage, frozen_forward, frozen_groups, frozen_prefix, trainable_forward  # noqa: E402
 from cmaclip.train import _seed, _StageRun  # noqa: E402  the loop minus validation and checkpoints

@@ -26,8 +26,9 @@ from open_clip.loss import ClipLoss
 from torch import nn
 
 from .clip_baseline import embed, logit_scale
-from .evaluate import _restore_modes, autocast
+from .evaluate import _restore_modes
 from .model import CMACLIP
+from .precision import autocast
 from .transforms import eot_index, trim_tokens
 
 RETRIEVAL_POOL = 1000

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from .encoders import CLIPTowers
-from .evaluate import Predictions, autocast, resolve_precision
+from .evaluate import Predictions
+from .precision import autocast, resolve_precision
 from .transforms import eot_index, trim_tokens
 
 # CLIP-style prompts; the bare label is kept beside them because fine-tuning only ever shows the text

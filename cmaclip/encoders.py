@@ -33,7 +33,8 @@ def use_sequence_first_layout(module: nn.Module) -> None:
     """Run open_clip's transformers in [L, B, D] layout.
 
     Same numbers, but under bf16 the batch-first path of its attention feeds a transposed input into the
-    in-projection and copies dominate; sequence-first makes bf16 3-4x faster on CPU (OPEN_CLIP_NOTES.md).
+    in-projection and copies dominate, which made the bf16 text tower slower than fp32 on CPU. Sequence-first
+    feeds the matmul directly.
     """
     for sub in module.modules():
         if hasattr(sub, "resblocks"):

@@ -8,7 +8,6 @@ and by the paper benchmark. A batch is the data layer's dict:
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Iterable, Sequence
 
@@ -17,40 +16,8 @@ import torch
 
 from .metrics import precision_at_threshold, summarize, task_metrics
 from .model import CMACLIP
+from .precision import autocast, resolve_precision
 from .transforms import trim_tokens
-
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Precision: shared by prediction and training.
-
-def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """'auto' -> what is fast and safe on this device: bf16 where the hardware has it, fp16 on older GPUs,
-    fp32 otherwise. fp16 on CPU is refused: it is ~80x slower than fp32 there (OPEN_CLIP_NOTES.md)."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    kind = torch.device(device).type
-    if precision == "fp16" and kind == "cpu":
-        raise ValueError("fp16 on CPU runs ~80x slower than fp32; use precision 'bf16' or 'fp32'")
-    if precision != "auto":
-        return precision
-    if kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if kind == "cpu":
-        try:
-            return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-        except (AttributeError, RuntimeError):
-            return "fp32"
-    return "fp32"
-
-
-def autocast(device: str | torch.device, precision: str):
-    """Autocast context for a resolved precision; fp32 runs as is."""
-    if precision == "fp32":
-        return contextlib.nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(torch.device(device).type, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ class SequenceAttention(nn.Module):
     Takes and returns [B, S, D]. Inside, the encoder runs batch-first (torch's fused inference kernel:
     fastest in fp32) or, after `set_sequence_first(True)`, in [S, B, D]: the same numbers, and in bf16 on
     CPU ~1.3x faster, because batch-first attention there feeds a transposed input to the in-projection
-    (the layout trap of OPEN_CLIP_NOTES.md). Training speed does not depend on it."""
+    (the trap `encoders.use_sequence_first_layout` avoids in the towers; bench/forward.py times both layouts).
+    Training speed does not depend on it."""
 
     def __init__(self, cfg: CMAConfig, embed_dim: int):
         super().__init__()

@@ -1,7 +1,8 @@
 """Building the open_clip model: random weights, an open_clip tag, or a local weights file.
 
-A remote URI (s3://...) is fetched to a local file by `pipeline` first, so this module stays free of
-fsspec. Offline, a tag fails within seconds with a message that says what to do, not after a long retry.
+A URI (s3://..., any fsspec URI) is fetched to a local file by `pipeline` first (`pipeline.training` calls
+`pipeline.storage.fetch_to_cache`), so this module stays free of fsspec. Offline, a tag fails within
+seconds with a message that says what to do, not after a long retry.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ HUB_HOST = ("huggingface.co", 443)
 
 class PretrainedWeightsError(RuntimeError):
     """The configured CLIP weights cannot be loaded; the message says how to fix it."""
+
+
+def is_uri(ref: str) -> bool:
+    """A weights reference that names a file in some store rather than on this machine."""
+    return "://" in ref
 
 
 def _looks_like_path(ref: str) -> bool:
@@ -40,10 +46,10 @@ def resolve_pretrained(cfg: CLIPConfig) -> str | None:
     ref = cfg.pretrained
     if not ref:
         return None
-    if "://" in ref:
+    if is_uri(ref):
         raise PretrainedWeightsError(
-            f"pretrained={ref!r} is a remote URI: fetch it to a local file first "
-            "(pipeline.storage.fetch_to_cache does this for the CLI and the DAGs)")
+            f"pretrained={ref!r} is a URI: fetch it to a local file first "
+            "(pipeline.storage.fetch_to_cache; pipeline.training does this for the CLI and the DAGs)")
     if _looks_like_path(ref):
         path = Path(ref.removeprefix("local-dir:")).expanduser()
         if not path.exists():

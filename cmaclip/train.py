@@ -61,10 +61,10 @@ from .align import MONITOR as ALIGN_MONITOR
 from .align import ContrastiveTowers, contrastive_loss, embed_pairs, has_title, retrieval_metrics
 from .clip_baseline import logit_scale
 from .config import ALIGN, ALL_STAGES, CMACLIPConfig
-from .evaluate import Predictions, autocast, metrics_from_predictions, predict, resolve_precision, \
-    thresholds_from_metrics
+from .evaluate import Predictions, metrics_from_predictions, predict, thresholds_from_metrics
 from .losses import IGNORE, modality_loss, multitask_loss
 from .model import CMACLIP
+from .precision import autocast, resolve_precision
 from .stages import apply_stage, frozen_forward, frozen_groups, frozen_prefix, set_train_mode, trainable_forward
 from .transforms import trim_tokens
 

@@ -144,14 +144,16 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--catalog", required=True, help="catalog Parquet: file, folder or glob; any URI")
     p.add_argument("--model", required=True, help="checkpoint folder (models:/name@alias with the registry)")
     p.add_argument("--out", required=True, help="scoring output root URI")
-    which = p.add_mutually_exclusive_group()
+    which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--shard", help="score this shard id only (no finalize)")
-    which.add_argument("--all", action="store_true", default=True, help="score every shard, then finalize")
+    which.add_argument("--all", action="store_true", help="score every shard, then finalize")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding DataLoader processes (0: in turn; default: auto, see docs/benchmarks.md)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    p.add_argument("--precision", default="auto",
+                   help="auto (bf16 where the hardware has it, fp16 on GPUs without it, else fp32), fp32, "
+                        "bf16 or fp16 (GPU only); checked by cmaclip.precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core)")
@@ -162,8 +164,11 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 
 def _score(args: argparse.Namespace) -> Any:
+    from cmaclip.precision import check_precision
+
     from .scoring import score
-    return score(args.catalog, args.model, args.out, shard=args.shard, all=args.shard is None,
+    check_precision(args.precision)  # before planning writes anything under --out
+    return score(args.catalog, args.model, args.out, shard=args.shard, all=args.all,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
                  precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,
                  image_roots=args.image_roots, image_hosts=args.image_hosts, explain=args.explain)

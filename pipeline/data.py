@@ -301,7 +301,11 @@ class InMemorySplit(Dataset):
 
 
 class EpochSampler(Sampler[int]):
-    """A (seed, epoch) permutation sharded across DDP ranks, equal length per rank (remainder dropped)."""
+    """A (seed, epoch) permutation sharded across DDP ranks, equal length per rank (remainder dropped).
+
+    Not torch's DistributedSampler: its permutation (torch.randperm seeded with seed + epoch) is another
+    order than `_epoch_rng`'s, which ProductStream shares, so the in-memory and streamed loaders and the
+    recorded paper results would no longer see the same samples per epoch."""
 
     def __init__(self, n: int, shuffle: bool, seed: int = 0, epoch: int = 0,
                  rank: int | None = None, world_size: int | None = None):

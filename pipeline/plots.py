@@ -5,7 +5,6 @@ display (Airflow workers, CI).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Sequence
 
 import matplotlib
@@ -85,9 +84,6 @@ def lambda_histogram(image_weight: np.ndarray, title_mentions_label: np.ndarray,
     return fig
 
 
-def save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+def close(fig) -> None:
+    """Free a figure once it is logged: pyplot keeps every open figure alive."""
     plt.close(fig)
-    return path

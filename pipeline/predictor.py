@@ -26,13 +26,13 @@ from cmaclip.checkpoint import WEIGHTS, Checkpoint, load_checkpoint, read_checkp
 from cmaclip.config import CMACLIPConfig
 from cmaclip.explain import MODALITIES, contributions, withheld_inputs
 from cmaclip.model import CMACLIP
+from cmaclip.precision import DTYPES, resolve_precision
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
 
 from . import reasons
 from .images import decode_image
 from .text import NotText, normalize_product_id, normalize_title
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
 # A task without a stored threshold (an uncalibrated checkpoint) never abstains.
 DEFAULT_THRESHOLD = 0.0
@@ -48,37 +48,6 @@ def task_columns(tasks: Sequence[str], explain: bool = False) -> list[tuple[str,
     """(name, type) of every per-task prediction column, in contract order."""
     suffixes = {**TASK_COLUMNS, **(EXPLAIN_COLUMNS if explain else {})}
     return [(f"{task}{suffix}", kind) for task in tasks for suffix, kind in suffixes.items()]
-
-
-def cpu_supports_bf16() -> bool:
-    """True where oneDNN has native bf16 matmuls (AVX-512 BF16 or AMX). Elsewhere bf16 is emulated and
-    slower than fp32, so 'auto' must not pick it."""
-    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
-    if check is not None and torch.backends.mkldnn.is_available():
-        try:
-            return bool(check())
-        except RuntimeError:
-            pass
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The weight dtype for `precision` on `device`. fp16 is refused on CPU: it runs ~100x slower there."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
-    if device.type == "cuda":
-        if precision == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    if precision == "fp16":
-        raise ValueError("fp16 on CPU has no fast kernels; use precision='bf16' or 'fp32'")
-    if precision == "auto":
-        return torch.bfloat16 if cpu_supports_bf16() else torch.float32
-    return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
 def checkpoint_version(path: str | os.PathLike) -> str:
@@ -179,7 +148,8 @@ class Predictor:
     def __init__(self, model: CMACLIP, checkpoint: Checkpoint, lineage: Lineage, *,
                  device: str | torch.device = "cpu", precision: str = "auto", compile: bool = False):
         self.device = torch.device(device)
-        self.dtype = resolve_dtype(precision, self.device)
+        self.precision = resolve_precision(precision, self.device)
+        self.dtype = DTYPES[self.precision]
         self.checkpoint = checkpoint
         self.lineage = lineage
         self.tasks = list(checkpoint.config.tasks)
@@ -210,9 +180,6 @@ class Predictor:
                                  f"the checkpoint's vocabulary {len(self.labels[task])}")
 
     @property
-    def precision(self) -> str:
-        return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[self.dtype]
-
     def columns(self, explain: bool = False) -> list[tuple[str, str]]:
         """(name, type) of the per-task prediction columns, in contract order (`task_columns`)."""
         return task_columns(self.tasks, explain)

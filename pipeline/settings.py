@@ -11,7 +11,6 @@ by re-reading after a lost race.
 """
 from __future__ import annotations
 
-import fcntl
 import logging
 import os
 import sqlite3
@@ -24,6 +23,8 @@ IMPORT_ROOT = Path(__file__).resolve().parent.parent
 # The source checkout this code runs from, or None when installed from a wheel. Only defaults meant for
 # development hang off it (the data folder, the DAG folder, git lineage, the paper's results folder).
 REPO_ROOT = IMPORT_ROOT if (IMPORT_ROOT / "pyproject.toml").is_file() else None
+# Creating the schema takes seconds; a holder past this is hung (a dead one releases the lock with its fd).
+SCHEMA_LOCK_TIMEOUT_S = 300.0
 _prepared: set[str] = set()  # SQLite files this process has already prepared
 
 
@@ -126,19 +127,22 @@ def _prepare_sqlite(uri: str) -> None:
     """WAL mode (readers never block the writer) and the schema, created by exactly one process."""
     if uri in _prepared:
         return
+    from filelock import FileLock, Timeout
     from mlflow import MlflowClient
 
     path = _sqlite_path(uri)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{path}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
+    lock = f"{path}.lock"
+    try:
+        with FileLock(lock, timeout=SCHEMA_LOCK_TIMEOUT_S):
             with sqlite3.connect(path, timeout=60) as conn:
                 conn.execute("PRAGMA journal_mode=WAL")  # persistent: stored in the file
             # Building the store runs MLflow's migrations on an empty file; under the lock, only once.
             MlflowClient(tracking_uri=uri, registry_uri=uri).search_experiments(max_results=1)
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    except Timeout:
+        raise TimeoutError(f"waited {SCHEMA_LOCK_TIMEOUT_S:.0f} s for {lock}: another process has held it "
+                           f"that long while preparing the MLflow store {path}; if that process is hung, "
+                           "stop it") from None
     _prepared.add(uri)
 
 

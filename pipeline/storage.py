@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import stat
 import tempfile
 import uuid
@@ -173,11 +174,42 @@ def content_version(uri: str) -> str:
     etag = meta.get("ETag") or meta.get("etag")
     if etag and not is_local(fs):
         return f"etag:{str(etag).strip(chr(34))}"
-    digest = hashlib.sha256()
     with fs.open(path, "rb") as f:
-        for block in iter(lambda: f.read(8 << 20), b""):
-            digest.update(block)
-    return f"sha256:{digest.hexdigest()}"
+        return f"sha256:{hashlib.file_digest(f, 'sha256').hexdigest()}"
+
+
+# What an object store reports that changes when the object does: version id (versioned S3), generation
+# (GCS), ETag, and as the fallback every store has, modification time and size.
+_VERSION_FIELDS = ("VersionId", "generation", "ETag", "etag", "md5Hash", "LastModified", "mtime", "updated",
+                   "created", "size")
+
+
+def object_version(meta: dict[str, Any]) -> str:
+    """The identity of one version of an object, from its `fs.info` alone (no read)."""
+    fields = {k: meta[k] for k in _VERSION_FIELDS if meta.get(k) is not None}
+    return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def fetch_to_cache(uri: str, cache_dir: str | os.PathLike) -> str:
+    """A local path holding the file at `uri`: the path itself when it is local, else a copy under
+    `cache_dir` fetched once per version of the object (`object_version`), so a replaced object is fetched
+    again and an unchanged one costs one metadata call. The copy keeps the file name (loaders go by its
+    extension) and appears only when whole."""
+    fs, path = filesystem(uri)
+    if is_local(fs):
+        return path
+    meta = fs.info(path)
+    if meta.get("type") != "file":
+        raise FileNotFoundError(f"{uri} is not a file (fs.info type {meta.get('type')!r})")
+    place = hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = os.path.join(os.fspath(cache_dir), place, object_version(meta), os.path.basename(path))
+    if os.path.isfile(target):
+        return target
+    with _local_atomic(target) as f, fs.open(path, "rb") as src:
+        shutil.copyfileobj(src, f, 8 << 20)
+        if meta.get("size") is not None and f.tell() != meta["size"]:  # replaced while we read it
+            raise OSError(f"{uri}: fetched {f.tell()} bytes, the store reported {meta['size']}")
+    return target
 
 
 def makedirs(uri: str) -> None:

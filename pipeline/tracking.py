@@ -23,11 +23,9 @@ import json
 import math
 import platform
 import subprocess
-import tempfile
 import time
 from collections import defaultdict
-from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import numpy as np
 from mlflow import MlflowClient
@@ -44,7 +42,6 @@ TRAINING_EXPERIMENT = "cmaclip-training"
 STAGE_TAG, KIND_TAG, PARENT_TAG = "cmaclip.stage", "cmaclip.kind", "mlflow.parentRunId"
 PACKAGES = ("torch", "open_clip_torch", "mlflow", "numpy", "pyarrow")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
-_BATCH = 500             # MLflow accepts at most 1000 metrics / 100 params per log_batch call
 
 
 # --- what identifies a training ----------------------------------------------------------------------
@@ -147,18 +144,16 @@ def client() -> MlflowClient:
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
+# MlflowClient.log_batch splits what it is given into calls within the store's per-request limits.
+
 def log_params(c: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
-    items = [Param(k, v) for k, v in params.items()]
-    for i in range(0, len(items), 100):
-        c.log_batch(run_id, params=items[i:i + 100])
+    c.log_batch(run_id, params=[Param(k, v) for k, v in params.items()])
 
 
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     """Finite numbers only: an abstaining threshold is +inf, which no metric store keeps faithfully."""
     now = _now_ms()
-    items = [Metric(k, float(v), now, step) for k, v in metrics.items() if _loggable(v)]
-    for i in range(0, len(items), _BATCH):
-        c.log_batch(run_id, metrics=items[i:i + _BATCH])
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _loggable(v)])
 
 
 def _loggable(value: Any) -> bool:
@@ -265,17 +260,23 @@ def log_stage_artifacts(run_id: str, result: StageResult, predictions: Predictio
     c.log_dict(run_id, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
                         "metrics": result.best_metrics}, "best_metrics.json")
     log_metrics(c, run_id, {f"best/{k}": v for k, v in result.best_metrics.items()}, result.best_epoch)
-    if predictions is None:
-        return
-    with tempfile.TemporaryDirectory(prefix="cmaclip-plots-") as tmp:
-        write_plots(Path(tmp), predictions, titles, labels, target_precision)
-        c.log_artifacts(run_id, tmp, "plots")
+    if predictions is not None:
+        log_plots(c, run_id, predictions, titles, labels, target_precision)
 
 
-def write_plots(folder: Path, predictions: Predictions, titles: Mapping[str, str | None],
-                labels: Mapping[str, list[str]], target_precision: float) -> list[Path]:
-    """plots/<task>/{precision_recall,confusion,lambda}.png for every task with labelled samples."""
-    written = []
+def log_plots(c: MlflowClient, run_id: str, predictions: Predictions, titles: Mapping[str, str | None],
+              labels: Mapping[str, list[str]], target_precision: float) -> None:
+    for path, fig in stage_plots(predictions, titles, labels, target_precision):
+        try:
+            c.log_figure(run_id, fig, path, save_kwargs={"dpi": 100})
+        finally:
+            plots.close(fig)
+
+
+def stage_plots(predictions: Predictions, titles: Mapping[str, str | None], labels: Mapping[str, list[str]],
+                target_precision: float) -> Iterator[tuple[str, Any]]:
+    """(plots/<task>/{precision_recall,confusion,lambda}.png, figure) for every task with labelled samples,
+    one figure at a time."""
     title_list = [titles.get(pid) for pid in predictions.product_id]
     for task in predictions.tasks:
         y = predictions.labels.get(task)
@@ -287,10 +288,6 @@ def write_plots(folder: Path, predictions: Predictions, titles: Mapping[str, str
         names = np.asarray(labels[task], dtype=object)
         mentioned = names_label([t for t, k in zip(title_list, keep) if k], list(names[y]))
         lam = predictions.image_weight[task][keep]
-        written += [
-            plots.save(plots.precision_recall(pred == y, conf, target_precision, task),
-                       folder / task / "precision_recall.png"),
-            plots.save(plots.confusion(y, pred, list(names), task), folder / task / "confusion.png"),
-            plots.save(plots.lambda_histogram(lam, mentioned, task), folder / task / "lambda.png"),
-        ]
-    return written
+        yield f"plots/{task}/precision_recall.png", plots.precision_recall(pred == y, conf, target_precision, task)
+        yield f"plots/{task}/confusion.png", plots.confusion(y, pred, list(names), task)
+        yield f"plots/{task}/lambda.png", plots.lambda_histogram(lam, mentioned, task)

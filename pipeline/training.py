@@ -19,6 +19,7 @@ retry on another worker downloads the newest complete snapshot and resumes from 
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import math
 import shutil
@@ -32,6 +33,7 @@ from cmaclip.checkpoint import load_checkpoint
 from cmaclip.config import ALIGN, ALL_STAGES, STAGES, CMACLIPConfig, load_config
 from cmaclip.evaluate import predict
 from cmaclip.model import CMACLIP, create_model
+from cmaclip.pretrained import is_uri
 from cmaclip.train import SUMMARY_KEYS, Callback, PrintCallback, StageResult, train_stage
 
 from . import settings, storage, tracking
@@ -122,21 +124,19 @@ def _remote_stage(training: Mapping[str, Any], stage: str) -> str:
     return storage.join(training["out_uri"], "stages", stage)
 
 
+# Trailing slashes on both sides: fsspec copies the folder's contents into the target, whether or not the
+# target exists yet (a retried upload lands in the same place).
+
 def _put_dir(local: Path, uri: str) -> None:
     fs, path = storage.filesystem(uri)
-    fs.makedirs(path, exist_ok=True)
-    for f in sorted(local.iterdir()):
-        if f.is_file():
-            fs.put_file(str(f), f"{path}/{f.name}")
+    fs.put(f"{local}/", f"{path.rstrip('/')}/", recursive=True)
 
 
 def _get_dir(uri: str, local: Path) -> None:
     fs, path = storage.filesystem(uri)
     tmp = local.with_name(local.name + ".download")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for entry in fs.ls(path, detail=False):
-        fs.get_file(entry, str(tmp / entry.rstrip("/").rsplit("/", 1)[-1]))
+    fs.get(f"{path.rstrip('/')}/", f"{tmp}/", recursive=True)
     shutil.rmtree(local, ignore_errors=True)
     tmp.rename(local)
 
@@ -312,8 +312,19 @@ def _train(training: Mapping[str, Any], stage: str, config: CMACLIPConfig, folde
 def _initial_model(config: CMACLIPConfig) -> CMACLIP:
     """The first stage's starting weights come from the config's seed, as the rest of the run does: the
     same config and data train the same model, whatever ran before in this process."""
+    config = with_local_weights(config)
     torch.manual_seed(config.train.seed)
     return create_model(config)
+
+
+def with_local_weights(config: CMACLIPConfig) -> CMACLIPConfig:
+    """`clip.pretrained` given as a URI -> the same config naming the local copy in the cache, fetched
+    once per version of the object. The training's own config keeps the URI (what was asked for)."""
+    ref = config.clip.pretrained
+    if not ref or not is_uri(ref):
+        return config
+    local = storage.fetch_to_cache(ref, settings.home() / "cache" / "pretrained")
+    return dataclasses.replace(config, clip=dataclasses.replace(config.clip, pretrained=local))
 
 
 def _log_stage(training: Mapping[str, Any], run_id: str, result: StageResult, config: CMACLIPConfig,

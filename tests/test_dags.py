@@ -118,27 +118,30 @@ def test_shard_groups_stay_below_the_map_limit():
     assert orchestration.group_shards(ids[:3], 64) == [{"label": i, "shards": [i]} for i in ids[:3]]
 
 
+# What would make a DAG file slow to parse (Airflow re-parses every file every few seconds, with a timeout):
+# the project's heavy libraries, none of which the file may import at its top.
+HEAVY = ("torch", "torchvision", "open_clip", "mlflow", "pyarrow", "pandas", "numpy", "duckdb", "fsspec",
+         "s3fs", "PIL", "matplotlib", "cmaclip")
 PARSE_PROBE = """
-import json, runpy, sys, time, warnings
+import json, runpy, sys, warnings
 import airflow.sdk
-from airflow.sdk import Asset, Param, dag, task  # the lazy attributes, loaded outside the timing
-started = time.perf_counter()
+from airflow.sdk import Asset, Param, dag, task  # the lazy attributes, loaded before the snapshot
+before = set(sys.modules)
 with warnings.catch_warnings():
     warnings.simplefilter("error")  # any warning while our DAG file runs fails the probe
     runpy.run_path(sys.argv[1])
-print(json.dumps({"seconds": time.perf_counter() - started,
-                  "heavy": sorted(m for m in ("torch", "mlflow", "open_clip", "pyarrow") if m in sys.modules)}))
+print(json.dumps(sorted({m.split(".")[0] for m in set(sys.modules) - before})))
 """
 
 
 @pytest.mark.parametrize("dag_file", DAG_FILES, ids=lambda p: p.name)
-def test_dag_file_parses_fast_without_torch_or_warnings(dag_file: Path, airflow_env):
+def test_dag_file_parses_without_heavy_imports_or_warnings(dag_file: Path, airflow_env):
     proc = subprocess.run([sys.executable, "-c", PARSE_PROBE, str(dag_file)], env=airflow_env["env"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    probe = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert probe["heavy"] == []
-    assert probe["seconds"] < 1.0
+    imported = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert "pipeline" in imported  # the probe sees the file's own imports
+    assert sorted(set(imported) & set(HEAVY)) == []
 
 
 # --- end to end (slow) ---------------------------------------------------------------------------------

@@ -2,7 +2,6 @@ from __future__ import annotations
 
 import dataclasses
 import io
-import time
 import warnings
 
 import numpy as np
@@ -52,11 +51,9 @@ def test_bomb_refused_from_header_without_decoding(monkeypatch: pytest.MonkeyPat
     def no_decode(self, *a, **k):
         raise AssertionError("pixels were decoded")
     monkeypatch.setattr(ImageFile.ImageFile, "load", no_decode)
-    started = time.perf_counter()
     # 9000x9000 is under Pillow's own threshold, so our header check is what refuses it.
     out = decode_image(bomb_png(9000, 9000))
     assert out.reason == reasons.IMAGE_TOO_LARGE and "px limit" in out.detail
-    assert time.perf_counter() - started < 0.5
 
 
 @pytest.mark.parametrize("action", ["error", "ignore"])

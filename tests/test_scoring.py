@@ -226,6 +226,21 @@ def test_model_references(checkpoint, monkeypatch):
         Predictor.from_checkpoint(checkpoint, precision="fp16")
 
 
+def test_cli_scores_one_shard_or_all_as_asked(monkeypatch, capsys):
+    from pipeline import cli
+
+    calls = []
+    monkeypatch.setattr(scoring, "score", lambda *a, **kw: calls.append(kw) or {})
+    base = ["score", "--catalog", "c.parquet", "--model", "m", "--out", "o"]
+    assert cli.main([*base, "--all"]) == 0 and cli.main([*base, "--shard", "s0"]) == 0
+    assert [(kw["shard"], kw["all"]) for kw in calls] == [(None, True), ("s0", False)]
+    for argv in (base, [*base, "--all", "--shard", "s0"]):  # neither, or both: refused before any work
+        with pytest.raises(SystemExit) as exit_:
+            cli.main(argv)
+        assert exit_.value.code == 2 and "--shard" in capsys.readouterr().err
+    assert len(calls) == 2
+
+
 # --- resume after SIGKILL, idempotent reruns ----------------------------------------------------------------
 
 SCORE_IN_SUBPROCESS = (

@@ -190,3 +190,54 @@ def test_parallel_writers_on_a_fresh_sqlite_store(tmp_path):
         assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
         assert all(len(c.get_metric_history(r.info.run_id, "b")) == 30 for r in runs)
         assert len(c.search_experiments(filter_string="name = 'parallel'")) == 1
+
+
+def test_more_params_and_metrics_than_one_request_takes_and_plots_as_figures(tmp_path):
+    """Over MLflow's per-request limits (100 params, 1000 metrics): all arrive. Plots land as PNG artifacts
+    under plots/<task>/ for each labelled task only."""
+    import numpy as np
+
+    from cmaclip.evaluate import Predictions
+
+    with mlflow_home(tmp_path / "home"):
+        c = tracking.client()
+        run_id = c.create_run(settings.experiment_id("limits")).info.run_id
+        tracking.log_params(c, run_id, {f"p{i}": str(i) for i in range(250)})
+        tracking.log_metrics(c, run_id, {f"m{i}": float(i) for i in range(2500)} | {"inf": float("inf")}, step=3)
+        run = c.get_run(run_id)
+        assert run.data.params == {f"p{i}": str(i) for i in range(250)}
+        assert run.data.metrics == {f"m{i}": float(i) for i in range(2500)}
+        rng = np.random.default_rng(0)
+        probs = rng.dirichlet(np.ones(3), size=20).astype(np.float32)
+        predictions = Predictions([f"id{i}" for i in range(20)], {"color": probs, "style": probs},
+                                  {"color": rng.integers(0, 3, 20), "style": np.full(20, -1)},
+                                  {t: rng.random(20).astype(np.float32) for t in ("color", "style")})
+        titles = {f"id{i}": "red cotton shirt" for i in range(20)}
+        labels = {t: ["red", "blue", "green"] for t in ("color", "style")}
+        tracking.log_plots(c, run_id, predictions, titles, labels, 0.9)
+        assert _artifacts(c, run_id) == {f"plots/color/{p}.png" for p in ("precision_recall", "confusion", "lambda")}
+        plot = c.download_artifacts(run_id, "plots/color/confusion.png", str(tmp_path))
+        assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_hung_schema_lock_holder_gives_a_clear_error_not_a_hang(tmp_path, monkeypatch):
+    db = tmp_path / "home" / "mlflow.db"
+    db.parent.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from filelock import FileLock
+        with FileLock({str(db) + '.lock'!r}):
+            print("held", flush=True)
+            time.sleep(60)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        monkeypatch.setattr(settings, "SCHEMA_LOCK_TIMEOUT_S", 0.5)
+        with pytest.raises(TimeoutError, match="another process has held it"):
+            settings.configure(f"sqlite:///{db}")
+        assert not db.exists()  # nothing was built without the lock
+    finally:
+        holder.kill()
+        holder.wait()
+    settings.configure(f"sqlite:///{db}")  # released with the holder's death
+    assert db.exists()
