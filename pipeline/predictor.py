@@ -179,7 +179,6 @@ class Predictor:
                 raise ValueError(f"task {task!r}: the model has {classes} classes, "
                                  f"the checkpoint's vocabulary {len(self.labels[task])}")
 
-    @property
     def columns(self, explain: bool = False) -> list[tuple[str, str]]:
         """(name, type) of the per-task prediction columns, in contract order (`task_columns`)."""
         return task_columns(self.tasks, explain)
