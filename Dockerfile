@@ -35,6 +35,7 @@ RUN pip install --upgrade "pip<27" setuptools wheel \
 COPY pyproject.toml constraints.txt README.md ./
 COPY cmaclip/__init__.py cmaclip/__init__.py
 COPY pipeline/__init__.py pipeline/__init__.py
+COPY paper/__init__.py paper/__init__.py
 # The package-data folders are listed as packages in pyproject.toml: the install needs them present.
 COPY cmaclip/configs cmaclip/configs
 COPY pipeline/queries pipeline/queries
@@ -44,6 +45,7 @@ RUN pip install -c constraints.txt -e ".[airflow]" boto3
 # Editable install of the copied tree, and the Airflow DAG folder is the same dags/ the tests run.
 COPY cmaclip cmaclip
 COPY pipeline pipeline
+COPY paper paper
 COPY dags dags
 
 # Non-root, group 0 (the OpenShift/Airflow convention: any UID in group 0 can write the state folders).

@@ -1,6 +1,6 @@
 """Does the catalog pre-training (`align`) help? Each variant trained twice on the same data, seed and
 stages, without and with `--align-epochs` of align first; test accuracy with the original titles and with
-the label words removed (the paper protocol's data, splits and noise: pipeline/experiments.py).
+the label words removed (the paper protocol's data, splits and noise: paper/experiments.py).
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/align.py --limit 6000 --variants image-only --align-epochs 2
 
@@ -15,18 +15,19 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+# The repo root ahead of bench/: `paper` is the package, not bench/paper.py.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from common import report  # noqa: E402
-from pipeline.paper_options import add_arguments, options_from_args  # noqa: E402
+from paper.options import add_arguments, options_from_args  # noqa: E402
 
 CONDITIONS = ("clean", "label_words_removed")
 
 
 def run_variant(variant: str, config, data, conditions, manifest: dict, opts) -> dict:
     from cmaclip.checkpoint import load_checkpoint
-    from pipeline.experiments import evaluate_conditions, last_checkpoint, run_key, train_variant
+    from paper.experiments import evaluate_conditions, last_checkpoint, run_key, train_variant
 
     started = time.perf_counter()
     run_dir = Path(opts.work_dir) / "runs" / run_key(config, manifest)
@@ -50,7 +51,7 @@ def run_variant(variant: str, config, data, conditions, manifest: dict, opts) ->
 
 
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.experiments import build_config, choose_threads, load_splits, noise_conditions, prepare_dataset
+    from paper.experiments import build_config, choose_threads, load_splits, noise_conditions, prepare_dataset
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(parser)

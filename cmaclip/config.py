@@ -109,7 +109,7 @@ class StageConfig:
 
 
 # What a stage does to its training beyond epochs and learning rates, in the groups the paper protocol
-# ablates together (pipeline/ablations.py). Every StageConfig field is either a schedule field or in a group.
+# ablates together (paper/ablations.py). Every StageConfig field is either a schedule field or in a group.
 TRAINING_CHOICES: dict[str, tuple[str, ...]] = {
     "title corruption": (*TITLE_POLICIES, "label_word_tasks"),
     "image augmentation": ("crop_scale", "flip", "color_jitter"),

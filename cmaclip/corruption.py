@@ -13,14 +13,16 @@ Deterministic without touching the global RNGs: each sample's draws come from it
 (seed, stage, epoch, product id), so any number of DataLoader workers or DDP ranks corrupts the same titles,
 and a stage without corruption consumes exactly the random numbers it did before.
 
-The word removal is also the robustness test's (pipeline/noise.py): one definition of "the title no longer
-names the label".
+The word removal is also the paper protocol's robustness test (paper/experiments.py), and `names_label` the
+check that the training plots and the protocol share: one definition of "the title names the label".
 """
 from __future__ import annotations
 
 import random
 import re
 from typing import Mapping, Sequence
+
+import numpy as np
 
 from .config import TITLE_POLICIES, StageConfig
 
@@ -35,14 +37,27 @@ def label_words(labels: Labels) -> list[str]:
     return [w for phrase in phrases for w in str(phrase).split()]
 
 
-def remove_words(title: str, words: Sequence[str]) -> str:
-    """The title without these words: case-insensitive, whole words only, whitespace collapsed."""
+def _whole(phrases: Sequence[str]) -> str:
+    """A pattern matching any of the phrases as whole words, literally (longest first)."""
+    alternatives = "|".join(re.escape(p) for p in sorted(set(phrases), key=len, reverse=True))
+    # Lookarounds instead of \b: a label word may start or end with a non-word character ("T-Shirt").
+    return rf"(?<!\w)(?:{alternatives})(?!\w)"
+
+
+def remove_label_words(title: str | None, labels: Labels) -> str:
+    """The title with every word of the product's label phrase(s) removed (`labels`: one phrase, or one per
+    task with None where unknown): case-insensitive, whole words only (removing `Red` leaves `Reddish`),
+    whitespace collapsed. A null title becomes the empty string, which is what the tokenizer sees for it."""
+    words, title = label_words(labels), title or ""
     if not words:
         return title
-    # Lookarounds instead of \b: a label word may start or end with a non-word character ("T-Shirt").
-    alternatives = "|".join(re.escape(w) for w in sorted(set(words), key=len, reverse=True))
-    stripped = re.sub(rf"(?<!\w)(?:{alternatives})(?!\w)", " ", title, flags=re.IGNORECASE)
-    return " ".join(stripped.split())
+    return " ".join(re.sub(_whole(words), " ", title, flags=re.IGNORECASE).split())
+
+
+def names_label(titles: Sequence[str | None], labels: Sequence[str | None]) -> np.ndarray:
+    """True where the title contains the whole label phrase (case-insensitive, whole words)."""
+    return np.array([bool(title and label and re.search(_whole([str(label)]), str(title), flags=re.IGNORECASE))
+                     for title, label in zip(titles, labels)], dtype=bool)
 
 
 def sample_rng(seed: int, stage: str, epoch: int, product_id: str, stream: str) -> random.Random:
@@ -72,7 +87,7 @@ def corrupt_title(title: str | None, labels: Mapping[str, str | None], stage: St
         return ""
     if policy == "remove_label_words":
         tasks = stage.label_word_tasks or list(labels)
-        return remove_words(title, label_words([labels[t] for t in tasks]))
+        return remove_label_words(title, [labels[t] for t in tasks])
     if policy == "swap_title":
         if len(pool) < 2:  # a pool of one product has no other title to give
             return ""

@@ -18,7 +18,7 @@ from typing import Any
 from cmaclip.config import ALIGN, TRAINING_CHOICES, CMACLIPConfig, StageConfig
 
 from .experiments import Splits, evaluate_conditions, last_checkpoint, timed, train_variant, trained_stages
-from .paper_options import Options
+from .options import Options
 
 VARIANT = "cma-clip"  # the model whose training choices are ablated
 ALIGN_GROUP = "align stage"

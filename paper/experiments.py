@@ -1,10 +1,7 @@
-"""The paper's experiments on a real catalog, as one fixed protocol (`run_protocol`): ingest with hash
-splits, train CMA-CLIP and its ablations with Algorithm 1, the CLIP baselines, the title-noise test (with
-the stored thresholds' precision and the modality contributions under each title condition), the ablation
-of each training choice (pipeline/ablations.py) and the attention maps; then one results dict, written as
-JSON, markdown and an MLflow run.
-
-Used by `bench/paper.py` and `cmaclip evaluate`; both take the flags of `paper_options.add_arguments`.
+"""The parts of the paper's experiments on a real catalog: ingest with hash splits, train CMA-CLIP and its
+variants with Algorithm 1, the CLIP baselines, the title-noise test (with the stored thresholds' precision
+and the modality contributions under each title condition). `paper.protocol` runs them in order, with the
+ablation of each training choice (paper/ablations.py) and the attention maps.
 """
 from __future__ import annotations
 
@@ -22,15 +19,15 @@ import torch
 
 import cmaclip
 from cmaclip.config import ALL_STAGES, CMACLIPConfig, with_variant
+from cmaclip.corruption import names_label, remove_label_words
 from cmaclip.evaluate import evaluate, precision_at_thresholds
 from cmaclip.explain import mean_contributions
 from cmaclip.transforms import tokenizer
+from pipeline.ingest import SPLITS, ingest
 
-from .ingest import SPLITS, ingest
-from .noise import names_label, remove_label_words, swap_titles
-from .paper_data import SplitData, load_split, retitled, subset_catalog
-from .paper_options import VARIANTS, Options
-from .paper_outputs import finite, log_mlflow, write_reports
+from .noise import swap_titles
+from .options import VARIANTS, Options
+from .splits import SplitData, load_split, retitled, subset_catalog
 
 NOISY_VARIANTS = VARIANTS  # image-only doubles as a check: title noise must not move it
 EXPLAINED_VARIANTS = ("cma-clip", "no-modality-attention")  # fused: what each modality contributes is the question
@@ -62,7 +59,7 @@ def prepare_dataset(opts: Options) -> tuple[str, dict[str, Any]]:
 
 def run_key(config: CMACLIPConfig, manifest: dict[str, Any]) -> str:
     """Checkpoint folder name: same config and data -> same folder, so an interrupted run resumes."""
-    from .tracking import dataset_fingerprint
+    from pipeline.tracking import dataset_fingerprint
     content = json.dumps({"config": config.to_dict(), "data": dataset_fingerprint(manifest)}, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:12]
 
@@ -101,7 +98,8 @@ def timed(timing: dict[str, float], key: str):
 def noise_conditions(test: SplitData, swap_seed: int) -> dict[str, list[str | None]]:
     """The test titles under each condition, in test order."""
     return {"clean": list(test.titles),
-            "label_words_removed": remove_label_words(test.titles, test.product_labels()),
+            "label_words_removed": [remove_label_words(t, labels)
+                                    for t, labels in zip(test.titles, test.product_labels(), strict=True)],
             "titles_swapped": swap_titles(test.titles, swap_seed)}
 
 
@@ -152,6 +150,10 @@ class Splits:
     validation: SplitData
     test: SplitData
     vocab: dict[str, list[str]]
+
+
+def load_splits(uri: str, config: CMACLIPConfig, vocab: dict[str, list[str]]) -> Splits:
+    return Splits(*(load_split(uri, s, config, vocab) for s in SPLITS), vocab=vocab)
 
 
 def choose_threads(policy: str) -> int:
@@ -312,82 +314,3 @@ def clip_baselines(config: CMACLIPConfig, data: Splits, run_dir: Path, opts: Opt
                                                                  opts.device),
                               "contrastive_loss": losses, "templates": templates}
     return out
-
-
-# --- the protocol ---------------------------------------------------------------------------------------
-
-def machine() -> dict[str, Any]:
-    import os
-    import platform
-
-    return {"threads": torch.get_num_threads(), "cores": os.cpu_count(), "torch": torch.__version__,
-            "cpu": platform.processor() or platform.machine(), "python": platform.python_version()}
-
-
-def protocol_info(opts: Options, config: CMACLIPConfig, manifest: dict[str, Any], uri: str,
-                  parameters: int) -> dict[str, Any]:
-    from cmaclip.evaluate import resolve_precision
-    from .tracking import code_version, dataset_fingerprint
-
-    counts = manifest["counts"]
-    return {
-        "catalog": opts.catalog, "limit": opts.limit, "dataset_uri": uri, "tasks": list(config.tasks),
-        "config": opts.config_name, "config_dict": config.to_dict(), "pretrained": config.clip.pretrained,
-        "parameters_m": parameters / 1e6, "precision": resolve_precision(config.train.precision, opts.device),
-        "target_precision": config.train.target_precision,
-        "seeds": {"train": opts.seed, "swap": opts.swap_seed, "split": "md5(product_id)"},
-        "stage_epochs": {s: st.epochs for s, st in config.train.stages.items()},
-        "contrastive": {"epochs": opts.contrastive_epochs, "lr": opts.contrastive_lr},
-        "data": {"input_fingerprint": manifest["input"]["fingerprint"],
-                 "dataset_fingerprint": dataset_fingerprint(manifest), "rows_kept": counts["rows_kept"],
-                 "rows_by_split": counts["rows_by_split"], "classes": {t: len(manifest["vocabularies"][t])
-                                                                       for t in config.tasks}},
-        "machine": machine(), "threads": opts.threads, "code_version": code_version(),
-    }
-
-
-def load_splits(uri: str, config: CMACLIPConfig, vocab: dict[str, list[str]]) -> Splits:
-    return Splits(*(load_split(uri, s, config, vocab) for s in SPLITS), vocab=vocab)
-
-
-def run_protocol(opts: Options) -> dict[str, Any]:
-    """Everything, in order; returns the results dict (see paper_report for its use)."""
-    started, timing = time.perf_counter(), {}
-    choose_threads(opts.threads)
-    with timed(timing, "ingest"):
-        uri, manifest = prepare_dataset(opts)
-        config = build_config(opts, manifest["vocabularies"])
-        data = load_splits(uri, config, manifest["vocabularies"])
-    run_dir = Path(opts.work_dir) / "runs" / run_key(config, manifest)
-    conditions = noise_conditions(data.test, opts.swap_seed)
-    models, tested, checkpoints = run_variants(config, data, conditions, run_dir, opts, timing)
-    from .ablations import run_ablations  # it trains with this module's train_variant
-    ablations = run_ablations(config, data, conditions, checkpoints, run_dir, opts, timing)
-    with timed(timing, "clip-baselines"):
-        models.update(clip_baselines(config, data, run_dir, opts))
-    attention = []
-    if "cma-clip" in checkpoints:
-        from .attention_figures import attention_examples
-        with timed(timing, "attention"):
-            attention = attention_examples(last_checkpoint(checkpoints["cma-clip"]), data.test, config,
-                                           Path(opts.results_dir) / "attention", opts.attention_examples)
-    parameters = next(m["parameters"] for m in models.values() if "parameters" in m)
-    return {
-        "protocol": protocol_info(opts, config, manifest, uri, parameters),
-        "models": models, "robustness": by_part(tested, "test", NOISY_VARIANTS),
-        "calibration": by_part(tested, "calibration", NOISY_VARIANTS),
-        "contributions": by_part(tested, "contributions", EXPLAINED_VARIANTS),
-        "ablations": ablations, "noise": noise_stats(data.test, conditions),
-        "attention": attention, "run_dir": str(run_dir), "command": opts.command,
-        "timing": {"total_s": time.perf_counter() - started, "parts": timing},
-    }
-
-
-def run_and_report(opts: Options) -> dict[str, Any]:
-    """The one entry point of bench/paper.py and `cmaclip evaluate`: run, write, log; the results."""
-    results = run_protocol(opts)
-    files = write_reports(results, opts)
-    if opts.mlflow:
-        results["mlflow_run_id"] = log_mlflow(results, files)
-        write_reports(results, opts)  # the stored JSON names its MLflow run
-    return finite(results)

@@ -1,12 +1,14 @@
 """What the paper protocol can be asked to do: its options and their command-line flags, shared by
-`bench/paper.py` and `cmaclip evaluate`. Light on imports, so the CLI starts fast."""
+`cmaclip-paper` (`python -m paper`) and `bench/paper.py`. Light on imports, so the CLI starts fast."""
 from __future__ import annotations
 
 import argparse
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
-from . import settings
+from pipeline import settings
 
 # Defaults for a source checkout: the shared fashion-small catalog beside the repo, results in bench/results.
 # Installed from a wheel there is neither: --catalog is required and results go under the data directory.
@@ -105,3 +107,11 @@ def options_from_args(args: argparse.Namespace, command: str) -> Options:
                    variants=args.variants, ablations=args.ablations, threads=args.threads, device=args.device,
                    precision=args.precision, mlflow=not args.no_mlflow, command=command)
 
+
+def from_command_line(argv: Sequence[str], program: str, description: str) -> Options:
+    """The options `argv` asks for; `program` (how it was run) heads the command recorded with the results,
+    so the report says how to reproduce it."""
+    parser = argparse.ArgumentParser(prog=program.split()[-1], description=description)
+    add_arguments(parser)
+    command = " ".join(["HF_HUB_OFFLINE=1", program, *map(shlex.quote, argv)])
+    return options_from_args(parser.parse_args(argv), command)

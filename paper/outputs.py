@@ -8,8 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from . import settings
-from .paper_options import Options
+from pipeline import settings
+
+from .options import Options
 
 EXPERIMENT = "cmaclip-paper"
 
@@ -31,7 +32,7 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
     """Every number of the tables as flat `models.<model>.<task>.<metric>` /
     `robustness.<model>.<condition>.<task>.<metric>` / `ablations.<name>.<condition>.<metric>` ... keys
     (for MLflow metrics)."""
-    from .tracking import flatten
+    from pipeline.tracking import flatten
 
     ablations = {row["name"]: row["test"] for row in results.get("ablations", {}).get("rows", [])}
     flat = flatten({"models": {k: m["test"] for k, m in results["models"].items() if "test" in m},
@@ -43,7 +44,7 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
 
 def write_reports(results: dict[str, Any], opts: Options) -> list[Path]:
     """paper.json and paper.md under results_dir; returns them and the attention PNGs."""
-    from .paper_report import render
+    from .report import render
 
     out = Path(opts.results_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -60,11 +61,11 @@ def _param(value: Any) -> str:
 def log_mlflow(results: dict[str, Any], files: list[Path]) -> str:
     """One run in the `cmaclip-paper` experiment: protocol as params, every figure as a metric, the
     report, its JSON and the attention maps as artifacts. Returns the run id."""
-    from . import tracking
+    from pipeline import tracking
 
     c = tracking.client()
     run = c.create_run(settings.experiment_id(EXPERIMENT), run_name=f"paper-{results['protocol']['config']}",
-                       tags={tracking.KIND_TAG: "paper", "mlflow.source.name": "pipeline.experiments"})
+                       tags={tracking.KIND_TAG: "paper", "mlflow.source.name": "paper.protocol"})
     run_id = run.info.run_id
     protocol = {k: v for k, v in results["protocol"].items() if k != "config_dict"}
     tracking.log_params(c, run_id, {k: _param(v) for k, v in tracking.flatten(protocol).items()})

@@ -1,5 +1,5 @@
 """The paper-reproduction report: markdown tables like the paper's Tables 2, 5 and 6 and Figure 2, plus
-findings stated from the numbers. Input is the results dict `pipeline.experiments` writes as JSON, so a
+findings stated from the numbers. Input is the results dict `paper.protocol` writes as JSON, so a
 report can be re-rendered from a stored run without training anything.
 """
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .paper_options import VARIANTS
+from .options import VARIANTS
 
 TABLE2 = (("cma-clip", "CMA-CLIP"), ("fine-tuned-clip", "Fine-tuned CLIP (zero-shot prompts)"),
           ("raw-clip", "Raw CLIP (zero-shot prompts)"), ("image-only", "Image only"), ("text-only", "Text only"))

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from cmaclip.config import CMACLIPConfig
 from cmaclip.transforms import trim_tokens
 
-from .data import EpochSampler, InMemorySplit, SampleMaker, collate
+from pipeline.data import EpochSampler, InMemorySplit, SampleMaker, collate
 
 
 def subset_catalog(catalog: str, limit: int, out_path: Path) -> str:

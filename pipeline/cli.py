@@ -184,22 +184,6 @@ def _publish(args: argparse.Namespace) -> Any:
     return publish(args.out, catalog=args.catalog)
 
 
-# --- the paper's experiments (pipeline.experiments; bench/paper.py runs the same) ------------------------
-
-def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    from .paper_options import add_arguments
-    add_arguments(p)
-
-
-def _evaluate(args: argparse.Namespace) -> Any:
-    import shlex
-
-    from .experiments import run_and_report
-    from .paper_options import options_from_args
-    command = " ".join(["HF_HUB_OFFLINE=1 cmaclip", *map(shlex.quote, sys.argv[1:])])
-    return run_and_report(options_from_args(args, command))
-
-
 COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "make-catalog": ("write a synthetic product catalog", _make_catalog_args, _make_catalog),
     "ingest": ("validate a catalog into a dataset + quarantine + manifest", _ingest_args, _ingest),
@@ -209,8 +193,6 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     # scoring
     "score": ("score a catalog in shards (resumable), then finalize the run", _score_args, _score),
     "publish": ("latest prediction per product, and the catalog joined with it", _publish_args, _publish),
-    # the paper's experiments
-    "evaluate": ("the paper's experiments (Tables 2, 5, 6, Figure 2) on a catalog", _evaluate_args, _evaluate),
 }
 
 

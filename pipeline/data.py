@@ -38,6 +38,7 @@ from .images import DEFAULT_LIMITS, ImageLimits, decode_image
 from .ingest import dataset_files, read_labels
 
 MISSING = -1  # label id where the label is null or not in the vocabulary: masks that task's loss
+IN_MEMORY_MAX_ROWS = 20_000   # splits up to this size are held in memory as raw rows (faster epochs)
 
 
 @dataclass(frozen=True)
@@ -345,6 +346,18 @@ def make_loader(dataset_uri: str, split: str, config: CMACLIPConfig, labels: dic
                            buffer_size=buffer_size, rank=rank, world_size=world_size, stage=stage)
     return DataLoader(stream, batch_size=batch_size, num_workers=num_workers, collate_fn=collate,
                       drop_last=drop_last, pin_memory=pin_memory, **extra)
+
+
+def split_batches(dataset_uri: str, split: str, config: CMACLIPConfig, batch_size: int,
+                  shuffle: bool = False, workers: int = 0, rank: int | None = None,
+                  world_size: int | None = None, stage: str | None = None):
+    """A DataLoader over one split of an ingested dataset; held in memory when the split is small.
+    Under DDP each rank gets its shard; rank=0, world_size=1 asks for the whole split. `stage`: the
+    training stage whose title corruption and image augmentation the samples get (None: none)."""
+    rows = sum(f["rows"] for f in dataset_files(dataset_uri, split))
+    return make_loader(dataset_uri, split, config, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
+                       seed=config.train.seed, in_memory=rows <= IN_MEMORY_MAX_ROWS, rank=rank,
+                       world_size=world_size, stage=stage)
 
 
 def set_epoch(loader: DataLoader, epoch: int) -> None:

@@ -8,10 +8,18 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import fsspec.asyn
 
 from .storage import TooLarge
 
 CHUNK = 1 << 16
+
+
+def read_bounded(urls: list[str], max_bytes: int, read_timeout_s: float,
+                 row_timeout_s: float) -> list[bytes | Exception]:
+    """`storage.read_bounded` for http(s): each entry the bytes or the exception, the reads concurrent, each
+    under `row_timeout_s` and `read_timeout_s` per connect or socket read, at most `max_bytes + 1` bytes."""
+    return fsspec.asyn.sync(fsspec.asyn.get_loop(), read_all, urls, max_bytes, read_timeout_s, row_timeout_s)
 
 
 async def read_all(urls: list[str], max_bytes: int, read_timeout_s: float,

@@ -4,7 +4,7 @@ A catalog row is untrusted (docs/security.md). Its `image_uri` is judged from th
 anything is opened: it must resolve under an allowed root (by default the catalog's own folder or bucket
 prefix; more roots by configuration), through an allowed scheme, and http(s) only to allow-listed hosts.
 A refused row is quarantined as `image_uri_refused`. Reads are then bounded: regular files only, at most
-`max_bytes + 1` bytes read, a timeout per read and per row (`pipeline.storage.read_bounded`).
+`max_bytes + 1` bytes read, a timeout per read and per row (`storage.read_bounded`, `http_reader.read_bounded`).
 """
 from __future__ import annotations
 
@@ -160,15 +160,23 @@ def fetch_images(values: Sequence[Any], catalog_files: str | Sequence[str],
             errors[i] = (reasons.IMAGE_URI_REFUSED, f"image_uri {exc}")
         except Refused as exc:
             errors[i] = (reasons.IMAGE_URI_REFUSED, str(exc))
-    for group in wanted.values():  # one filesystem per group: its reads can run concurrently
-        data = storage.read_bounded([uri for _, uri in group], sources.max_bytes, sources.read_timeout_s,
-                                    sources.row_timeout_s)
+    for scheme, group in wanted.items():  # one filesystem per group: its reads can run concurrently
+        data = _reader(scheme)([uri for _, uri in group], sources.max_bytes, sources.read_timeout_s,
+                               sources.row_timeout_s)
         for (i, uri), got in zip(group, data):
             if isinstance(got, bytes):
                 images[i] = got
             else:
                 errors[i] = (_read_reason(got), f"cannot read {uri}: {type(got).__name__}: {got}")
     return images, errors
+
+
+def _reader(scheme: str):
+    """The bounded reader of a scheme: http(s) has its own (no redirects, no proxies), the rest fsspec's."""
+    if scheme in HTTP_SCHEMES:
+        from . import http_reader  # aiohttp only where an allow-list enables http
+        return http_reader.read_bounded
+    return storage.read_bounded
 
 
 def _read_reason(error: Exception) -> str:

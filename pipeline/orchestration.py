@@ -10,7 +10,7 @@ Where a run writes is a function of (DAG, run id) (`run_uri`), so a retried task
 attempt left: a training stage resumes after its last completed epoch, scoring skips committed shards.
 
 Whoever triggers a DAG chooses its params, so every param that names storage (catalog, work folder,
-predictions folder, a config file, a checkpoint folder) is checked by `settings.check_storage_uri`
+predictions folder, a config file, a checkpoint folder) is checked by `check_storage_uri`
 against `CMACLIP_STORAGE_PREFIXES` before anything is read or written.
 """
 from __future__ import annotations
@@ -87,8 +87,28 @@ def run_uri(root: str, dag_id: str, run_id: str) -> str:
     """The folder of one DAG run under `root` (the `work_uri` param): the same for every attempt of every
     task of that run."""
     from . import storage
-    settings.check_storage_uri(root, "work_uri")
+    check_storage_uri(root, "work_uri")
     return storage.join(root, dag_id, re.sub(r"[^A-Za-z0-9._-]+", "_", run_id))
+
+
+# --- the storage a DAG param may name -----------------------------------------------------------------
+
+def check_storage_uri(uri: str, what: str) -> str:
+    """`uri` when it lies under one of `settings.storage_prefixes()`, else a ValueError that names `what` and
+    the prefixes. The rule is the one `image_uri` values obey (`pipeline.image_sources`): a prefix matches on
+    path boundaries after `..` is folded (`s3://cmaclip/` does not admit `s3://cmaclip-evil/`, nor `/data/`
+    admit `/data/../etc`), a local path also after its links are resolved, `file://` and plain paths
+    alike; fsspec chains and other schemes are refused."""
+    from .image_sources import ImageSources, Refused  # fsspec and pyarrow: loaded when a task checks
+
+    allowed = settings.storage_prefixes()
+    absolute = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    try:
+        ImageSources(tuple(allowed)).resolve(absolute, catalog_file="")
+    except Refused as exc:
+        raise ValueError(f"{what} {uri!r} is outside the storage the DAGs may use: {', '.join(allowed)} "
+                         f"(CMACLIP_STORAGE_PREFIXES): {exc}") from None
+    return uri
 
 
 def _checked_config(config: str) -> str:
@@ -100,14 +120,14 @@ def _checked_config(config: str) -> str:
     if not os.path.splitext(config)[1]:
         raise ValueError(f"config {config!r} is neither a config in cmaclip/configs/ "
                          f"({', '.join(config_names())}) nor the path of a config file")
-    return settings.check_storage_uri(config, "config")
+    return check_storage_uri(config, "config")
 
 
 def _checked_model(model_ref: str) -> str:
     """A registry or run URI as is; anything else is a checkpoint folder, which must be allowed storage."""
     if model_ref.startswith(("models:/", "runs:/")):
         return model_ref
-    return settings.check_storage_uri(model_ref, "model")
+    return check_storage_uri(model_ref, "model")
 
 
 # --- retrain -----------------------------------------------------------------------------------------
@@ -116,8 +136,8 @@ def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> d
     """Catalog -> dataset under `run_folder/dataset`; the dataset URI and the manifest's counts."""
     from . import ingest, storage
 
-    settings.check_storage_uri(catalog_uri, "catalog_uri")
-    settings.check_storage_uri(run_folder, "run folder (work_uri)")
+    check_storage_uri(catalog_uri, "catalog_uri")
+    check_storage_uri(run_folder, "run folder (work_uri)")
     dataset_uri = storage.join(run_folder, "dataset")
     manifest = ingest.ingest(catalog_uri, list(tasks), dataset_uri)
     return {"dataset_uri": dataset_uri, "input_fingerprint": manifest["input"]["fingerprint"],
@@ -133,7 +153,7 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
     {"training": handle, "results": []}."""
     from . import storage, training
 
-    settings.check_storage_uri(run_folder, "run folder (work_uri)")
+    check_storage_uri(run_folder, "run folder (work_uri)")
     chosen = training.as_config(_checked_config(config)).to_dict()
     if target_precision is not None:
         chosen["train"]["target_precision"] = float(target_precision)
@@ -162,7 +182,7 @@ def mark_training_failed(run_folder: str) -> None:
     """A training task gave up: mark the MLflow parent run FAILED (a later retry reopens it)."""
     from . import storage, training
 
-    settings.check_storage_uri(run_folder, "run folder (work_uri)")
+    check_storage_uri(run_folder, "run folder (work_uri)")
     handle_uri = storage.join(run_folder, "training", training.TRAINING_FILE)
     if storage.exists(handle_uri):
         training.fail_training(storage.read_json(handle_uri))
@@ -242,8 +262,8 @@ def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri:
     duplicated product_ids go to a side file under `out_uri` (the predictions folder), not into the XCom."""
     from . import scoring
 
-    settings.check_storage_uri(catalog_uri, "catalog_uri")
-    settings.check_storage_uri(out_uri, "predictions_uri")
+    check_storage_uri(catalog_uri, "catalog_uri")
+    check_storage_uri(out_uri, "predictions_uri")
     _checked_model(model_ref)
     plan = scoring.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
     pinned = _pin(model_ref)
@@ -256,7 +276,7 @@ def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) 
     """Score the group's shards with one model load; committed shards are skipped. Summed counts."""
     from . import scoring
 
-    settings.check_storage_uri(out_uri, "predictions_uri")
+    check_storage_uri(out_uri, "predictions_uri")
     plan = scoring.Plan.from_dict(run["plan"])
     predictor = _predictor(run["model"])
     markers = [scoring.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"],
@@ -271,7 +291,7 @@ def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
     """Check every shard is committed and rows reconcile; the run manifest's figures (not its file list)."""
     from . import scoring
 
-    settings.check_storage_uri(out_uri, "predictions_uri")
+    check_storage_uri(out_uri, "predictions_uri")
     manifest = scoring.finalize(run["plan"], out_uri, run["run_id"])
     return {"manifest": scoring.manifest_uri(out_uri, run["run_id"]),
             **{k: manifest[k] for k in ("run_id", "plan_id", "shards", "model_name", "model_version",
@@ -282,6 +302,6 @@ def publish_predictions(out_uri: str, catalog_uri: str) -> dict[str, Any]:
     """Latest attributes per product, and the catalog joined with them, under `out_uri/published/`."""
     from . import scoring
 
-    settings.check_storage_uri(out_uri, "predictions_uri")
-    settings.check_storage_uri(catalog_uri, "catalog_uri")
+    check_storage_uri(out_uri, "predictions_uri")
+    check_storage_uri(catalog_uri, "catalog_uri")
     return scoring.publish(out_uri, catalog_uri)

@@ -69,7 +69,7 @@ def confusion(y_true: np.ndarray, y_pred: np.ndarray, class_names: Sequence[str]
 
 def lambda_histogram(image_weight: np.ndarray, title_mentions_label: np.ndarray, task: str):
     """Histogram of the image weight λ, split by whether the title names the true label (see
-    `pipeline.noise.names_label`). The paper's point: when the title says the answer the model can lean
+    `cmaclip.corruption.names_label`). The paper's point: when the title says the answer the model can lean
     on text (low λ); when it does not, on the image."""
     lam, mentioned = np.asarray(image_weight, float), np.asarray(title_mentions_label, bool)
     fig, ax = plt.subplots(figsize=(5, 4))

@@ -209,7 +209,7 @@ def compare(name: str, dataset_uri: str, *, champion: str = CHAMPION,
     from cmaclip.checkpoint import load_checkpoint
     from cmaclip.evaluate import evaluate
 
-    from .training import split_batches
+    from .data import split_batches
 
     c = tracking.client()
     versions = {role: _model_version(c, f"{name}@{alias}")[1] for role, alias in

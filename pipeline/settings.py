@@ -46,24 +46,6 @@ def storage_prefixes() -> list[str]:
     return _listed("CMACLIP_STORAGE_PREFIXES") or [str(home())]
 
 
-def check_storage_uri(uri: str, what: str) -> str:
-    """`uri` when it lies under one of `storage_prefixes()`, else a ValueError that names `what` and the
-    prefixes. The rule is the one `image_uri` values obey (`pipeline.image_sources`): a prefix matches on
-    path boundaries after `..` is folded (`s3://cmaclip/` does not admit `s3://cmaclip-evil/`, nor `/data/`
-    admit `/data/../etc`), a local path also after its links are resolved, `file://` and plain paths
-    alike; fsspec chains and other schemes are refused."""
-    from .image_sources import ImageSources, Refused  # fsspec and pyarrow: loaded when a task checks
-
-    allowed = storage_prefixes()
-    absolute = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
-    try:
-        ImageSources(tuple(allowed)).resolve(absolute, catalog_file="")
-    except Refused as exc:
-        raise ValueError(f"{what} {uri!r} is outside the storage the DAGs may use: {', '.join(allowed)} "
-                         f"(CMACLIP_STORAGE_PREFIXES): {exc}") from None
-    return uri
-
-
 def tracking_uri() -> str:
     """`MLFLOW_TRACKING_URI` when set, else the embedded SQLite file under `home()`."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home() / 'mlflow.db'}"

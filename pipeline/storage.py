@@ -92,16 +92,11 @@ def read_bounded(uris: list[str], max_bytes: int, read_timeout_s: float,
                  row_timeout_s: float) -> list[bytes | Exception]:
     """Read many files of one store, each entry the bytes or the exception. Untrusted names are safe here:
     at most `max_bytes + 1` bytes are read of each, local reads take regular files only (a FIFO or
-    /dev/zero is refused before a byte is read), and object-store and http reads run concurrently, each
-    under `row_timeout_s` (http also `read_timeout_s` per connect or socket read, and no redirects).
-    Names are taken literally (no glob expansion, unlike `fs.cat(list)`)."""
+    /dev/zero is refused before a byte is read), and object-store reads run concurrently, each under
+    `row_timeout_s`. Names are taken literally (no glob expansion, unlike `fs.cat(list)`). http(s) is not
+    read through fsspec: `http_reader.read_bounded`."""
     if not uris:
         return []
-    if protocol(uris[0]) in ("http", "https"):
-        from . import http_reader  # aiohttp only where an allow-list enables http
-
-        return fsspec.asyn.sync(fsspec.asyn.get_loop(), http_reader.read_all, uris, max_bytes, read_timeout_s,
-                                row_timeout_s)
     fs, _ = filesystem(uris[0])
     paths = [filesystem(u)[1] for u in uris]
     if getattr(fs, "async_impl", False):

@@ -32,11 +32,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from cmaclip.config import CMACLIPConfig
+from cmaclip.corruption import names_label
 from cmaclip.evaluate import Predictions
 from cmaclip.train import Callback, StageResult
 
 from . import plots, settings
-from .noise import names_label
 
 TRAINING_EXPERIMENT = "cmaclip-training"
 STAGE_TAG, KIND_TAG, PARENT_TAG = "cmaclip.stage", "cmaclip.kind", "mlflow.parentRunId"

@@ -37,11 +37,10 @@ from cmaclip.pretrained import is_uri
 from cmaclip.train import SUMMARY_KEYS, Callback, PrintCallback, StageResult, train_stage
 
 from . import settings, storage, tracking
-from .data import dist_rank_world, make_loader, set_epoch
+from .data import dist_rank_world, set_epoch, split_batches
 from .ingest import dataset_files, read_manifest, vocabularies
 
 TRAINING_FILE = "training.json"
-IN_MEMORY_MAX_ROWS = 20_000   # splits up to this size are held in memory as raw rows (faster epochs)
 
 
 # --- config and data ---------------------------------------------------------------------------------
@@ -63,18 +62,6 @@ def with_epochs(config: CMACLIPConfig, epochs: int | Mapping[str, int] | None,
     for stage, n in wanted.items():
         d["train"]["stages"][stage]["epochs"] = int(n)
     return CMACLIPConfig.from_dict(d)
-
-
-def split_batches(dataset_uri: str, split: str, config: CMACLIPConfig, batch_size: int,
-                  shuffle: bool = False, workers: int = 0, rank: int | None = None,
-                  world_size: int | None = None, stage: str | None = None):
-    """A DataLoader over one split of an ingested dataset; held in memory when the split is small.
-    Under DDP each rank gets its shard; rank=0, world_size=1 asks for the whole split. `stage`: the
-    training stage whose title corruption and image augmentation the samples get (None: none)."""
-    rows = sum(f["rows"] for f in dataset_files(dataset_uri, split))
-    return make_loader(dataset_uri, split, config, batch_size=batch_size, shuffle=shuffle, num_workers=workers,
-                       seed=config.train.seed, in_memory=rows <= IN_MEMORY_MAX_ROWS, rank=rank,
-                       world_size=world_size, stage=stage)
 
 
 def _epoch_batches(loader) -> Callable[[int], Any]:

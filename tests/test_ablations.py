@@ -1,4 +1,4 @@
-"""The ablation list of the paper protocol is derived from the config (pipeline/ablations.py): one per
+"""The ablation list of the paper protocol is derived from the config (paper/ablations.py): one per
 training-choice group turned on in a trained stage, plus align when it has epochs; and what each reuses."""
 import dataclasses
 
@@ -6,7 +6,7 @@ import pytest
 
 import cmaclip
 from cmaclip.config import SCHEDULE_FIELDS, TRAINING_CHOICES, StageConfig
-from pipeline.ablations import ablations, reused_stages, with_stages
+from paper.ablations import ablations, reused_stages, with_stages
 
 
 def _config(**stages):
@@ -64,7 +64,7 @@ def test_without_resets_only_its_group(group):
 def test_ablations_flag():
     import argparse
 
-    from pipeline.paper_options import add_arguments, options_from_args
+    from paper.options import add_arguments, options_from_args
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -73,7 +73,7 @@ def test_ablations_flag():
 
 
 def test_report_says_when_there_is_nothing_to_ablate():
-    from pipeline.paper_report import ablation_table
+    from paper.report import ablation_table
 
     results = {"ablations": {"rows": [], "groups": list(TRAINING_CHOICES)}, "robustness": {}}
     assert "nothing to ablate" in ablation_table(results)

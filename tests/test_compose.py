@@ -193,13 +193,13 @@ def test_each_s3_client_has_its_own_key_and_only_the_workers_run_with_one(config
 
 
 def test_dag_storage_defaults_lie_within_the_storage_prefixes(config, monkeypatch):
-    from pipeline import settings
+    from pipeline.orchestration import check_storage_uri
 
     env = config["services"]["airflow-worker"]["environment"]
     assert env["CMACLIP_STORAGE_PREFIXES"] == "s3://cmaclip/"
     monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", env["CMACLIP_STORAGE_PREFIXES"])
     for key in ("CMACLIP_CATALOG_URI", "CMACLIP_WORK_URI", "CMACLIP_PREDICTIONS_URI"):
-        settings.check_storage_uri(env[key], key)
+        check_storage_uri(env[key], key)
 
 
 def test_the_fernet_key_is_required_and_the_example_one_is_valid(tmp_path):

@@ -1,5 +1,6 @@
-"""Smoke test of the paper protocol (bench/paper.py) on a tiny slice of the real data: every output is
-produced and consistent. Numbers are not checked: one epoch of a tiny model on 200 products means nothing.
+"""Smoke test of the paper protocol (paper/protocol.py: `cmaclip-paper`, bench/paper.py) on a tiny slice of
+the real data: every output is produced and consistent. Numbers are not checked: one epoch of a tiny model
+on 200 products means nothing.
 The config turns on two training choices (label-word removal in tuning, the modality loss end to end), so
 the ablation of each runs too."""
 import dataclasses
@@ -11,9 +12,9 @@ import pytest
 
 import cmaclip
 from cmaclip.checkpoint import read_checkpoint_meta
-from pipeline.ablations import with_stage
-from pipeline.experiments import run_and_report
-from pipeline.paper_options import FASHION_SMALL, Options
+from paper.ablations import with_stages
+from paper.options import FASHION_SMALL, Options
+from paper.protocol import run_and_report
 
 pytestmark = [
     pytest.mark.slow,
@@ -34,7 +35,7 @@ CONDITIONS = {"clean", "label_words_removed", "titles_swapped"}
 def _config_with_choices(path: Path) -> str:
     config = cmaclip.load_config("tiny")
     for stage, changes in {"tuning": {"remove_label_words": 0.5}, "end_to_end": {"modality_loss": 0.3}}.items():
-        config = with_stage(config, stage, dataclasses.replace(config.train.stages[stage], **changes))
+        config = with_stages(config, {stage: dataclasses.replace(config.train.stages[stage], **changes)})
     path.write_text(config.to_json())
     return str(path)
 
@@ -62,7 +63,7 @@ def test_outputs_are_written(run):
     report = open(f"{out}/paper.md").read()
     for section in ("Table 2", "Table 6", "Table 5", "Figure 2", "random weights", "Reproduce:",
                     "Calibration: precision reached at the stored threshold", "Ablation of the training choices",
-                    "| CMA-CLIP w/o MA | titles swapped |", "tuning: title corruption (remove_label_words=0.5)"):
+                    "| CMA-CLIP w/o MA | titles swapped |", "title corruption (tuning: remove_label_words=0.5)"):
         assert section in report
     for example in results["attention"]:
         assert 0 < example["bytes"] < 100_000

@@ -26,7 +26,7 @@ def allowed(tmp_path, monkeypatch):
 ])
 def test_uris_under_a_prefix_are_allowed(allowed, uri):
     uri = uri.format(data=allowed)
-    assert settings.check_storage_uri(uri, "catalog_uri") == uri
+    assert orch.check_storage_uri(uri, "catalog_uri") == uri
 
 
 @pytest.mark.parametrize("uri", [
@@ -43,23 +43,23 @@ def test_uris_under_a_prefix_are_allowed(allowed, uri):
 def test_uris_outside_every_prefix_are_refused(allowed, uri):
     uri = uri.format(data=allowed)
     with pytest.raises(ValueError, match="catalog_uri .* outside the storage the DAGs may use: s3://cmaclip/"):
-        settings.check_storage_uri(uri, "catalog_uri")
+        orch.check_storage_uri(uri, "catalog_uri")
 
 
 def test_a_symlink_does_not_move_a_path_out_of_its_prefix(allowed, tmp_path):
     (tmp_path / "secret").mkdir()
     os.symlink(tmp_path / "secret", allowed / "link")
     with pytest.raises(ValueError, match="outside"):
-        settings.check_storage_uri(str(allowed / "link" / "key.pem"), "predictions_uri")
+        orch.check_storage_uri(str(allowed / "link" / "key.pem"), "predictions_uri")
 
 
 def test_unset_allows_only_the_home(tmp_path, monkeypatch):
     monkeypatch.delenv("CMACLIP_STORAGE_PREFIXES", raising=False)
     monkeypatch.setenv("CMACLIP_HOME", str(tmp_path / "home"))
     assert settings.storage_prefixes() == [str(tmp_path / "home")]
-    settings.check_storage_uri(str(tmp_path / "home" / "catalog" / "catalog.parquet"), "catalog_uri")
+    orch.check_storage_uri(str(tmp_path / "home" / "catalog" / "catalog.parquet"), "catalog_uri")
     with pytest.raises(ValueError, match="CMACLIP_STORAGE_PREFIXES"):
-        settings.check_storage_uri("s3://cmaclip/catalog/", "catalog_uri")
+        orch.check_storage_uri("s3://cmaclip/catalog/", "catalog_uri")
 
 
 def test_orchestration_refuses_params_outside_the_prefixes_before_touching_storage(allowed, tmp_path):

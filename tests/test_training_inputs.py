@@ -25,10 +25,10 @@ from cmaclip.corruption import corrupt_title, sample_rng
 from cmaclip.stages import frozen_forward
 from cmaclip.train import Callback, train_stage
 from cmaclip.transforms import augment_image, image_transform, tokenizer, trim_tokens
+from paper.splits import load_split
 from pipeline.data import SampleMaker, make_loader, set_epoch
 from pipeline.images import DEFAULT_LIMITS
 from pipeline.ingest import ingest
-from pipeline.paper_data import load_split
 from pipeline.synthetic import make_row
 from tiny_training import one_thread, tiny_model  # noqa: F401
 

@@ -1,6 +1,6 @@
 """The project installs like a package: a wheel built from this tree, installed where the source tree
 cannot be imported, runs make-catalog, ingest, train and score from an unrelated folder. It reuses the
-dependencies of this interpreter (`--no-deps`), so only the two packages and their data are under test."""
+dependencies of this interpreter (`--no-deps`), so only the packages and their data are under test."""
 from __future__ import annotations
 
 import json
@@ -58,10 +58,19 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path | dict
 
 
 def test_the_installed_packages_are_the_wheels(installed):
-    code = "import cmaclip, pipeline; print(cmaclip.__file__); print(pipeline.__file__)"
+    code = "import cmaclip, paper, pipeline; print(cmaclip.__file__); print(paper.__file__); print(pipeline.__file__)"
     done = _run([sys.executable, "-c", code], env=installed["env"], cwd=installed["work"])
+    assert len(done.stdout.split()) == 3
     for path in done.stdout.split():
         assert Path(path).is_relative_to(installed["site"]), f"imported {path}, not the wheel's code"
+
+
+def test_the_paper_command_is_installed(installed):
+    """`cmaclip-paper` runs from the install; with no checkout beside it there is no default catalog."""
+    command = [str(installed["site"] / "bin" / "cmaclip-paper")]
+    assert "--catalog" in _run([*command, "--help"], env=installed["env"], cwd=installed["work"]).stdout
+    done = subprocess.run(command, capture_output=True, text=True, env=installed["env"], cwd=installed["work"])
+    assert done.returncode == 2 and "--catalog" in done.stderr
 
 
 def test_wheel_runs_the_pipeline_from_an_unrelated_folder(installed):
