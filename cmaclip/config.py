@@ -15,6 +15,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "configs"  # package data: ships 
 STAGES = ("warmup", "end_to_end", "tuning")   # Algorithm 1's, in order: what a training runs by default
 ALIGN = "align"                               # optional catalog pre-training of the CLIP towers, before warm-up
 ALL_STAGES = (ALIGN, *STAGES)
+MODALITIES = ("title", "image")               # the inputs cmaclip.explain withholds, one at a time
 
 
 @dataclass

@@ -19,10 +19,9 @@ from typing import Iterable
 
 import torch
 
+from .config import MODALITIES
 from .model import CMACLIP
 from .transforms import eot_index, trim_tokens
-
-MODALITIES = ("title", "image")
 
 
 def empty_titles(text: torch.Tensor) -> torch.Tensor:

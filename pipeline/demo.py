@@ -85,15 +85,17 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
             "gate": mlflow.artifacts.load_dict(f"runs:/{compared}/comparison.json")["gate"] if compared else None,
             "compared_with": tags.get("cmaclip.compared_with"),
             "champion": aliases.get("champion"), "dataset_uri": dataset_uri,
-            "ingest": ingest.read_manifest(dataset_uri)["counts"] if dataset_uri else {}}
+            "ingest": ingest.read_manifest(dataset_uri).counts.to_dict() if dataset_uri else {}}
 
 
 def scoring_report(predictions_uri: str) -> dict[str, Any]:
     """The most recently finalized scoring run under `predictions_uri` and what is published."""
-    manifests = [storage.read_json(u) for u in storage.list_files(storage.join(predictions_uri, "_manifests"), ".json")]
+    from .manifests import RunManifest
+
+    manifests = [RunManifest.read(u) for u in storage.list_files(storage.join(predictions_uri, "_manifests"), ".json")]
     if not manifests:
         raise RuntimeError(f"no finalized scoring run under {predictions_uri}")
-    latest = max(manifests, key=lambda m: m["finalized_at"])
+    latest = max(manifests, key=lambda m: m.finalized_at).to_dict()
     published = {name: storage.join(predictions_uri, "published", f"{name}.parquet") for name in ("latest", "catalog")}
     rows = {name: storage.parquet_file(uri).metadata.num_rows for name, uri in published.items() if storage.exists(uri)}
     return {**{k: latest[k] for k in ("run_id", "shards", "rows_in", "predicted", "quarantined", "reasons",

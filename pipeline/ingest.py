@@ -48,10 +48,12 @@ import pyarrow.parquet as pq
 
 from . import reasons, storage
 from .catalog import CatalogError, CatalogFile, fingerprint, scan
+from .contracts import quarantine_table
 from .dataset_writer import PartWriter
 from . import image_sources
 from .image_sources import ImageSources
 from .images import DEFAULT_LIMITS, ImageLimits
+from .manifests import DatasetCounts, DatasetFiles, DatasetInput, DatasetManifest, DatasetPart, IngestRun, ManifestError
 from .sql import load_sql
 from .staging import QuarantineRow, auto_workers, stage
 from .validate import RowRules
@@ -64,8 +66,6 @@ FORMAT = "cmaclip.dataset/1"
 SPLITS = ("train", "validation", "test")
 RESERVED = frozenset({"product_id", "title", "image", "image_uri", "split"})
 MANIFEST, LABELS, QUARANTINE, DATASET = "manifest.json", "labels.json", "quarantine.parquet", "dataset"
-QUARANTINE_SCHEMA = pa.schema([("product_id", pa.string()), ("stage", pa.string()),
-                               ("reason", pa.string()), ("detail", pa.string())])
 DUCKDB_MEMORY = "2GB"        # the dataset sort spills to the staging folder beyond this
 IMAGE_POLICY = ("original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB (alpha on white) "
                 "and re-encoded: JPEG q95 from a lossy source, PNG from a lossless one")
@@ -179,7 +179,7 @@ def _mask_rare(table: pa.Table, rare: dict[str, dict[str, int]]) -> pa.Table:
 
 
 def write_dataset(con: duckdb.DuckDBPyConnection, staging: str, out_uri: str, schema: pa.Schema,
-                  rare: dict[str, dict[str, int]], params: IngestParams) -> dict[str, list[dict[str, Any]]]:
+                  rare: dict[str, dict[str, int]], params: IngestParams) -> dict[str, list[DatasetPart]]:
     """Pass 2: the kept rows, in split and hash order, into rolling parts under out_uri/dataset/."""
     relation = con.sql(load_sql("ingest_dataset"), params={"staging": staging})
     reader = relation.to_arrow_reader(params.batch_rows)
@@ -191,12 +191,12 @@ def write_dataset(con: duckdb.DuckDBPyConnection, staging: str, out_uri: str, sc
                 part = table.filter(pc.equal(table.column("split"), split))
                 if part.num_rows:
                     writer.write(split, part)
-    return {s: [dict(f, path=f"{DATASET}/{f['path']}") for f in writer.files.get(s, [])] for s in SPLITS}
+    return {s: [DatasetPart(f"{DATASET}/{f['path']}", f["rows"]) for f in writer.files.get(s, [])] for s in SPLITS}
 
 
-def verify_counts(out_uri: str, files: dict[str, list[dict[str, Any]]], expected: dict[str, int]) -> None:
+def verify_counts(out_uri: str, files: dict[str, list[DatasetPart]], expected: dict[str, int]) -> None:
     """Read the split column back from storage with DuckDB; the rows must be exactly the ones counted."""
-    uris = [storage.join(out_uri, f["path"]) for parts in files.values() for f in parts]
+    uris = [storage.join(out_uri, f.path) for parts in files.values() for f in parts]
     found: dict[str, int] = {}
     if uris:
         con = duckdb.connect()
@@ -208,9 +208,8 @@ def verify_counts(out_uri: str, files: dict[str, list[dict[str, Any]]], expected
 
 
 def write_quarantine(uri: str, rows: list[QuarantineRow]) -> None:
-    rows = sorted(rows, key=lambda r: r[0])
-    table = pa.table({"product_id": [r[1] for r in rows], "stage": ["ingest"] * len(rows),
-                      "reason": [r[2] for r in rows], "detail": [r[3] for r in rows]}, schema=QUARANTINE_SCHEMA)
+    rows = sorted(rows, key=lambda r: r[0])  # catalog row order
+    table = quarantine_table((pid, "ingest", reason, detail) for _, pid, reason, detail in rows)
     with storage.atomic_output(uri) as f:
         pq.write_table(table, f)
 
@@ -223,38 +222,29 @@ def _clear(out_uri: str) -> None:
 
 # --- the entry point --------------------------------------------------------------------------------
 
-def _manifest(catalog_uri: str, files: list[CatalogFile], params: IngestParams, counts: dict[str, Any],
-              stats: LabelStats, dataset: dict[str, list[dict[str, Any]]], run: dict[str, Any]) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "catalog_uri": catalog_uri,
-        "input": {"fingerprint": fingerprint(files),
-                  "files": [dataclasses.asdict(f) for f in files]},
-        "params": {"tasks": list(params.tasks), "splits": dict(zip(SPLITS, params.splits)),
-                   "min_class_count": params.min_class_count, "label_map": params.label_map,
-                   "limits": dataclasses.asdict(params.limits), "row_group_rows": params.row_group_rows,
-                   "image_sources": params.sources.as_dict() if params.sources else None},
-        "counts": counts,
-        "vocabularies": stats.vocabularies,
-        "files": {"dataset": dataset, "labels": LABELS, "quarantine": QUARANTINE},
-        "image_policy": IMAGE_POLICY,
-        "run": run,  # the only part that differs between two identical ingests
-    }
+def _manifest(catalog_uri: str, files: list[CatalogFile], params: IngestParams, counts: DatasetCounts,
+              stats: LabelStats, dataset: dict[str, list[DatasetPart]], run: IngestRun) -> DatasetManifest:
+    return DatasetManifest(
+        format=FORMAT, catalog_uri=catalog_uri, input=DatasetInput(fingerprint(files), list(files)),
+        params={"tasks": list(params.tasks), "splits": dict(zip(SPLITS, params.splits)),
+                "min_class_count": params.min_class_count, "label_map": params.label_map,
+                "limits": dataclasses.asdict(params.limits), "row_group_rows": params.row_group_rows,
+                "image_sources": params.sources.as_dict() if params.sources else None},
+        counts=counts, vocabularies=stats.vocabularies, files=DatasetFiles(dataset, LABELS, QUARANTINE),
+        image_policy=IMAGE_POLICY, run=run)
 
 
 def _counts(rows_in: int, quarantine: list[QuarantineRow], stats: LabelStats, by_split: dict[str, int],
-            converted: int) -> dict[str, Any]:
+            converted: int) -> DatasetCounts:
     kept = sum(by_split.values())
     if rows_in != kept + len(quarantine):
         raise RuntimeError(f"row accounting broken: {rows_in} in != {kept} kept + {len(quarantine)} quarantined")
-    return {
-        "rows_in": rows_in, "rows_kept": kept, "rows_quarantined": len(quarantine),
-        "quarantined_by_reason": dict(sorted(Counter(r[2] for r in quarantine).items())),
-        "rows_by_split": by_split,
-        "images_converted": converted,
-        "labels_missing": {t: kept - sum(c.values()) for t, c in stats.counts.items()},
-        "labels_masked_rare": stats.rare,
-    }
+    return DatasetCounts(
+        rows_in=rows_in, rows_kept=kept, rows_quarantined=len(quarantine),
+        quarantined_by_reason=dict(sorted(Counter(r[2] for r in quarantine).items())),
+        rows_by_split=by_split, images_converted=converted,
+        labels_missing={t: kept - sum(c.values()) for t, c in stats.counts.items()},
+        labels_masked_rare=stats.rare)
 
 
 def _stage(files: list[CatalogFile], params: IngestParams, staging: str,
@@ -273,7 +263,8 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
            workers: int | None = None, batch_rows: int = 512, row_group_rows: int = 1024,
            rows_per_part: int = 20_000, image_roots: Sequence[str] | None = None,
            image_hosts: Sequence[str] | None = None) -> dict[str, Any]:
-    """Ingest a catalog (file, folder or glob; any fsspec URI) into a dataset at `out_uri`; the manifest.
+    """Ingest a catalog (file, folder or glob; any fsspec URI) into a dataset at `out_uri`; the manifest as
+    written (JSON: `DatasetManifest.to_dict()`).
 
     Raises CatalogError (before writing anything) when a catalog file cannot be used at all. `workers`:
     processes that decode images (None: one per core for catalogs of 5000+ rows, else none).
@@ -309,12 +300,12 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
     write_quarantine(storage.join(out_uri, QUARANTINE), quarantine)
     storage.write_json(storage.join(out_uri, LABELS), labels_document(stats))
     seconds = time.perf_counter() - started
-    run = {"created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "seconds": round(seconds, 3),
-           "rows_per_s": round(rows_in / max(seconds, 1e-9), 1), "workers": n_workers}
+    run = IngestRun(datetime.now(timezone.utc).isoformat(timespec="seconds"), round(seconds, 3),
+                    round(rows_in / max(seconds, 1e-9), 1), n_workers)
     manifest = _manifest(catalog_uri, files, params, counts, stats, dataset, run)
-    storage.write_json(storage.join(out_uri, MANIFEST), manifest)
-    log.info("ingest done: %d kept, %d quarantined in %.1fs", counts["rows_kept"], counts["rows_quarantined"], seconds)
-    return manifest
+    manifest.write(storage.join(out_uri, MANIFEST))
+    log.info("ingest done: %d kept, %d quarantined in %.1fs", counts.rows_kept, counts.rows_quarantined, seconds)
+    return manifest.to_dict()
 
 
 def labels_document(stats: LabelStats) -> dict[str, Any]:
@@ -324,11 +315,15 @@ def labels_document(stats: LabelStats) -> dict[str, Any]:
 
 # --- readers ----------------------------------------------------------------------------------------
 
-def read_manifest(out_uri: str) -> dict[str, Any]:
+def read_manifest(out_uri: str) -> DatasetManifest:
+    """The dataset's manifest, checked field by field (`ManifestError` names the file and the field)."""
     uri = storage.join(out_uri, MANIFEST)
     if not storage.exists(uri):
         raise FileNotFoundError(f"no {MANIFEST} at {out_uri}: not an ingested dataset, or its ingest did not finish")
-    return storage.read_json(uri)
+    manifest = DatasetManifest.read(uri)
+    if manifest.format != FORMAT:
+        raise ManifestError(uri, "format", f"is {manifest.format!r}; this version reads {FORMAT!r}")
+    return manifest
 
 
 def read_labels(out_uri: str) -> dict[str, Any]:
@@ -345,6 +340,5 @@ def dataset_files(out_uri: str, split: str) -> list[dict[str, Any]]:
     leftovers of another run are never read)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits are {SPLITS}")
-    manifest = read_manifest(out_uri)
-    return [{"uri": storage.join(out_uri, f["path"]), "rows": f["rows"]}
-            for f in manifest["files"]["dataset"][split]]
+    parts = read_manifest(out_uri).files.dataset[split]
+    return [{"uri": storage.join(out_uri, f.path), "rows": f.rows} for f in parts]

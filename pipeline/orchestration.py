@@ -15,14 +15,15 @@ against `CMACLIP_STORAGE_PREFIXES` before anything is read or written.
 """
 from __future__ import annotations
 
-import importlib.util
 import logging
 import math
 import os
 import re
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Mapping, Sequence
+
+# torch-free (cmaclip/__init__ loads torch lazily); the DAG files read the stage names from here
+from cmaclip.config import ALIGN, CONFIG_DIR, STAGES
 
 from . import settings
 
@@ -32,8 +33,6 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = os.environ.get("CMACLIP_MODEL_NAME", "cmaclip")
 TASKS = ("color", "pattern", "style")
-STAGES = ("warmup", "end_to_end", "tuning")       # cmaclip.config.STAGES, without importing torch
-ALIGN = "align"                                   # cmaclip.config.ALIGN: optional, before warmup
 SCORING_SCHEDULE = os.environ.get("CMACLIP_SCORING_SCHEDULE", "0 2 * * *")
 # A mapped task per group of shards: far below Airflow's max_map_length (1024), and few enough that the
 # per-task start-up (interpreter, model load) stays small next to the scoring itself.
@@ -54,10 +53,8 @@ def champion_asset_uri(model_name: str = MODEL_NAME) -> str:
 
 
 def config_names() -> list[str]:
-    """The configs shipped in cmaclip/configs/ (what the trigger form proposes). Found without importing
-    `cmaclip`, which imports torch: the DAG processor parses the DAG files that call this."""
-    package = importlib.util.find_spec("cmaclip").submodule_search_locations[0]
-    return sorted(p.stem for p in (Path(package) / "configs").glob("*.json"))
+    """The configs shipped in cmaclip/configs/ (what the trigger form proposes)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
 
 
 def default_catalog_uri() -> str:

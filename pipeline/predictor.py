@@ -30,24 +30,12 @@ from cmaclip.precision import DTYPES, resolve_precision
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
 
 from . import reasons
+from .contracts import CONFIDENCE, CONTRIBUTIONS, IMAGE_WEIGHT, KEY, LABEL, QUARANTINE_COLUMNS, TOP, task_columns
 from .images import decode_image
 from .text import NotText, normalize_product_id, normalize_title
 
-QUARANTINE_COLUMNS = ["product_id", "stage", "reason", "detail"]
 # A task without a stored threshold (an uncalibrated checkpoint) never abstains.
 DEFAULT_THRESHOLD = 0.0
-# The predictions contract's columns of each task, `<task><suffix>` -> type (Arrow's name), in contract
-# order. The one spelling: Predictor's columns, the Parquet schema (scoring) and the pyfunc signature
-# derive from it.
-TASK_COLUMNS = {"": "string", "_top": "string", "_confidence": "float32", "_image_weight": "float32"}
-# Asked for (`explain`): what each modality contributes to the top-1 label (cmaclip.explain).
-EXPLAIN_COLUMNS = {f"_{modality}_contribution": "float32" for modality in MODALITIES}
-
-
-def task_columns(tasks: Sequence[str], explain: bool = False) -> list[tuple[str, str]]:
-    """(name, type) of every per-task prediction column, in contract order."""
-    suffixes = {**TASK_COLUMNS, **(EXPLAIN_COLUMNS if explain else {})}
-    return [(f"{task}{suffix}", kind) for task in tasks for suffix, kind in suffixes.items()]
 
 
 def checkpoint_version(path: str | os.PathLike) -> str:
@@ -200,14 +188,14 @@ class Predictor:
         for task in self.tasks:
             conf, top = torch.softmax(out.logits[task], dim=-1).max(dim=-1)  # fp32: the heads are fp32
             result[f"{task}_top_id"] = top.cpu().numpy()
-            result[f"{task}_confidence"] = conf.cpu().numpy().astype(np.float32)
-            result[f"{task}_image_weight"] = out.image_weight[task].float().cpu().numpy()
+            result[CONFIDENCE.named(task)] = conf.cpu().numpy().astype(np.float32)
+            result[IMAGE_WEIGHT.named(task)] = out.image_weight[task].float().cpu().numpy()
         if explain:
             inputs = withheld_inputs(self.model, pixels, tokens)
             withheld = {modality: self._run(*x).logits for modality, x in inputs.items()}
             for task, parts in contributions(out.logits, withheld).items():
                 for modality in MODALITIES:
-                    result[f"{task}_{modality}_contribution"] = parts[modality].cpu().numpy()
+                    result[CONTRIBUTIONS[modality].named(task)] = parts[modality].cpu().numpy()
         return result
 
     def _logits(self, pixels: torch.Tensor, tokens: torch.Tensor):
@@ -221,8 +209,8 @@ class Predictor:
         labels: dict[str, np.ndarray] = {}
         for task in self.tasks:
             top = np.asarray(self.labels[task], dtype=object)[raw[f"{task}_top_id"]]
-            keep = raw[f"{task}_confidence"] >= self.thresholds[task]
-            labels[task], labels[f"{task}_top"] = np.where(keep, top, None), top
+            keep = raw[CONFIDENCE.named(task)] >= self.thresholds[task]
+            labels[LABEL.named(task)], labels[TOP.named(task)] = np.where(keep, top, None), top
         return {name: labels[name] if kind == "string" else raw[name] for name, kind in self.columns(explain)}
 
     def predict(self, pixels: torch.Tensor, tokens: torch.Tensor, explain: bool = False) -> dict[str, Any]:
@@ -242,7 +230,7 @@ class Predictor:
         pixels = self.preprocessor.images(images)
         tokens = self.preprocessor.texts(titles)
         frame = pd.DataFrame(self.predict(pixels, tokens))
-        frame.insert(0, "product_id", list(product_ids))
+        frame.insert(0, KEY.name, list(product_ids))
         return frame
 
     def predict_frame(self, df: pd.DataFrame, batch_size: int = 64) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -269,7 +257,7 @@ class Predictor:
 
     def _empty_frame(self) -> pd.DataFrame:
         frame = pd.DataFrame(self.decode(self._empty_raw()))
-        frame.insert(0, "product_id", pd.Series([], dtype=object))
+        frame.insert(0, KEY.name, pd.Series([], dtype=object))
         return frame
 
 

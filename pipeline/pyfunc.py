@@ -7,9 +7,8 @@ packages ride along as `code_paths`, so the model loads in any environment that 
 third-party packages, with the code it was trained with.
 
 Input: `product_id`, `title` (nullable), `image` (encoded bytes). Output: one row per input row, in input
-order: the predictions contract (`product_id`; per task `<task>`, `<task>_top`, `<task>_confidence`,
-`<task>_image_weight`; `model_name`, `model_version`, `run_id`, `scored_at`) plus `quarantine_reason`,
-set (and the prediction columns null) where a row could not be scored, e.g. an undecodable image.
+order: the predictions contract (`pipeline.contracts.prediction_columns`) plus `quarantine_reason`, set
+(and the prediction columns null) where a row could not be scored, e.g. an undecodable image.
 """
 from __future__ import annotations
 
@@ -25,7 +24,8 @@ from mlflow.types import ColSpec, Schema
 import cmaclip
 from cmaclip.checkpoint import read_checkpoint_meta
 
-from .predictor import Predictor, check_row, task_columns
+from .contracts import KEY, LINEAGE, lineage_values, prediction_columns
+from .predictor import Predictor, check_row
 
 ARTIFACT = "checkpoint"           # key of the checkpoint folder in the model's artifacts
 MODEL_NAME = "model"              # name of the logged model inside its run
@@ -35,8 +35,9 @@ CODE_PATHS = [str(Path(cmaclip.__file__).resolve().parent), str(Path(__file__).r
 ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")  # models from code: builds CMACLIPPyfunc
 # What the model needs at load time; pinned to what it was trained and tested with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow")
-LINEAGE_KEYS = ("model_name", "model_version", "run_id")
-MLFLOW_TYPES = {"string": "string", "float32": "float"}  # the contract's column types in MLflow's names
+# The contract's column types (pipeline.contracts.ARROW_TYPES) in MLflow's names.
+MLFLOW_TYPES = {"string": "string", "float32": "float", "timestamp[us, UTC]": "datetime"}
+QUARANTINE_REASON = "quarantine_reason"  # the pyfunc's own column: why a row has no prediction
 
 
 def pip_requirements() -> list[str]:
@@ -77,23 +78,21 @@ def predict_rows(predictor: Predictor, frame: pd.DataFrame, run_id: str = "", ba
         if good:
             positions, (pids, texts, images) = [p for p, _ in good], zip(*(row for _, row in good))
             parts.append(predictor.predict_batch(list(pids), list(texts), list(images)).set_axis(positions))
-    columns = ["product_id", *predictor.output_columns]
+    columns = [KEY.name, *predictor.output_columns]
     out = (pd.concat(parts) if parts else pd.DataFrame(columns=columns)).reindex(range(len(records)))
-    out["product_id"] = ids
+    out[KEY.name] = ids
     lineage = predictor.lineage
-    out["model_name"], out["model_version"], out["run_id"] = lineage.name, lineage.version, run_id
-    out["scored_at"] = pd.Timestamp.now(tz="UTC")
-    out["quarantine_reason"] = reasons
+    out = out.assign(**lineage_values(lineage.name, lineage.version, run_id, pd.Timestamp.now(tz="UTC")))
+    out[QUARANTINE_REASON] = reasons
     return out
 
 
 def signature(tasks: list[str]) -> ModelSignature:
     inputs = Schema([ColSpec("string", "product_id"), ColSpec("string", "title", required=False),
                      ColSpec("binary", "image")])
-    outputs = [ColSpec("string", "product_id", required=False)]
-    outputs += [ColSpec(MLFLOW_TYPES[kind], name, required=False) for name, kind in task_columns(tasks)]
-    outputs += [ColSpec("string", k) for k in LINEAGE_KEYS]
-    outputs += [ColSpec("datetime", "scored_at"), ColSpec("string", "quarantine_reason", required=False)]
+    # A refused row has no prediction and maybe no product_id: only the lineage is on every row.
+    outputs = [ColSpec(MLFLOW_TYPES[c.type], c.name, required=c in LINEAGE) for c in prediction_columns(tasks)]
+    outputs.append(ColSpec("string", QUARANTINE_REASON, required=False))
     return ModelSignature(inputs, Schema(outputs))
 
 

@@ -43,11 +43,12 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from . import catalog as catalog_files
 from . import duplicate_ids, reasons, storage
+from .contracts import CONTRACT, KEY, QUARANTINE_SCHEMA, lineage_values, prediction_schema, quarantine_table
 from .image_sources import ImageSources, fetch_images, for_catalog
-from .predictor import QUARANTINE_COLUMNS, Predictor, Preprocessor, check_product_id, decode_rows
+from .manifests import RunManifest, ShardLineage, ShardMarker, ShardTimings
+from .predictor import Predictor, Preprocessor, check_product_id, decode_rows
 from .sql import load_sql, write_parquet
 
-CONTRACT = "cmaclip.predictions/v1"
 METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
 ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
 READ_BUFFER = 1 << 20             # Parquet pages are read through this buffer, not whole column chunks
@@ -449,32 +450,22 @@ def batch_loader(shard: Shard, preprocessor: Preprocessor, batch_size: int, work
 
 # --- writing a shard ---------------------------------------------------------------------------------
 
-def prediction_schema(predictor: Predictor, explain: bool = False) -> pa.Schema:
-    fields = [pa.field("product_id", pa.string(), nullable=False)]
-    fields += [pa.field(name, pa.type_for_alias(kind)) for name, kind in predictor.columns(explain)]
-    fields += [pa.field("model_name", pa.string()), pa.field("model_version", pa.string()),
-               pa.field("run_id", pa.string()), pa.field("scored_at", pa.timestamp("us", tz="UTC"))]
-    return pa.schema(fields)
-
-
-QUARANTINE_SCHEMA = pa.schema([pa.field(c, pa.string()) for c in QUARANTINE_COLUMNS])
-
-
-def _with_lineage(schema: pa.Schema, lineage: dict[str, Any]) -> pa.Schema:
-    meta = {"contract": CONTRACT, "columns": {f.name: str(f.type) for f in schema}, **lineage}
-    return schema.with_metadata({METADATA_KEY: json.dumps(meta, sort_keys=True).encode()})
+def _metadata(schema: pa.Schema, lineage: ShardLineage, predictor: Predictor) -> dict[bytes, bytes]:
+    meta = {"contract": CONTRACT, "columns": {f.name: str(f.type) for f in schema}, **lineage.to_dict(),
+            "labels": predictor.labels, "thresholds": predictor.thresholds}
+    return {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
 
 
 class ShardWriter:
     """Streams a shard's predictions to a Parquet file that appears only when the shard completes, and
     collects its quarantine rows (few) to write at the end."""
 
-    def __init__(self, uris: dict[str, str], predictor: Predictor, lineage: dict[str, Any], run_id: str,
-                 scored_at: datetime):
-        self.uris, self.predictor, self.lineage = uris, predictor, lineage
-        self.schema = _with_lineage(prediction_schema(predictor, lineage["explain"]), lineage)
-        self.constants = {"model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
-                          "run_id": run_id, "scored_at": scored_at}
+    def __init__(self, uris: dict[str, str], predictor: Predictor, lineage: ShardLineage, scored_at: datetime):
+        self.uris = uris
+        schema = prediction_schema(predictor.tasks, lineage.explain)
+        self.schema = schema.with_metadata(_metadata(schema, lineage, predictor))
+        self.quarantine_metadata = _metadata(QUARANTINE_SCHEMA, lineage, predictor)
+        self.constants = lineage_values(lineage.model_name, lineage.model_version, lineage.run_id, scored_at)
         self.buffer: list[pa.RecordBatch] = []
         self.buffered = self.predicted = 0
         self.quarantine: list[tuple] = []
@@ -490,7 +481,7 @@ class ShardWriter:
         if not product_ids:
             return
         n = len(product_ids)
-        arrays = {"product_id": product_ids, **columns, **{k: [v] * n for k, v in self.constants.items()}}
+        arrays = {KEY.name: product_ids, **columns, **{k: [v] * n for k, v in self.constants.items()}}
         self.buffer.append(pa.RecordBatch.from_pydict(arrays, schema=self.schema))
         self.buffered += n
         self.predicted += n
@@ -508,8 +499,7 @@ class ShardWriter:
         # Closing the ExitStack closes the Parquet footer, then commits (or, on an exception, discards).
         self._stack.__exit__(kind, value, tb)
         if kind is None and self.quarantine:
-            table = pa.Table.from_pylist([dict(zip(QUARANTINE_COLUMNS, r)) for r in self.quarantine],
-                                         schema=_with_lineage(QUARANTINE_SCHEMA, self.lineage))
+            table = quarantine_table(self.quarantine, self.quarantine_metadata)
             with storage.atomic_output(self.uris["quarantine"]) as sink:
                 pq.write_table(table, sink, compression="zstd")
 
@@ -526,22 +516,22 @@ def _remove_stale_temps(uri: str) -> None:
 
 # --- scoring a shard ---------------------------------------------------------------------------------
 
-def _matching_marker(uris: dict[str, str], shard: Shard, predictor: Predictor, explain: bool) -> dict | None:
+def _matching_marker(uri: str, lineage: ShardLineage) -> ShardMarker | None:
     """The shard's marker if this exact work (plan, shard, model, columns) is committed; None if it must run."""
-    if not storage.exists(uris["marker"]):
+    if not storage.exists(uri):
         return None
-    marker = storage.read_json(uris["marker"])
-    same = (marker.get("plan_id"), marker.get("shard"), marker.get("model_name"), marker.get("model_version"),
-            marker.get("explain", False)) \
-        == (shard.plan_id, shard.id, predictor.lineage.name, predictor.lineage.version, explain)
-    if not same:
-        raise ValueError(f"{uris['marker']} records plan {marker.get('plan_id')} / model "
-                         f"{marker.get('model_name')}:{marker.get('model_version')} / explain "
-                         f"{marker.get('explain', False)}, not plan {shard.plan_id} / "
-                         f"{predictor.lineage.name}:{predictor.lineage.version} / explain {explain}: "
-                         f"use another run id")
-    outputs = [marker["predictions"]] + ([marker["quarantine"]] if marker.get("quarantine") else [])
+    marker = ShardMarker.read(uri)
+    if marker.work() != lineage.work():
+        raise ValueError(f"{uri} records plan {marker.plan_id} / model {marker.model_name}:{marker.model_version}"
+                         f" / explain {marker.explain}, not plan {lineage.plan_id} / {lineage.model_name}:"
+                         f"{lineage.model_version} / explain {lineage.explain}: use another run id")
+    outputs = [marker.predictions] + ([marker.quarantine] if marker.quarantine else [])
     return marker if all(storage.exists(u) for u in outputs) else None
+
+
+def _shard_lineage(shard: Shard, predictor: Predictor, run_id: str, explain: bool) -> ShardLineage:
+    return ShardLineage(**predictor.lineage.as_dict(), run_id=run_id, plan_id=shard.plan_id, shard=shard.id,
+                        input_fingerprint=shard.input_fingerprint, precision=predictor.precision, explain=explain)
 
 
 def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None = None, batch_size: int = 32,
@@ -554,17 +544,18 @@ def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None
     predictor = load_predictor(model, precision=precision, compile=compile)
     run_id = _check_run_id(run_id or default_run_id(shard.plan_id, predictor, explain))
     uris = output_uris(out, shard.id, predictor.lineage.name, predictor.lineage.version, run_id)
-    done = _matching_marker(uris, shard, predictor, explain)
+    lineage = _shard_lineage(shard, predictor, run_id, explain)
+    done = _matching_marker(uris["marker"], lineage)
     if done is not None:
         if progress:
             progress(shard.rows)
-        return {**done, "skipped": True}
+        return {**done.to_dict(), "skipped": True}
     _remove_stale_temps(uris["predictions"])
     workers = default_workers(predictor.device) if workers is None else workers
     duplicates = _shard_duplicates(out, shard)
-    marker = _run_shard(shard, predictor, uris, run_id, batch_size, workers, progress, duplicates, explain)
-    storage.write_json(uris["marker"], marker)  # last: the shard counts as done only from here
-    return {**marker, "skipped": False}
+    marker = _run_shard(shard, predictor, uris, lineage, batch_size, workers, progress, duplicates)
+    marker.write(uris["marker"])  # last: the shard counts as done only from here
+    return {**marker.to_dict(), "skipped": False}
 
 
 def _shard_duplicates(out: str, shard: Shard) -> dict[tuple[str, int], str]:
@@ -577,22 +568,19 @@ def _shard_duplicates(out: str, shard: Shard) -> dict[tuple[str, int], str]:
     return duplicate_ids.for_shard(uri, shard.id)
 
 
-def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], run_id: str, batch_size: int,
+def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], lineage: ShardLineage, batch_size: int,
                workers: int, progress: Callable[[int], None] | None,
-               duplicates: dict[tuple[str, int], str], explain: bool) -> dict[str, Any]:
+               duplicates: dict[tuple[str, int], str]) -> ShardMarker:
     started, scored_at = time.perf_counter(), datetime.now(timezone.utc)
-    lineage = {**predictor.lineage.as_dict(), "run_id": run_id, "plan_id": shard.plan_id, "shard": shard.id,
-               "input_fingerprint": shard.input_fingerprint, "labels": predictor.labels,
-               "thresholds": predictor.thresholds, "precision": predictor.precision, "explain": explain}
     loader = batch_loader(shard, predictor.preprocessor, batch_size, workers,
                           pin_memory=predictor.device.type == "cuda", duplicates=duplicates)
     rows_in, waited, forward = 0, 0.0, 0.0
-    with ShardWriter(uris, predictor, lineage, run_id, scored_at) as writer:
+    with ShardWriter(uris, predictor, lineage, scored_at) as writer:
         tick = time.perf_counter()
         for batch in loader:
             t0 = time.perf_counter()
             waited += t0 - tick
-            columns = predictor.predict(batch.pixels, batch.tokens, explain)
+            columns = predictor.predict(batch.pixels, batch.tokens, lineage.explain)
             tick = time.perf_counter()
             forward += tick - t0
             writer.add(batch.product_ids, columns, batch.quarantine)
@@ -602,15 +590,13 @@ def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], run_id:
     if rows_in != shard.rows:
         raise RuntimeError(f"shard {shard.id}: read {rows_in} rows, the plan says {shard.rows}")
     total = time.perf_counter() - started
-    return {
-        **{k: v for k, v in lineage.items() if k not in ("labels", "thresholds")},
-        "rows_in": rows_in, "predicted": writer.predicted, "quarantined": len(writer.quarantine),
-        "reasons": dict(Counter(r[2] for r in writer.quarantine)),
-        "predictions": uris["predictions"], "quarantine": uris["quarantine"] if writer.quarantine else None,
-        "batch_size": batch_size, "workers": workers, "scored_at": scored_at.isoformat(),
-        "timings": {"total_s": round(total, 3), "forward_s": round(forward, 3), "wait_s": round(waited, 3),
-                    "rows_per_s": round(rows_in / max(total, 1e-9), 2)},
-    }
+    timings = ShardTimings(total_s=round(total, 3), forward_s=round(forward, 3), wait_s=round(waited, 3),
+                           rows_per_s=round(rows_in / max(total, 1e-9), 2))
+    return ShardMarker(
+        **lineage.to_dict(), rows_in=rows_in, predicted=writer.predicted, quarantined=len(writer.quarantine),
+        reasons=dict(Counter(r[2] for r in writer.quarantine)), predictions=uris["predictions"],
+        quarantine=uris["quarantine"] if writer.quarantine else None, batch_size=batch_size, workers=workers,
+        scored_at=scored_at.isoformat(), timings=timings)
 
 
 # --- finalize and publish ------------------------------------------------------------------------------
@@ -628,24 +614,24 @@ def _parquet_rows(uri: str | None) -> int:
     return 0 if uri is None else storage.parquet_file(uri).metadata.num_rows
 
 
-def _shard_problems(shard: Shard, marker: dict | None) -> list[str]:
+def _shard_problems(shard: Shard, marker: ShardMarker | None) -> list[str]:
     if marker is None:
         return [f"shard {shard.id}: no done marker"]
-    if marker.get("plan_id") != shard.plan_id:
-        return [f"shard {shard.id}: marker is from plan {marker.get('plan_id')}"]
+    if marker.plan_id != shard.plan_id:
+        return [f"shard {shard.id}: marker is from plan {marker.plan_id}"]
     problems = []
-    if marker["rows_in"] != shard.rows:
-        problems.append(f"shard {shard.id}: {marker['rows_in']} rows in, the plan has {shard.rows}")
-    if marker["rows_in"] != marker["predicted"] + marker["quarantined"]:
-        problems.append(f"shard {shard.id}: rows in {marker['rows_in']} != predicted {marker['predicted']} "
-                        f"+ quarantined {marker['quarantined']}")
+    if marker.rows_in != shard.rows:
+        problems.append(f"shard {shard.id}: {marker.rows_in} rows in, the plan has {shard.rows}")
+    if marker.rows_in != marker.predicted + marker.quarantined:
+        problems.append(f"shard {shard.id}: rows in {marker.rows_in} != predicted {marker.predicted} "
+                        f"+ quarantined {marker.quarantined}")
     try:
-        files = (_parquet_rows(marker["predictions"]), _parquet_rows(marker.get("quarantine")))
+        files = (_parquet_rows(marker.predictions), _parquet_rows(marker.quarantine))
     except (FileNotFoundError, OSError) as exc:
         return problems + [f"shard {shard.id}: output missing ({exc})"]
-    if files != (marker["predicted"], marker["quarantined"]):
+    if files != (marker.predicted, marker.quarantined):
         problems.append(f"shard {shard.id}: files hold {files} rows, the marker says "
-                        f"{(marker['predicted'], marker['quarantined'])}")
+                        f"{(marker.predicted, marker.quarantined)}")
     return problems
 
 
@@ -658,50 +644,59 @@ def finalize(plan: Plan | dict, out: str, run_id: str) -> dict[str, Any]:
     _check_run_id(run_id)
     target = manifest_uri(out, run_id)
     if storage.exists(target):
-        manifest = storage.read_json(target)
-        if manifest.get("plan_id") == plan.id:
-            return manifest
-    markers, problems = [], []
-    for shard in plan.shards:
-        uri = storage.join(out, "_markers", f"run={run_id}", f"shard-{shard.id}.json")
-        marker = storage.read_json(uri) if storage.exists(uri) else None
-        problems += _shard_problems(shard, marker)
-        markers.append(marker)
-    models = {(m["model_name"], m["model_version"]) for m in markers if m}
-    if len(models) > 1:
-        problems.append(f"shards were scored by different models: {sorted(models)}")
-    if len({m.get("explain", False) for m in markers if m}) > 1:  # one run, one schema
-        problems.append("some shards were scored with explain and some without")
-    duplicates = sum(m["reasons"].get(reasons.DUPLICATE_ID, 0) for m in markers if m)
-    if not problems and duplicates != plan.duplicates:
-        problems.append(f"{duplicates} rows were quarantined as {reasons.DUPLICATE_ID}; the plan found "
-                        f"{plan.duplicates} rows of duplicated product_ids")
+        manifest = RunManifest.read(target)
+        if manifest.plan_id == plan.id:
+            return manifest.to_dict()
+    markers = [_read_marker(out, run_id, shard) for shard in plan.shards]
+    problems = [p for shard, marker in zip(plan.shards, markers) for p in _shard_problems(shard, marker)]
+    problems += _run_problems(plan, [m for m in markers if m is not None], not problems)
     if problems:
         raise RunIncomplete(run_id, problems)
     manifest = _manifest(plan, run_id, markers)
-    storage.write_json(target, manifest)
-    return manifest
+    manifest.write(target)
+    return manifest.to_dict()
 
 
-def _manifest(plan: Plan, run_id: str, markers: list[dict]) -> dict[str, Any]:
-    total = lambda key: sum(m[key] for m in markers)
+def _read_marker(out: str, run_id: str, shard: Shard) -> ShardMarker | None:
+    uri = storage.join(out, "_markers", f"run={run_id}", f"shard-{shard.id}.json")
+    return ShardMarker.read(uri) if storage.exists(uri) else None
+
+
+def _run_problems(plan: Plan, markers: list[ShardMarker], shards_ok: bool) -> list[str]:
+    """What the shards' markers disagree on: one model, one schema, the plan's duplicated rows."""
+    problems = []
+    models = {(m.model_name, m.model_version) for m in markers}
+    if len(models) > 1:
+        problems.append(f"shards were scored by different models: {sorted(models)}")
+    if len({m.explain for m in markers}) > 1:  # one run, one schema
+        problems.append("some shards were scored with explain and some without")
+    duplicates = sum(m.reasons.get(reasons.DUPLICATE_ID, 0) for m in markers)
+    if shards_ok and not problems and duplicates != plan.duplicates:
+        problems.append(f"{duplicates} rows were quarantined as {reasons.DUPLICATE_ID}; the plan found "
+                        f"{plan.duplicates} rows of duplicated product_ids")
+    return problems
+
+
+def _manifest(plan: Plan, run_id: str, markers: list[ShardMarker]) -> RunManifest:
     reasons_total = Counter()
     for m in markers:
-        reasons_total.update(m["reasons"])
+        reasons_total.update(m.reasons)
     first = markers[0]
-    return {
-        "contract": CONTRACT, "run_id": run_id, "plan_id": plan.id, "catalog": plan.catalog,
-        "input_fingerprint": plan.fingerprint, "rows_per_shard": plan.rows_per_shard, "shards": len(markers),
-        "model_name": first["model_name"], "model_version": first["model_version"],
-        "model_source": first.get("model_source", ""), "precision": first.get("precision"),
-        "explain": first.get("explain", False),
-        "rows_in": total("rows_in"), "predicted": total("predicted"), "quarantined": total("quarantined"),
-        "reasons": dict(sorted(reasons_total.items())),
-        "predictions": [m["predictions"] for m in markers],
-        "quarantine": [m["quarantine"] for m in markers if m.get("quarantine")],
-        "scoring_seconds": round(sum(m["timings"]["total_s"] for m in markers), 3),
-        "finalized_at": datetime.now(timezone.utc).isoformat(),
-    }
+    return RunManifest(
+        contract=CONTRACT, run_id=run_id, plan_id=plan.id, catalog=plan.catalog,
+        input_fingerprint=plan.fingerprint, rows_per_shard=plan.rows_per_shard, shards=len(markers),
+        model_name=first.model_name, model_version=first.model_version, model_source=first.model_source,
+        precision=first.precision, explain=first.explain, rows_in=sum(m.rows_in for m in markers),
+        predicted=sum(m.predicted for m in markers), quarantined=sum(m.quarantined for m in markers),
+        reasons=dict(sorted(reasons_total.items())), predictions=[m.predictions for m in markers],
+        quarantine=[m.quarantine for m in markers if m.quarantine],
+        scoring_seconds=round(sum(m.timings.total_s for m in markers), 3),
+        finalized_at=datetime.now(timezone.utc).isoformat())
+
+
+def read_run_manifests(out: str) -> list[RunManifest]:
+    """Every finalized run under `out`, each manifest checked (`manifests.ManifestError` names a bad one)."""
+    return [RunManifest.read(u) for u in storage.list_files(storage.join(out, "_manifests"), ".json")]
 
 
 def _query(con: Any, name: str, params: dict[str, Any]) -> pa.RecordBatchReader:
@@ -714,14 +709,14 @@ def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
     Only runs with a manifest count: a half-scored run never leaks into what is published."""
     import duckdb
 
-    manifests = [storage.read_json(u) for u in storage.list_files(storage.join(out, "_manifests"), ".json")]
-    files = sorted(f for m in manifests for f in m["predictions"])
+    manifests = read_run_manifests(out)
+    files = sorted(f for m in manifests for f in m.predictions)
     if not files:
         raise FileNotFoundError(f"no finalized scoring run under {out}: run score and finalize first")
     con = duckdb.connect()
     storage.register_duckdb(con, out)
     latest = storage.join(out, "published", "latest.parquet")
-    summary = {"runs": sorted(m["run_id"] for m in manifests), "files": len(files), "latest": latest,
+    summary = {"runs": sorted(m.run_id for m in manifests), "files": len(files), "latest": latest,
                "products": write_parquet(_query(con, "publish_latest", {"predictions": files}), latest)}
     if catalog is not None:
         summary.update(_publish_catalog(con, catalog, latest, storage.join(out, "published", "catalog.parquet")))

@@ -97,12 +97,13 @@ def dataset_fingerprint(manifest: Mapping[str, Any]) -> str:
 
 
 def training_params(config: CMACLIPConfig, dataset_uri: str, manifest: Mapping[str, Any]) -> dict[str, str]:
+    """`manifest`: the dataset's, as JSON (`pipeline.manifests.DatasetManifest.to_dict()`)."""
     params = {f"config.{k}": v for k, v in flatten(config.to_dict()).items()}
     params.update({
         "dataset.uri": dataset_uri,
         "dataset.fingerprint": dataset_fingerprint(manifest),
-        "dataset.input_fingerprint": manifest.get("input", {}).get("fingerprint", ""),
-        **{f"dataset.rows.{s}": n for s, n in manifest.get("counts", {}).get("rows_by_split", {}).items()},
+        "dataset.input_fingerprint": manifest["input"]["fingerprint"],
+        **{f"dataset.rows.{s}": n for s, n in manifest["counts"]["rows_by_split"].items()},
         "code.version": code_version(),
         **{f"versions.{k}": v for k, v in package_versions().items()},
     })
@@ -174,7 +175,7 @@ def start_training_run(config: CMACLIPConfig, dataset_uri: str, manifest: Mappin
     run_id = run.info.run_id
     log_params(c, run_id, training_params(config, dataset_uri, manifest))
     c.log_dict(run_id, config.to_dict(), "config.json")
-    c.log_dict(run_id, manifest.get("vocabularies", {}), "labels.json")
+    c.log_dict(run_id, manifest["vocabularies"], "labels.json")
     return run_id
 
 

@@ -213,7 +213,7 @@ def start_training(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri:
     stages = check_stages(config.train.stage_order() if stages is None else stages)
     vocab = vocabularies(dataset_uri)
     config = config.with_tasks({t: len(v) for t, v in vocab.items()})
-    manifest = read_manifest(dataset_uri)
+    manifest = read_manifest(dataset_uri).to_dict()  # checked on read; tracking logs it as JSON
     handle_uri = storage.join(out_uri, TRAINING_FILE)
     wanted = {"config": config.to_dict(), "dataset_uri": dataset_uri, "stages": list(stages)}
     if storage.exists(handle_uri):

@@ -99,7 +99,7 @@ def test_titles_are_normalised(bad_out: tuple[str, dict]) -> None:
 
 def test_manifest_labels_and_layout(bad_out: tuple[str, dict]) -> None:
     out, manifest = bad_out
-    assert read_manifest(out) == manifest
+    assert read_manifest(out).to_dict() == manifest
     labels = read_labels(out)
     assert set(labels) == {"color", "pattern", "style"}
     for task, doc in labels.items():

@@ -42,7 +42,7 @@ def test_ingest_s3_in_and_out(s3_bucket: str) -> None:
     assert counts["rows_in"] == 150 + len(BAD_ROWS) + 1
     assert counts["rows_in"] == counts["rows_kept"] + counts["rows_quarantined"]
     assert manifest["input"]["files"][0]["version"].startswith("etag:")
-    assert read_manifest(out) == manifest and set(read_labels(out)) == {"color", "pattern", "style"}
+    assert read_manifest(out).to_dict() == manifest and set(read_labels(out)) == {"color", "pattern", "style"}
 
     q = pq.read_table(storage.open_input(storage.join(out, "quarantine.parquet"))).to_pylist()
     expected = {f"bad-{k}": r for k, r in BAD_ROWS.items() if r and k not in ("missing_id",)}

@@ -24,7 +24,7 @@ from cmaclip.checkpoint import Checkpoint, save_checkpoint
 from cmaclip.config import load_config
 from cmaclip.losses import multitask_loss
 from cmaclip.metrics import task_metrics
-from pipeline import reasons, scoring, synthetic
+from pipeline import contracts, reasons, scoring, synthetic
 from pipeline.predictor import Predictor, Preprocessor, decode_rows
 from pipeline.text import MAX_TITLE_CHARS, normalize_title
 
@@ -391,7 +391,7 @@ def test_explain_adds_each_modalitys_contribution_in_a_run_of_its_own(checkpoint
     without, with_ = tables[False], tables[True]
     predictor = Predictor.from_checkpoint(checkpoint)
     for explain, table in tables.items():
-        assert table.column_names == scoring.prediction_schema(predictor, explain).names
+        assert table.schema.remove_metadata() == contracts.prediction_schema(predictor.tasks, explain)
     assert not contributions & set(without.column_names)  # off by default: the schema is as it was
     assert set(with_.column_names) - set(without.column_names) == contributions
     for column in contributions:
