@@ -378,7 +378,7 @@ def test_explain_adds_each_modalitys_contribution_in_a_run_of_its_own(checkpoint
     out, contributions = str(tmp_path / "out"), {f"{t}_{m}_contribution" for t in TASKS for m in ("title", "image")}
     plain = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=250, workers=0, progress=False)
     assert cli.main(["score", "--catalog", tmp_catalog, "--model", checkpoint, "--out", out, "--rows-per-shard",
-                     "250", "--workers", "0", "--threads", "1", "--explain"]) == 0
+                     "250", "--workers", "0", "--threads", "1", "--explain", "--all"]) == 0
     explained = json.loads(capsys.readouterr().out)
     assert explained["run_id"] != plain["run_id"]  # other columns: another run, another output folder
     tables = {}

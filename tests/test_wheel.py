@@ -87,7 +87,7 @@ def test_wheel_runs_the_pipeline_from_an_unrelated_folder(installed):
     assert trained["stages"].keys() == {"warmup", "end_to_end", "tuning"}
     assert trained["registered"]["alias"] == "champion"
     scored = cmaclip("score", "--catalog", "catalog.parquet", "--model", "models:/cmaclip@champion",
-                     "--out", "predictions", "--workers", "0", "--threads", "1")
+                     "--out", "predictions", "--all", "--workers", "0", "--threads", "1")
     assert scored["predicted"] == ROWS
 
     written = sorted((installed["work"] / "predictions" / "predictions").rglob("*.parquet"))
