@@ -22,9 +22,10 @@ def test_every_stage_field_is_a_schedule_field_or_a_training_choice():
     assert sorted(f.name for f in dataclasses.fields(StageConfig)) == sorted([*SCHEDULE_FIELDS, *grouped])
 
 
-def test_no_choice_on_means_nothing_to_ablate():
+def test_the_configs_ablate_what_they_turn_on():
     assert ablations(cmaclip.load_config("tiny")) == []
-    assert ablations(cmaclip.load_config("paper-cpu-small")) == []
+    assert [a.group for a in ablations(cmaclip.load_config("paper-cpu-small"))] == ["title corruption",
+                                                                                  "modality loss"]
 
 
 def test_one_ablation_per_group_on_in_any_stage_and_align():
