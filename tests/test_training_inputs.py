@@ -332,9 +332,8 @@ def test_configs_and_checkpoints_without_the_fields_load(tmp_path):
     assert CMACLIPConfig.from_dict(strip_new_fields(cfg.to_dict())) == cfg
     changed = with_stage(cfg, crop_scale=[0.7, 1.0], swap_title=0.2, label_word_tasks=["color"])
     assert CMACLIPConfig.from_dict(json.loads(changed.to_json())) == changed
-    for name in ("tiny", "paper-cpu-small", "paper-vit-b-32"):
-        stages = cmaclip.load_config(name).train.stages.values()
-        assert not any(s.corrupts_titles or s.augments_images for s in stages)
+    stages = cmaclip.load_config("tiny").train.stages.values()  # the paper configs turn some on (issue 13)
+    assert not any(s.corrupts_titles or s.augments_images or s.modality_loss for s in stages)
     save_checkpoint(tmp_path, tiny_model(cfg), Checkpoint(cfg, {"color": ["r", "g", "b"]}, {"color": 0.5}, {}))
     meta = json.loads((tmp_path / "cmaclip.json").read_text())
     strip_new_fields(meta["config"])
