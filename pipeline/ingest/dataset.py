@@ -1,7 +1,7 @@
 """Catalog ingest: validate every row, quarantine the bad ones with a reason, dedup, split, write.
 
-Pass 1 (pipeline.staging) streams the catalog in row batches (memory bounded), checks each row
-(pipeline.validate, in a process pool for big catalogs) and stages the good rows in a local Parquet
+Pass 1 (pipeline.ingest.staging) streams the catalog in row batches (memory bounded), checks each row
+(pipeline.ingest.validate, in a process pool for big catalogs) and stages the good rows in a local Parquet
 file. DuckDB then decides, with the SQL in queries/: which row wins each duplicated product_id, the split
 of each product, the label counts. Pass 2 streams the staged rows in that order into the dataset parts.
 
@@ -19,10 +19,10 @@ Rules (also recorded in the manifest):
   (null) and masks only that task. Labels are case-sensitive: map case variants explicitly.
 - Rare classes: a label seen on fewer than `min_class_count` kept rows (all splits together) becomes null
   for that task (masked, the row is kept); the manifest lists each masked label with its count.
-- Duplicates (`duplicate_id`; ids compared after `pipeline.text.normalize_product_id`, as scoring and
+- Duplicates (`duplicate_id`; ids compared after `pipeline.io.text.normalize_product_id`, as scoring and
   publish compare them): among rows that passed validation, the smallest content hash wins; the others are
   quarantined with what differs (image, title, labels). Scoring, which attributes every catalog row, keeps
-  none of them instead (pipeline/duplicate_ids.py; docs/contracts.md, "Duplicate product_ids").
+  none of them instead (pipeline/scoring/duplicate_ids.py; docs/contracts.md, "Duplicate product_ids").
 - Images: stored as the original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB
   (alpha composited on white) and re-encoded, as JPEG q95 from a lossy source and PNG from a lossless one.
 - Splits: by md5(product_id) (see queries/ingest_split.sql and `split_of`), stable across re-ingests.
@@ -44,17 +44,18 @@ from typing import Any
 import duckdb
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
-from . import reasons, storage
-from .catalog import CatalogError, CatalogFile, fingerprint, scan
-from .contracts import quarantine_table
+from .. import reasons
+from ..contracts import quarantine_table
+from ..io import image_sources, storage
+from ..io.catalog import CatalogError, CatalogFile, fingerprint, scan
+from ..io.image_sources import ImageSources
+from ..io.images import DEFAULT_LIMITS, ImageLimits
+from ..io.parquet_writer import write_table
+from ..io.sql import load_sql
+from ..manifests import (DatasetCounts, DatasetFiles, DatasetInput, DatasetManifest, DatasetPart, IngestRun,
+                         ManifestError)
 from .dataset_writer import PartWriter
-from . import image_sources
-from .image_sources import ImageSources
-from .images import DEFAULT_LIMITS, ImageLimits
-from .manifests import DatasetCounts, DatasetFiles, DatasetInput, DatasetManifest, DatasetPart, IngestRun, ManifestError
-from .sql import load_sql
 from .staging import QuarantineRow, auto_workers, stage
 from .validate import RowRules
 
@@ -210,8 +211,7 @@ def verify_counts(out_uri: str, files: dict[str, list[DatasetPart]], expected: d
 def write_quarantine(uri: str, rows: list[QuarantineRow]) -> None:
     rows = sorted(rows, key=lambda r: r[0])  # catalog row order
     table = quarantine_table((pid, "ingest", reason, detail) for _, pid, reason, detail in rows)
-    with storage.atomic_output(uri) as f:
-        pq.write_table(table, f)
+    write_table(uri, table)
 
 
 def _clear(out_uri: str) -> None:
@@ -269,7 +269,7 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
     Raises CatalogError (before writing anything) when a catalog file cannot be used at all. `workers`:
     processes that decode images (None: one per core for catalogs of 5000+ rows, else none).
     `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own folder
-    (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`; see pipeline.image_sources).
+    (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`; see pipeline.io.image_sources).
     """
     started = time.perf_counter()
     params = IngestParams(check_tasks(tasks), check_splits(splits), int(min_class_count),

@@ -1,37 +1,24 @@
 """Write a split-partitioned Parquet dataset in rolling parts, each committed atomically when complete.
 
-Rows are buffered into row groups of a fixed size (pyarrow would otherwise make one row group per write
-call), because the row group is the unit the loader shuffles and shards across workers and ranks.
+Rows are written in row groups of a fixed size (`io.parquet_writer`), because the row group is the unit the
+loader shuffles and shards across workers and ranks.
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import storage
-
-COMPRESSION = "zstd"
-
-
-@dataclass
-class _Part:
-    name: str
-    stack: contextlib.ExitStack
-    writer: pq.ParquetWriter
-    rows: int = 0
+from ..io import storage
+from ..io.parquet_writer import AtomicParquetWriter
 
 
 @dataclass
 class _Split:
-    buffer: list[pa.Table] = field(default_factory=list)
-    buffered: int = 0
-    part: _Part | None = None
+    part: AtomicParquetWriter | None = None
+    name: str = ""                      # the open part's file name
     count: int = 0                      # parts started so far
 
 
@@ -53,60 +40,40 @@ class PartWriter:
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  tb: TracebackType | None) -> None:
-        if exc_type is None:
+        if exc is None:
             self.close()
         else:
-            self._abort(exc_type, exc, tb)
+            self._abort(exc)
 
     def write(self, split: str, table: pa.Table) -> None:
         state = self._splits.setdefault(split, _Split())
-        state.buffer.append(table)
-        state.buffered += table.num_rows
-        while state.buffered >= self.row_group_rows:
-            self._write_group(split, state, self._take(state, self.row_group_rows))
+        while table.num_rows:
+            if state.part is None:
+                self._open(split, state)
+            room = self.rows_per_part - state.part.rows
+            state.part.write(table.slice(0, room))
+            table = table.slice(room)
+            if state.part.rows == self.rows_per_part:
+                self._commit(split, state)
 
     def close(self) -> None:
         for split, state in self._splits.items():
-            if state.buffered:
-                self._write_group(split, state, self._take(state, state.buffered))
             if state.part is not None:
                 self._commit(split, state)
 
-    @staticmethod
-    def _take(state: _Split, n: int) -> pa.Table:
-        table = pa.concat_tables(state.buffer)
-        state.buffer = [table.slice(n)] if table.num_rows > n else []
-        state.buffered = table.num_rows - n
-        return table.slice(0, n)
-
-    def _open(self, split: str, state: _Split) -> _Part:
-        name = f"part-{split}-{state.count:05d}.parquet"
+    def _open(self, split: str, state: _Split) -> None:
+        state.name = f"part-{split}-{state.count:05d}.parquet"
         state.count += 1
-        stack = contextlib.ExitStack()
-        f = stack.enter_context(storage.atomic_output(storage.join(self.folder_uri, name)))
-        writer = pq.ParquetWriter(f, self.schema, compression=COMPRESSION)
-        return _Part(name, stack, writer)
-
-    def _write_group(self, split: str, state: _Split, group: pa.Table) -> None:
-        if state.part is None:
-            state.part = self._open(split, state)
-        state.part.writer.write_table(group, row_group_size=group.num_rows)
-        state.part.rows += group.num_rows
-        if state.part.rows >= self.rows_per_part:
-            self._commit(split, state)
+        state.part = AtomicParquetWriter(storage.join(self.folder_uri, state.name), self.schema,
+                                         self.row_group_rows)
 
     def _commit(self, split: str, state: _Split) -> None:
-        part = state.part
-        assert part is not None
-        part.writer.close()
-        part.stack.close()  # rename / upload happens here
-        self.files.setdefault(split, []).append({"path": part.name, "rows": part.rows})
+        state.part.close()  # rename / upload happens here
+        self.files.setdefault(split, []).append({"path": state.name, "rows": state.part.rows})
         state.part = None
 
-    def _abort(self, *exc_info: Any) -> None:
+    def _abort(self, exc: BaseException) -> None:
         for state in self._splits.values():
             if state.part is not None:
-                with contextlib.suppress(Exception):
-                    state.part.writer.close()
-                state.part.stack.__exit__(*(exc_info or sys.exc_info()))
+                state.part.abort(exc)
                 state.part = None

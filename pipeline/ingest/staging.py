@@ -20,9 +20,10 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from . import reasons, storage
-from .catalog import CatalogFile, iter_rows
-from .image_sources import ImageSources, fetch_images
+from .. import reasons
+from ..io import storage
+from ..io.catalog import CatalogFile, iter_rows
+from ..io.image_sources import ImageSources, fetch_images
 from .validate import Checked, RawRow, RowRules, check_rows
 
 PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves

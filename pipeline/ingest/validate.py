@@ -9,9 +9,9 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from . import reasons
-from .images import DEFAULT_LIMITS, ImageLimits, dataset_bytes, decode_image
-from .text import NotText, normalize_label, normalize_product_id, normalize_title
+from .. import reasons
+from ..io.images import DEFAULT_LIMITS, ImageLimits, dataset_bytes, decode_image
+from ..io.text import NotText, normalize_label, normalize_product_id, normalize_title
 
 # (product_id, title, labels in task order, image bytes) as read from the catalog.
 RawRow = tuple[Any, Any, tuple[Any, ...], "bytes | None"]

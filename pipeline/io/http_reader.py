@@ -1,4 +1,4 @@
-"""Bounded http(s) GETs for `image_uri` rows on allow-listed hosts (pipeline.image_sources decides which).
+"""Bounded http(s) GETs for `image_uri` rows on allow-listed hosts (pipeline.io.image_sources decides which).
 
 Not fsspec's HTTPFileSystem: it follows redirects (an allowed host could send a worker to an internal
 one), reads the whole body of a server that ignores Range, and takes proxies from the environment.

@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 from urllib.parse import urlsplit
 
-from . import reasons, settings, storage
+from .. import reasons, settings
+from . import storage
 from .images import DEFAULT_LIMITS
 from .text import NotText, as_text
 

@@ -5,7 +5,7 @@ picture is judged and converted the same way everywhere. Limits are checked from
 pixel is decoded, so decompression bombs cost microseconds, not gigabytes. For a model, it decodes straight
 to what the model's transform keeps of the picture (`model_view`), so a batch holds batch-size small
 images whatever the sizes of the originals. The images of `image_uri`
-catalogs are read by `pipeline.image_sources`.
+catalogs are read by `pipeline.io.image_sources`.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from . import reasons
+from .. import reasons
 
 # Pillow only *warns* between MAX_IMAGE_PIXELS and twice that. We want an error. The filter is set once
 # at import because `warnings.catch_warnings` is not thread-safe and images are decoded in threads.

@@ -1,4 +1,4 @@
-"""Load the SQL files in `pipeline/queries/` (package data) by name, and stream a query's result into
+"""Load the SQL files in `pipeline/io/queries/` (package data) by name, and stream a query's result into
 Parquet. One statement per file; values are always bound as `$name` parameters, never formatted into the
 text."""
 from __future__ import annotations
@@ -7,9 +7,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from . import storage
+from .parquet_writer import AtomicParquetWriter
 
 SQL_DIR = Path(__file__).resolve().parent / "queries"
 
@@ -27,9 +26,7 @@ def load_sql(name: str) -> str:
 def write_parquet(reader: pa.RecordBatchReader, uri: str) -> int:
     """Stream a query's result (`relation.to_arrow_reader(rows)`: one row group per batch) into a Parquet
     file committed atomically; its row count."""
-    rows = 0
-    with storage.atomic_output(uri) as sink, pq.ParquetWriter(sink, reader.schema, compression="zstd") as writer:
+    with AtomicParquetWriter(uri, reader.schema) as writer:
         for batch in reader:
-            writer.write_batch(batch)
-            rows += batch.num_rows
-    return rows
+            writer.write(batch)
+    return writer.rows

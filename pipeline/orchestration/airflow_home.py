@@ -131,7 +131,7 @@ def ui_hint(env: Mapping[str, str]) -> str:
 
 
 if __name__ == "__main__":
-    # `python -m pipeline.airflow_home`: prepare the embedded Airflow (or the one the environment names).
+    # `python -m pipeline.orchestration.airflow_home`: prepare the embedded Airflow (or the one the environment names).
     prepared = prepare()
     print(f"Airflow ready: AIRFLOW_HOME={prepared['AIRFLOW_HOME']}; settings in "
           f"{Path(prepared['AIRFLOW_HOME']) / ENV_FILE}")

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Sequence
 # torch-free (cmaclip/__init__ loads torch lazily); the DAG files read the stage names from here
 from cmaclip.config import ALIGN, CONFIG_DIR, STAGES
 
-from . import settings
+from .. import settings
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def retry_policy() -> dict[str, Any]:
 def run_uri(root: str, dag_id: str, run_id: str) -> str:
     """The folder of one DAG run under `root` (the `work_uri` param): the same for every attempt of every
     task of that run."""
-    from . import storage
+    from ..io import storage
     check_storage_uri(root, "work_uri")
     return storage.join(root, dag_id, re.sub(r"[^A-Za-z0-9._-]+", "_", run_id))
 
@@ -92,11 +92,11 @@ def run_uri(root: str, dag_id: str, run_id: str) -> str:
 
 def check_storage_uri(uri: str, what: str) -> str:
     """`uri` when it lies under one of `settings.storage_prefixes()`, else a ValueError that names `what` and
-    the prefixes. The rule is the one `image_uri` values obey (`pipeline.image_sources`): a prefix matches on
+    the prefixes. The rule is the one `image_uri` values obey (`pipeline.io.image_sources`): a prefix matches on
     path boundaries after `..` is folded (`s3://cmaclip/` does not admit `s3://cmaclip-evil/`, nor `/data/`
     admit `/data/../etc`), a local path also after its links are resolved, `file://` and plain paths
     alike; fsspec chains and other schemes are refused."""
-    from .image_sources import ImageSources, Refused  # fsspec and pyarrow: loaded when a task checks
+    from ..io.image_sources import ImageSources, Refused  # fsspec and pyarrow: loaded when a task checks
 
     allowed = settings.storage_prefixes()
     absolute = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
@@ -131,12 +131,13 @@ def _checked_model(model_ref: str) -> str:
 
 def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> dict[str, Any]:
     """Catalog -> dataset under `run_folder/dataset`; the dataset URI and the manifest's counts."""
-    from . import ingest, storage
+    from ..ingest import dataset
+    from ..io import storage
 
     check_storage_uri(catalog_uri, "catalog_uri")
     check_storage_uri(run_folder, "run folder (work_uri)")
     dataset_uri = storage.join(run_folder, "dataset")
-    manifest = ingest.ingest(catalog_uri, list(tasks), dataset_uri)
+    manifest = dataset.ingest(catalog_uri, list(tasks), dataset_uri)
     return {"dataset_uri": dataset_uri, "input_fingerprint": manifest["input"]["fingerprint"],
             **manifest["counts"]}
 
@@ -148,16 +149,17 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
     tagged with the Airflow run it belongs to. Its stages are the config's after the `epochs` overrides
     (align only when it has epochs). Returns the state the stage tasks pass along:
     {"training": handle, "results": []}."""
-    from . import storage, training
+    from ..io import storage
+    from ..training import trainer
 
     check_storage_uri(run_folder, "run folder (work_uri)")
-    chosen = training.as_config(_checked_config(config)).to_dict()
+    chosen = trainer.as_config(_checked_config(config)).to_dict()
     if target_precision is not None:
         chosen["train"]["target_precision"] = float(target_precision)
-    handle = training.start_training(chosen, dataset["dataset_uri"], storage.join(run_folder, "training"),
-                                     epochs={s: int(n) for s, n in (epochs or {}).items()} or None,
-                                     model_name=model_name, run_name=f"{dag_id} {run_id}".strip() or None,
-                                     tags={AIRFLOW_DAG_TAG: dag_id, AIRFLOW_RUN_TAG: run_id})
+    handle = trainer.start_training(chosen, dataset["dataset_uri"], storage.join(run_folder, "training"),
+                                    epochs={s: int(n) for s, n in (epochs or {}).items()} or None,
+                                    model_name=model_name, run_name=f"{dag_id} {run_id}".strip() or None,
+                                    tags={AIRFLOW_DAG_TAG: dag_id, AIRFLOW_RUN_TAG: run_id})
     return {"training": handle, "results": []}
 
 
@@ -165,7 +167,7 @@ def train_stage(state: Mapping[str, Any], stage: str, processes: int | str = 1) 
     """Train `stage` on `processes` processes (torchrun when more than one), resuming it after the last
     completed epoch on a retry; returns the state with the stage's result appended. A stage the training
     does not include (align, unless its config gives it epochs) passes the state on unchanged."""
-    from . import launch
+    from ..training import launch
 
     if stage not in state["training"]["stages"]:
         log.info("stage %s is not in this training's stages %s: nothing to train", stage, state["training"]["stages"])
@@ -177,26 +179,27 @@ def train_stage(state: Mapping[str, Any], stage: str, processes: int | str = 1) 
 
 def mark_training_failed(run_folder: str) -> None:
     """A training task gave up: mark the MLflow parent run FAILED (a later retry reopens it)."""
-    from . import storage, training
+    from ..io import storage
+    from ..training import trainer
 
     check_storage_uri(run_folder, "run folder (work_uri)")
-    handle_uri = storage.join(run_folder, "training", training.TRAINING_FILE)
+    handle_uri = storage.join(run_folder, "training", trainer.TRAINING_FILE)
     if storage.exists(handle_uri):
-        training.fail_training(storage.read_json(handle_uri))
+        trainer.fail_training(storage.read_json(handle_uri))
 
 
 def evaluate(state: Mapping[str, Any]) -> dict[str, Any]:
     """Log the last stage's best checkpoint as the training's model, with per-stage validation metrics."""
-    from . import training
+    from ..training import trainer
 
-    final = training.finish_training(state["training"], state["results"], register=False)
+    final = trainer.finish_training(state["training"], state["results"], register=False)
     return {**{k: final[k] for k in ("run_id", "model_uri", "checkpoint", "stages")},
             "model_name": state["training"]["model_name"], "dataset_uri": state["training"]["dataset_uri"]}
 
 
 def register(evaluated: Mapping[str, Any]) -> dict[str, Any]:
     """A new registry version; `new_champion` when it is the first version (champion without comparison)."""
-    from . import registry
+    from ..tracking import registry
 
     registered = registry.register(evaluated["run_id"], evaluated["model_name"])
     return {**registered, "dataset_uri": evaluated["dataset_uri"],
@@ -206,7 +209,7 @@ def register(evaluated: Mapping[str, Any]) -> dict[str, Any]:
 def compare(registered: Mapping[str, Any]) -> dict[str, Any]:
     """Champion vs the new challenger on the dataset's test split. {"compared", "passed", "comparison",
     "reason"}; nothing to compare when the new version already is the champion."""
-    from . import registry
+    from ..tracking import registry
 
     if registered["new_champion"]:
         return {"compared": False, "passed": False, "comparison": None,
@@ -219,7 +222,7 @@ def compare(registered: Mapping[str, Any]) -> dict[str, Any]:
 
 def promote(registered: Mapping[str, Any], decision: Mapping[str, Any]) -> dict[str, Any]:
     """Move `champion` to the challenger (the registry re-checks the gate and refuses a stale comparison)."""
-    from . import registry
+    from ..tracking import registry
 
     return registry.promote(registered["name"], decision["comparison"])
 
@@ -234,16 +237,17 @@ def group_shards(shard_ids: Sequence[str], max_groups: int) -> list[dict[str, An
 
 
 def _predictor(model_ref: str):
-    from . import registry, scoring
+    from ..scoring import runner
+    from ..tracking import registry
 
     if model_ref.startswith(("models:/", "runs:/")):
         return registry.load_predictor(model_ref)
-    return scoring.load_predictor(model_ref)
+    return runner.load_predictor(model_ref)
 
 
 def _pin(model_ref: str) -> str:
     """An alias moves; a run must score every shard with one version: `models:/n@alias` -> `models:/n/<v>`."""
-    from . import registry
+    from ..tracking import registry
 
     if not model_ref.startswith("models:/"):
         return model_ref
@@ -257,28 +261,28 @@ def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri:
     "explain"}, "groups": [{"label", "shards"}]}. The run id is a function of (input snapshot, model
     version, explain), so a rerun of the DAG resumes the same run and skips committed shards. The rows of
     duplicated product_ids go to a side file under `out_uri` (the predictions folder), not into the XCom."""
-    from . import scoring
+    from ..scoring import planner, runner
 
     check_storage_uri(catalog_uri, "catalog_uri")
     check_storage_uri(out_uri, "predictions_uri")
     _checked_model(model_ref)
-    plan = scoring.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
+    plan = planner.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
     pinned = _pin(model_ref)
-    run_id = scoring.default_run_id(plan.id, _predictor(pinned), explain)
+    run_id = runner.default_run_id(plan.id, _predictor(pinned), explain)
     return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id, "explain": explain},
             "groups": group_shards(plan.shard_ids, max_groups)}
 
 
 def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
     """Score the group's shards with one model load; committed shards are skipped. Summed counts."""
-    from . import scoring
+    from ..scoring import planner, runner
 
     check_storage_uri(out_uri, "predictions_uri")
-    plan = scoring.Plan.from_dict(run["plan"])
+    plan = planner.Plan.from_dict(run["plan"])
     predictor = _predictor(run["model"])
-    markers = [scoring.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"],
-                                   explain=run.get("explain", False))
-               for shard_id in group["shards"]]
+    markers = [runner.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"],
+                                  explain=run.get("explain", False))
+                                  for shard_id in group["shards"]]
     total = lambda key: sum(m[key] for m in markers)  # noqa: E731
     return {"shards": [m["shard"] for m in markers], "skipped": [m["shard"] for m in markers if m["skipped"]],
             "rows_in": total("rows_in"), "predicted": total("predicted"), "quarantined": total("quarantined")}
@@ -286,19 +290,19 @@ def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) 
 
 def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
     """Check every shard is committed and rows reconcile; the run manifest's figures (not its file list)."""
-    from . import scoring
+    from ..scoring import finalize, layout
 
     check_storage_uri(out_uri, "predictions_uri")
-    manifest = scoring.finalize(run["plan"], out_uri, run["run_id"])
-    return {"manifest": scoring.manifest_uri(out_uri, run["run_id"]),
+    manifest = finalize.finalize(run["plan"], out_uri, run["run_id"])
+    return {"manifest": layout.manifest_uri(out_uri, run["run_id"]),
             **{k: manifest[k] for k in ("run_id", "plan_id", "shards", "model_name", "model_version",
                                         "rows_in", "predicted", "quarantined", "reasons", "scoring_seconds")}}
 
 
 def publish_predictions(out_uri: str, catalog_uri: str) -> dict[str, Any]:
     """Latest attributes per product, and the catalog joined with them, under `out_uri/published/`."""
-    from . import scoring
+    from ..scoring import publish
 
     check_storage_uri(out_uri, "predictions_uri")
     check_storage_uri(catalog_uri, "catalog_uri")
-    return scoring.publish(out_uri, catalog_uri)
+    return publish.publish(out_uri, catalog_uri)

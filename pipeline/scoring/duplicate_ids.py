@@ -1,7 +1,7 @@
 """Product ids on more than one row of a catalog: found once when scoring is planned, read by each shard.
 
 The rule (docs/contracts.md, "Duplicate product_ids"). Ids are compared after
-`pipeline.text.normalize_product_id` (decoded, trimmed), the one normalisation of ingest, scoring and
+`pipeline.io.text.normalize_product_id` (decoded, trimmed), the one normalisation of ingest, scoring and
 publish. When scored, a product_id on more than one row of the catalog snapshot is quarantined as
 `duplicate_id` on every one of its rows: publish joins predictions to catalog rows by product_id, so scoring
 one of the rows would give the others its attributes (a "Red Dress" row showing Navy/Skirt predicted from the
@@ -12,7 +12,7 @@ queries/ingest_rank.sql) and quarantines the others under the same code.
 Shards are scored independently and the rows of one id may lie in any files and shards, so the plan scans
 the product_id column of the whole catalog once, batch by batch, into a local Parquet file that DuckDB groups
 within a memory limit (memory bounded for any catalog size). The duplicated rows, each with its shard, go to
-a side Parquet file next to the plan's outputs (`scoring.duplicates_uri`), sorted by shard: a shard reads only
+a side Parquet file next to the plan's outputs (`layout.duplicates_uri`), sorted by shard: a shard reads only
 its own rows of it, and the plan itself (an Airflow XCom) carries just their count.
 """
 from __future__ import annotations
@@ -29,10 +29,10 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 
-from . import storage
-from .catalog import CatalogError
-from .sql import load_sql, write_parquet
-from .text import normalize_product_ids
+from ..io import storage
+from ..io.catalog import CatalogError
+from ..io.sql import load_sql, write_parquet
+from ..io.text import normalize_product_ids
 
 SCAN_ROWS = 65_536            # product_ids normalised per Arrow batch
 DUCKDB_MEMORY = "1GB"         # the grouping spills to the temporary folder beyond this

@@ -29,10 +29,10 @@ from cmaclip.model import CMACLIP
 from cmaclip.precision import DTYPES, resolve_precision
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
 
-from . import reasons
-from .contracts import CONFIDENCE, CONTRIBUTIONS, IMAGE_WEIGHT, KEY, LABEL, QUARANTINE_COLUMNS, TOP, task_columns
-from .images import decode_image
-from .text import NotText, normalize_product_id, normalize_title
+from .. import reasons
+from ..contracts import CONFIDENCE, CONTRIBUTIONS, IMAGE_WEIGHT, KEY, LABEL, QUARANTINE_COLUMNS, TOP, task_columns
+from ..io.images import decode_image
+from ..io.text import NotText, normalize_product_id, normalize_title
 
 # A task without a stored threshold (an uncalibrated checkpoint) never abstains.
 DEFAULT_THRESHOLD = 0.0
@@ -158,7 +158,7 @@ class Predictor:
         return cls(model, ckpt, lineage, **kwargs)
 
     def predictor(self) -> "Predictor":
-        """A Predictor is its own model reference (see `pipeline.scoring.load_predictor`)."""
+        """A Predictor is its own model reference (see `pipeline.scoring.runner.load_predictor`)."""
         return self
 
     def _check_vocabularies(self) -> None:
@@ -240,7 +240,7 @@ class Predictor:
         that is not text) go to the quarantine frame (stage 'score', a `pipeline.reasons` code) instead of
         failing the call: len(df) == len(predictions) + len(quarantine). Predictions are keyed by product_id,
         so a product_id on several rows is quarantined on all of them, as batch scoring does it
-        (pipeline/duplicate_ids.py)."""
+        (pipeline/scoring/duplicate_ids.py)."""
         missing = {"product_id", "image"} - set(df.columns)
         if missing:
             raise ValueError(f"predict_frame needs columns product_id, image (and title); missing {sorted(missing)}")
@@ -300,7 +300,7 @@ def check_row(product_id: Any, title: Any, image: bytes | None, draft: tuple[int
     """One raw row -> ((product_id, title, PIL RGB image), None) or (None, quarantine row) where a quarantine
     row is (product_id, stage, reason, detail).
 
-    The product_id is normalised and the title cut and cleaned exactly as ingest does it (`pipeline.text`), so
+    The product_id is normalised and the title cut and cleaned exactly as ingest does it (`pipeline.io.text`), so
     a prediction's key is the dataset's key and the model reads the title it was trained on. An empty or null
     title is fine (the model learned to ignore it); a missing id or a bad image is not.
     """

@@ -2,7 +2,7 @@
 
 Nothing is pickled. The model is logged "from code": MLflow stores `pyfunc_model.py`, which builds a
 `CMACLIPPyfunc` on load; `load_context` then rebuilds the network from the checkpoint's JSON config and
-loads its safetensors weights through `pipeline.predictor.Predictor`. The `cmaclip` and `pipeline`
+loads its safetensors weights through `pipeline.scoring.predictor.Predictor`. The `cmaclip` and `pipeline`
 packages ride along as `code_paths`, so the model loads in any environment that has the pinned
 third-party packages, with the code it was trained with.
 
@@ -22,16 +22,17 @@ from mlflow.models import ModelSignature
 from mlflow.types import ColSpec, Schema
 
 import cmaclip
+import pipeline
 from cmaclip.checkpoint import read_checkpoint_meta
 
-from .contracts import KEY, LINEAGE, lineage_values, prediction_columns
-from .predictor import Predictor, check_row
+from ..contracts import KEY, LINEAGE, lineage_values, prediction_columns
+from ..scoring.predictor import Predictor, check_row
 
 ARTIFACT = "checkpoint"           # key of the checkpoint folder in the model's artifacts
 MODEL_NAME = "model"              # name of the logged model inside its run
 INPUT_COLUMNS = ("product_id", "title", "image")
 # The two packages as installed (source checkout or wheel), with their package data (configs, SQL).
-CODE_PATHS = [str(Path(cmaclip.__file__).resolve().parent), str(Path(__file__).resolve().parent)]
+CODE_PATHS = [str(Path(package.__file__).resolve().parent) for package in (cmaclip, pipeline)]
 ENTRY_POINT = Path(__file__).with_name("pyfunc_model.py")  # models from code: builds CMACLIPPyfunc
 # What the model needs at load time; pinned to what it was trained and tested with.
 REQUIREMENTS = ("mlflow", "torch", "torchvision", "open_clip_torch", "safetensors", "numpy", "pandas", "pillow")
@@ -98,7 +99,7 @@ def signature(tasks: list[str]) -> ModelSignature:
 
 def input_example(rows: int = 2) -> pd.DataFrame:
     """Synthetic products, used when the caller has no rows of its own to show."""
-    from .synthetic import make_row
+    from ..synthetic import make_row
 
     return pd.DataFrame([{k: make_row(0, i)[k] for k in INPUT_COLUMNS} for i in range(rows)])
 
@@ -119,7 +120,7 @@ def log_model(checkpoint_dir: str | Path, *, model_name: str = "cmaclip", exampl
 def logged_model_uri(run_id: str, name: str = MODEL_NAME) -> str | None:
     """`models:/<model_id>` of the model logged as `name` by run `run_id`, or None. MLflow 3 keeps logged
     models apart from run artifacts; `runs:/<run_id>/<name>` still resolves, with a warning."""
-    from .tracking import search_filter
+    from .tracker import search_filter
 
     client = mlflow.MlflowClient()
     experiment = client.get_run(run_id).info.experiment_id

@@ -2,6 +2,6 @@
 and runs it on load, so the model object is built by code and nothing is unpickled."""
 import mlflow
 
-from pipeline.pyfunc import CMACLIPPyfunc
+from pipeline.tracking.pyfunc import CMACLIPPyfunc
 
 mlflow.models.set_model(CMACLIPPyfunc())

@@ -23,7 +23,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from . import settings, tracking
+from .. import settings
+from . import tracker
 
 DEFAULT_NAME = "cmaclip"
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -50,8 +51,8 @@ def register(training_run_id: str, name: str = DEFAULT_NAME, model_uri: str | No
     `challenger`. Returns {"name", "version", "alias", "run_id"}."""
     import mlflow
 
-    c = tracking.client()
-    found = c.search_model_versions(tracking.search_filter({"name": name, "run_id": training_run_id}))
+    c = tracker.client()
+    found = c.search_model_versions(tracker.search_filter({"name": name, "run_id": training_run_id}))
     existing = [v for v in found if v.name == name]
     if existing:
         version = existing[0]
@@ -103,7 +104,7 @@ def resolve_checkpoint(model_uri: str, cache_dir: str | Path | None = None) -> R
     inside the logged pyfunc model, downloaded once into `<home>/cache/models/`. The cache key names the
     tracking server and the version's source, which never change for a version, so the cache never goes
     stale; an alias is looked up on every call."""
-    c = tracking.client()
+    c = tracker.client()
     if model_uri.startswith("models:/"):
         name, version = _model_version(c, model_uri.removeprefix("models:/"))
         mv = c.get_model_version(name, version)
@@ -118,7 +119,7 @@ def resolve_checkpoint(model_uri: str, cache_dir: str | Path | None = None) -> R
     folder = _download(source, Path(cache_dir or settings.home() / "cache" / "models") / f"{key}-{digest}")
     checkpoint = folder / _checkpoint_path(folder)
     if not name:
-        from .predictor import checkpoint_version
+        from ..scoring.predictor import checkpoint_version
         name = _pyfunc_config(folder).get("config", {}).get("model_name") or DEFAULT_NAME
         version = checkpoint_version(checkpoint)
     return ResolvedModel(checkpoint, name, str(version), run_id, model_uri)
@@ -170,8 +171,8 @@ def _checkpoint_path(folder: Path) -> str:
 
 
 def load_predictor(model_uri: str, **kwargs):
-    """A `pipeline.predictor.Predictor` for a registry or run URI, with registry lineage."""
-    from .predictor import Predictor
+    """A `pipeline.scoring.predictor.Predictor` for a registry or run URI, with registry lineage."""
+    from ..scoring.predictor import Predictor
 
     resolved = resolve_checkpoint(model_uri)
     return Predictor.from_checkpoint(resolved.checkpoint, name=resolved.name, version=resolved.version, **kwargs)
@@ -209,9 +210,9 @@ def compare(name: str, dataset_uri: str, *, champion: str = CHAMPION,
     from cmaclip.checkpoint import load_checkpoint
     from cmaclip.evaluate import evaluate
 
-    from .data import split_batches
+    from ..training.data import split_batches
 
-    c = tracking.client()
+    c = tracker.client()
     versions = {role: _model_version(c, f"{name}@{alias}")[1] for role, alias in
                 ((CHAMPION, champion), (CHALLENGER, challenger))}
     if versions[CHAMPION] == versions[CHALLENGER]:
@@ -252,16 +253,16 @@ def _record(c, comparison: Comparison, experiment: str) -> str:
     """An evaluation run (params, metrics, the table) and tags on both versions pointing at it."""
     run = c.create_run(settings.experiment_id(experiment),
                        run_name=f"{comparison.name} v{comparison.challenger} vs v{comparison.champion}",
-                       tags={tracking.KIND_TAG: "comparison"})
+                       tags={tracker.KIND_TAG: "comparison"})
     run_id = run.info.run_id
-    tracking.log_params(c, run_id, {"model": comparison.name, "champion_version": comparison.champion,
-                                    "challenger_version": comparison.challenger,
-                                    "dataset.uri": comparison.dataset_uri, "split": "test", "n": str(comparison.n)})
+    tracker.log_params(c, run_id, {"model": comparison.name, "champion_version": comparison.champion,
+                                   "challenger_version": comparison.challenger,
+                                   "dataset.uri": comparison.dataset_uri, "split": "test", "n": str(comparison.n)})
     values = {f"{role}/{t}/{k}": v for role, tasks in comparison.metrics.items()
               for t, m in tasks.items() for k, v in m.items()}
     values.update({f"agreement/{t}": v for t, v in comparison.agreement.items()})
     values["gate/passed"] = float(comparison.gate["passed"])
-    tracking.log_metrics(c, run_id, values, step=0)
+    tracker.log_metrics(c, run_id, values, step=0)
     c.log_text(run_id, comparison.table, "comparison.txt")
     c.log_dict(run_id, {k: v for k, v in comparison.as_dict().items() if k != "table"}, "comparison.json")
     c.set_terminated(run_id)
@@ -304,7 +305,7 @@ def promote(name: str, comparison: Comparison | dict[str, Any], tolerance: float
     a stale comparison: one whose champion is no longer the champion. Returns the decision."""
     if isinstance(comparison, dict):
         comparison = Comparison.from_dict(comparison)
-    c = tracking.client()
+    c = tracker.client()
     current = _aliases(c, name).get(CHAMPION)
     verdict = gate(comparison, tolerance)
     stale = current != comparison.champion
@@ -342,12 +343,12 @@ def _decision(promoted: bool, reason: str, name: str, comparison: Comparison, ve
 
 def list_versions(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
     """Every version, newest first: version, aliases, run, creation time and the `cmaclip.*` tags."""
-    c = tracking.client()
+    c = tracker.client()
     aliases: dict[str, list[str]] = {}
     for alias, version in _aliases(c, name).items():
         aliases.setdefault(version, []).append(alias)
     rows = []
-    found = c.search_model_versions(tracking.search_filter({"name": name}))
+    found = c.search_model_versions(tracker.search_filter({"name": name}))
     for mv in sorted((v for v in found if v.name == name), key=lambda v: -int(v.version)):
         rows.append({"version": str(mv.version), "aliases": sorted(aliases.get(str(mv.version), [])),
                      "run_id": mv.run_id, "status": mv.status,

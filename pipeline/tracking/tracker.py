@@ -36,7 +36,8 @@ from cmaclip.corruption import names_label
 from cmaclip.evaluate import Predictions
 from cmaclip.train import Callback, StageResult
 
-from . import plots, settings
+from .. import settings
+from . import plots
 
 TRAINING_EXPERIMENT = "cmaclip-training"
 STAGE_TAG, KIND_TAG, PARENT_TAG = "cmaclip.stage", "cmaclip.kind", "mlflow.parentRunId"

@@ -33,9 +33,9 @@ from cmaclip.config import CMACLIPConfig, StageConfig
 from cmaclip.corruption import corrupt_title, sample_rng
 from cmaclip.transforms import augment_image, image_size, image_transform, tokenizer, trim_tokens
 
-from . import storage
-from .images import DEFAULT_LIMITS, ImageLimits, decode_image
-from .ingest import dataset_files, read_labels
+from ..ingest.dataset import dataset_files, read_labels
+from ..io import storage
+from ..io.images import DEFAULT_LIMITS, ImageLimits, decode_image
 
 MISSING = -1  # label id where the label is null or not in the vocabulary: masks that task's loss
 IN_MEMORY_MAX_ROWS = 20_000   # splits up to this size are held in memory as raw rows (faster epochs)

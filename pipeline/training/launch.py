@@ -1,9 +1,9 @@
 """Run one training stage on N processes: `torchrun` (DDP) when N > 1, the plain in-process call when N = 1.
 
 The retrain DAG (and anyone else) calls `run_stage_distributed(training, stage, nproc)` in place of
-`training.run_stage(training, stage)`; the return value is the same dict. With N > 1 this process starts
+`trainer.run_stage(training, stage)`; the return value is the same dict. With N > 1 this process starts
 
-    python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.stage_worker ...
+    python -m torch.distributed.run --standalone --nproc-per-node N -m pipeline.training.stage_worker ...
 
 (torchrun, from the interpreter running this code so the ranks import the same environment), streams the
 ranks' output into this process's stdout (the Airflow task log), and reads back rank 0's result. One node:
@@ -21,9 +21,9 @@ import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import settings
+from .. import settings
 
-WORKER_MODULE = "pipeline.stage_worker"
+WORKER_MODULE = "pipeline.training.stage_worker"
 
 
 def resolve_nproc(nproc: int | str) -> int:
@@ -77,12 +77,12 @@ def _stream(command: Sequence[str], env: Mapping[str, str], tail: int = 200) -> 
 
 def run_stage_distributed(training: Mapping[str, Any], stage: str, nproc: int | str = 1, *,
                           epochs: int | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Train `stage` of `training` (the handle from `pipeline.training.start_training`) on `nproc`
-    processes and return what `pipeline.training.run_stage` returns. Resumable like run_stage: a retry
+    """Train `stage` of `training` (the handle from `pipeline.training.trainer.start_training`) on `nproc`
+    processes and return what `pipeline.training.trainer.run_stage` returns. Resumable like run_stage: a retry
     continues after the last completed epoch, also with another process count."""
     n = resolve_nproc(nproc)
     if n == 1:
-        from .training import run_stage
+        from .trainer import run_stage
         return run_stage(training, stage, epochs=epochs)
     with tempfile.TemporaryDirectory(prefix="cmaclip-launch-") as tmp:
         handle, result = Path(tmp) / "training.json", Path(tmp) / "result.json"

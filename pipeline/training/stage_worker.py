@@ -1,8 +1,8 @@
 """The torchrun entry point for one training stage: `python -m torch.distributed.run ... -m
-pipeline.stage_worker --training T --stage S --result R` (started by `pipeline.launch`).
+pipeline.training.stage_worker --training T --stage S --result R` (started by `pipeline.training.launch`).
 
 Each rank joins the process group (NCCL with one GPU per rank, gloo on CPU) and calls
-`pipeline.training.run_stage`, which under DDP trains on every rank and leaves the MLflow run, the
+`pipeline.training.trainer.run_stage`, which under DDP trains on every rank and leaves the MLflow run, the
 snapshots and the artifacts to rank 0. Rank 0 writes run_stage's result to R as JSON.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Sequence
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m pipeline.stage_worker", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m pipeline.training.stage_worker", description=__doc__)
     p.add_argument("--training", required=True, help="JSON file: the handle from start_training")
     p.add_argument("--stage", required=True)
     p.add_argument("--result", required=True, help="where rank 0 writes run_stage's result (JSON)")
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from cmaclip.train import PrintCallback
 
-    from .training import run_stage
+    from .trainer import run_stage
 
     training = json.loads(Path(args.training).read_text())
     training["device"] = _init_process_group(training.get("device", "auto"))

@@ -36,9 +36,11 @@ from cmaclip.model import CMACLIP, create_model
 from cmaclip.pretrained import is_uri
 from cmaclip.train import SUMMARY_KEYS, Callback, PrintCallback, StageResult, train_stage
 
-from . import settings, storage, tracking
+from .. import settings
+from ..ingest.dataset import dataset_files, read_manifest, vocabularies
+from ..io import storage
+from ..tracking import tracker
 from .data import dist_rank_world, set_epoch, split_batches
-from .ingest import dataset_files, read_manifest, vocabularies
 
 TRAINING_FILE = "training.json"
 
@@ -201,7 +203,7 @@ def check_stages(stages: Sequence[str]) -> list[str]:
 def start_training(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri: str, out_uri: str, *,
                    stages: Sequence[str] | None = None, epochs: int | Mapping[str, int] | None = None,
                    model_name: str = "cmaclip", run_name: str | None = None,
-                   experiment: str = tracking.TRAINING_EXPERIMENT, device: str = "auto",
+                   experiment: str = tracker.TRAINING_EXPERIMENT, device: str = "auto",
                    cache: str | None = "memory", workers: int = 0,
                    tags: Mapping[str, str] | None = None) -> dict[str, Any]:
     """Create the parent MLflow run and `out_uri/training.json`; returns that small dict (the handle every
@@ -219,10 +221,10 @@ def start_training(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri:
     if storage.exists(handle_uri):
         return _existing(storage.read_json(handle_uri), wanted, out_uri)
     settings.configure()
-    run_id = tracking.start_training_run(config, dataset_uri, manifest, experiment=experiment,
-                                         run_name=run_name, tags=tags)
+    run_id = tracker.start_training_run(config, dataset_uri, manifest, experiment=experiment,
+                                        run_name=run_name, tags=tags)
     training = {**wanted, "run_id": run_id, "out_uri": out_uri, "model_name": model_name,
-                "tracking_uri": settings.tracking_uri(), "dataset_fingerprint": tracking.dataset_fingerprint(manifest),
+                "tracking_uri": settings.tracking_uri(), "dataset_fingerprint": tracker.dataset_fingerprint(manifest),
                 "device": device, "cache": cache, "workers": workers}
     storage.write_json(handle_uri, training)
     return training
@@ -231,7 +233,7 @@ def start_training(config: CMACLIPConfig | Mapping[str, Any] | str, dataset_uri:
 def _existing(training: dict[str, Any], wanted: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
     stored = {**training, "config": as_config(training["config"]).to_dict()}  # config fields added since: defaults
     same = all(stored.get(k) == v for k, v in wanted.items())
-    status = tracking.client().get_run(training["run_id"]).info.status if same else None
+    status = tracker.client().get_run(training["run_id"]).info.status if same else None
     if not same or status == "FINISHED":
         why = "holds a finished training" if same else "holds a training with another config, dataset or stages"
         raise ValueError(f"{out_uri} {why} (run {training['run_id']}); choose another out_uri")
@@ -265,7 +267,7 @@ def run_stage(training: Mapping[str, Any], stage: str, epochs: int | None = None
             _fetch_snapshot(_remote_stage(training, stage), folder)
         hooks.append(_SnapshotCallback(folder, _remote_stage(training, stage)))
     if world > 1:
-        # Under torchrun (pipeline.launch): rank 0 alone downloads, owns the MLflow run and logs artifacts;
+        # Under torchrun (pipeline.training.launch): rank 0 alone downloads, owns the MLflow run and logs artifacts;
         # every rank trains in lockstep (cmaclip.train calls callbacks on rank 0 only).
         if rank == 0 and stages.index(stage):
             best_checkpoint(training, stages[stages.index(stage) - 1])  # once, not once per rank
@@ -273,9 +275,9 @@ def run_stage(training: Mapping[str, Any], stage: str, epochs: int | None = None
         if rank > 0:
             result = _train(training, stage, config, folder, device, hooks)
             return {"stage": stage, "rank": rank, "epochs_run": result.epochs_run}
-    run_id = tracking.stage_run(training["run_id"], stage)
-    with mlflow.start_run(run_id=run_id, log_system_metrics=tracking.system_metrics_available()):
-        result = _train(training, stage, config, folder, device, [tracking.MLflowCallback(run_id), *hooks])
+    run_id = tracker.stage_run(training["run_id"], stage)
+    with mlflow.start_run(run_id=run_id, log_system_metrics=tracker.system_metrics_available()):
+        result = _train(training, stage, config, folder, device, [tracker.MLflowCallback(run_id), *hooks])
         _log_stage(training, run_id, result, config, device)
     return {"stage": stage, "run_id": run_id, "checkpoint": _checkpoint_uri(training, stage),
             "metrics": _finite(result.best_metrics), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
@@ -318,14 +320,14 @@ def _log_stage(training: Mapping[str, Any], run_id: str, result: StageResult, co
                device: str) -> None:
     """Artifacts of the stage, from its best checkpoint's predictions on the validation split."""
     if result.stage == ALIGN:  # no classifier trained yet: its predictions would say nothing
-        tracking.log_stage_artifacts(run_id, result, None, {}, {}, config.train.target_precision)
+        tracker.log_stage_artifacts(run_id, result, None, {}, {}, config.train.target_precision)
         return
     model, ckpt = load_checkpoint(result.best_checkpoint, device=device)
     loader = split_batches(training["dataset_uri"], "validation", ckpt.config, 2 * config.train.micro_batch_size,
                            rank=0, world_size=1)  # the whole split, also on rank 0 of a DDP run
     predictions = predict(model, loader, device=device, precision="fp32")
-    tracking.log_stage_artifacts(run_id, result, predictions, _titles(training["dataset_uri"], "validation"),
-                                 ckpt.labels, config.train.target_precision)
+    tracker.log_stage_artifacts(run_id, result, predictions, _titles(training["dataset_uri"], "validation"),
+                                ckpt.labels, config.train.target_precision)
 
 
 def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:
@@ -341,7 +343,7 @@ def finish_training(training: Mapping[str, Any], stage_results: Sequence[Mapping
     (best validation metrics per stage), "registered" ({"name", "version", "alias", "run_id"} or None)}."""
     import mlflow
 
-    from . import pyfunc, registry
+    from ..tracking import pyfunc, registry
 
     _check_tracking(training)
     results = _by_stage(stage_results)
@@ -349,13 +351,13 @@ def finish_training(training: Mapping[str, Any], stage_results: Sequence[Mapping
     if last not in results:
         raise ValueError(f"no result for the last stage {last!r}; have {sorted(results)}")
     run_id, checkpoint = training["run_id"], best_checkpoint(training, last)
-    c = tracking.client()
+    c = tracker.client()
     with mlflow.start_run(run_id=run_id):
         if pyfunc.logged_model_uri(run_id) is None:
             pyfunc.log_model(checkpoint, model_name=training["model_name"],
                              example=example_rows(training["dataset_uri"]))
-        tracking.log_metrics(c, run_id, {f"final/val/{k}": v for k, v in results[last]["metrics"].items()
-                                         if v is not None}, step=0)
+        tracker.log_metrics(c, run_id, {f"final/val/{k}": v for k, v in results[last]["metrics"].items()
+                                        if v is not None}, step=0)
         mlflow.log_text(stage_table(results), "stages.txt")
         mlflow.log_dict({s: dict(r) for s, r in results.items()}, "stages.json")
     registered = registry.register(run_id, training["model_name"]) if register else None
@@ -373,7 +375,7 @@ def _by_stage(stage_results) -> dict[str, Mapping[str, Any]]:
 def fail_training(training: Mapping[str, Any]) -> None:
     """Mark the parent run FAILED (an Airflow on_failure_callback); a later retry reopens it."""
     settings.configure()
-    tracking.end_run(training["run_id"], "FAILED")
+    tracker.end_run(training["run_id"], "FAILED")
 
 
 # --- everything in one process (the CLI) -------------------------------------------------------------

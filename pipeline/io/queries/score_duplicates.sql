@@ -1,8 +1,8 @@
 -- Every catalog row whose product_id is on another row too, with the shard it falls in and up to 5 of the
--- other rows: scoring quarantines each of them as `duplicate_id` (the rule: pipeline/duplicate_ids.py). Ids
--- were normalised by pipeline.text.normalize_product_ids, the one normalisation of ingest, scoring and
+-- other rows: scoring quarantines each of them as `duplicate_id` (the rule: pipeline/scoring/duplicate_ids.py). Ids
+-- were normalised by pipeline.io.text.normalize_product_ids, the one normalisation of ingest, scoring and
 -- publish; a null (missing) id is nobody's duplicate. A row's position in plan order is
--- $starts[file + 1] + row, and shards cut that order every $rows_per_shard rows (scoring._piece_groups);
+-- $starts[file + 1] + row, and shards cut that order every $rows_per_shard rows (scoring.planner._piece_groups);
 -- $shard_format is how scoring formats a shard index into its id. `row` is 0-based within its file.
 -- params: $ids (Parquet: file, row, product_id), per file in plan order $uris, $names, $starts;
 --         $rows_per_shard, $shard_format
