@@ -36,9 +36,11 @@ COPY pyproject.toml constraints.txt README.md ./
 COPY cmaclip/__init__.py cmaclip/__init__.py
 COPY pipeline/__init__.py pipeline/__init__.py
 COPY paper/__init__.py paper/__init__.py
-# The package-data folders are listed as packages in pyproject.toml: the install needs them present.
 COPY cmaclip/configs cmaclip/configs
-COPY pipeline/queries pipeline/queries
+# Every package pyproject.toml lists (the sub-packages, and the package-data folders listed as packages)
+# must exist for the install; their files are copied below.
+RUN python -c "import pathlib, tomllib; [pathlib.Path(*p.split('.')).mkdir(parents=True, exist_ok=True) \
+    for p in tomllib.load(open('pyproject.toml', 'rb'))['tool']['setuptools']['packages']]"
 # boto3: MLflow's S3 artifact store (the MLflow server proxies artifacts to MinIO/S3 through it).
 RUN pip install -c constraints.txt -e ".[airflow]" boto3
 

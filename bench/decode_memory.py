@@ -5,7 +5,7 @@
 Three catalogs of --rows rows each, made here in a temporary folder: 60x80 JPEG thumbnails (fashion-small's
 size), 6000x6000 JPEGs and 6000x6000 PNGs (36 MP, under the 40 MP limit). The pictures are procedural: a
 product on a white background, smooth shading with a mild 4-px grain, so a 6000x6000 file stays well under
-the 16 MiB byte limit (the sizes are printed). Each catalog is scored by `pipeline.scoring.score` (one
+the 16 MiB byte limit (the sizes are printed). Each catalog is scored by `pipeline.scoring.distributor.score` (one
 shard, one batch of --rows, workers=0: decoding runs in the scoring process) in a fresh interpreter, on a
 checkpoint of --config with random weights; the figure is that process's peak RSS (VmHWM; see
 `peak_rss_mb` for why not ru_maxrss) from the moment the model is loaded (the peak is reset there: loading
@@ -126,9 +126,9 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     cells as Python objects), with the model loaded alike, so the difference is what decoding adds."""
     import pyarrow as pa
 
-    from pipeline import scoring
+    from pipeline.scoring import distributor, planner, reader, runner
 
-    predictor = scoring.load_predictor(args.checkpoint, precision=args.precision)
+    predictor = runner.load_predictor(args.checkpoint, precision=args.precision)
     predictor.preprocessor.build()  # the tokenizer's vocabulary is not part of what a batch holds
     load_peak = peak_rss_mb()
     # Reset the peak (Linux >= 4.0), which loading the weights may have set (fp32 read, then cast): from
@@ -138,12 +138,12 @@ def measure(mode: str, args: argparse.Namespace) -> dict:
     before = status_mb("VmRSS")
     start = time.perf_counter()
     if mode == "score":
-        summary = scoring.score(args.catalog, predictor, args.out, rows_per_shard=args.rows,
-                                batch_size=args.rows, workers=0, progress=False)
+        summary = distributor.score(args.catalog, predictor, args.out, rows_per_shard=args.rows,
+                                    batch_size=args.rows, workers=0, progress=False)
         rows = summary["predicted"]
     else:
-        shard = scoring.plan_shards(args.catalog, args.rows).shards[0]
-        table = pa.Table.from_batches(next(scoring.raw_batches(shard, args.rows)))
+        shard = planner.plan_shards(args.catalog, args.rows).shards[0]
+        table = pa.Table.from_batches(next(reader.raw_batches(shard, args.rows)))
         rows = len([table.column(i).to_pylist() for i in range(3)][2])
     return {"seconds": time.perf_counter() - start, "rows": rows, "precision": predictor.precision,
             "load_peak_rss_mb": load_peak, "rss_before_mb": before, "peak_rss_mb": peak_rss_mb()}

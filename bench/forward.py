@@ -43,7 +43,7 @@ def measure(model, batch: int, dtype: torch.dtype, repeats: int) -> dict[str, fl
     images = torch.randn(batch, 3, image_size(config), image_size(config), dtype=dtype)
     full = tokenizer(config)(titles(batch))
     trimmed = trim_tokens(full)
-    sequence_first = dtype == torch.bfloat16  # as pipeline.predictor sets it on CPU
+    sequence_first = dtype == torch.bfloat16  # as pipeline.scoring.predictor sets it on CPU
     model.sequence_attention.set_sequence_first(sequence_first)
     out = {"sequence_first": sequence_first}
     with torch.inference_mode():

@@ -23,8 +23,8 @@ import torch  # noqa: E402
 from cmaclip.config import load_config  # noqa: E402
 from cmaclip.transforms import image_size  # noqa: E402
 from common import report  # noqa: E402
-from pipeline.data import make_loader  # noqa: E402
-from pipeline.ingest import ingest  # noqa: E402
+from pipeline.ingest.dataset import ingest  # noqa: E402
+from pipeline.training.data import make_loader  # noqa: E402
 
 DEFAULT_CATALOG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                                "data", "fashion-small", "products.parquet")

@@ -76,7 +76,7 @@ def fit_heads(model, catalog: str, labels: dict[str, list[str]], rows: int = 512
     import torch
 
     from cmaclip.losses import IGNORE, multitask_loss
-    from pipeline.predictor import Preprocessor, decode_rows
+    from pipeline.scoring.predictor import Preprocessor, decode_rows
 
     table = pq.read_table(catalog).slice(0, rows)
     good, _ = decode_rows(zip(*(table.column(c).to_pylist() for c in ("product_id", "title", "image"))))
@@ -130,11 +130,11 @@ def peak_rss_mb() -> dict[str, float]:
 def forward_only(shard, predictor, batch_size: int, limit: int | None = None) -> tuple[int, float]:
     """The limit: forward passes over the shard's rows, each batch decoded and tokenized beforehand exactly
     as the pipeline does it, untimed. One batch at a time, so memory stays that of the pipeline."""
-    from pipeline import scoring
+    from pipeline.scoring import reader
 
     rows, seconds = 0, 0.0
-    for slices in scoring.raw_batches(shard, batch_size):
-        batch = scoring.prepare_batch(0, slices, predictor.preprocessor, shard)
+    for slices in reader.raw_batches(shard, batch_size):
+        batch = reader.prepare_batch(0, slices, predictor.preprocessor, shard)
         start = time.perf_counter()
         predictor.predict(batch.pixels, batch.tokens)
         seconds += time.perf_counter() - start
@@ -152,14 +152,14 @@ def naive_path(shard, naive, fast, batch_size: int, limit: int) -> dict[str, flo
     import torch
 
     from cmaclip.transforms import image_transform, tokenizer
-    from pipeline import scoring
-    from pipeline.predictor import decode_rows
+    from pipeline.scoring import reader
+    from pipeline.scoring.predictor import decode_rows
 
     config, pre = naive.checkpoint.config, fast.preprocessor
     per_image, full_context = image_transform(config), tokenizer(config)  # [B, 77], not trimmed
     rows = seconds = agree = total = 0
     tick = time.perf_counter()
-    for slices in scoring.raw_batches(shard, batch_size):
+    for slices in reader.raw_batches(shard, batch_size):
         table = pa.Table.from_batches(slices)
         good, _ = decode_rows(zip(*(table.column(i).to_pylist() for i in range(3))), draft=pre.draft)
         pixels = torch.stack([per_image(im) for im in good.images])
@@ -184,11 +184,11 @@ def _catalog(args: argparse.Namespace) -> Path:
 
 
 def _score(shard, predictor, out: Path, args: argparse.Namespace) -> tuple[dict, float]:
-    from pipeline import scoring
+    from pipeline.scoring import runner
 
     start = time.perf_counter()
     workers = None if args.workers == "auto" else int(args.workers)
-    marker = scoring.score_shard(shard, predictor, str(out), batch_size=args.batch_size, workers=workers)
+    marker = runner.score_shard(shard, predictor, str(out), batch_size=args.batch_size, workers=workers)
     return marker, time.perf_counter() - start
 
 
@@ -199,15 +199,15 @@ def measure_compare(args: argparse.Namespace) -> dict:
     import math
     import shutil
 
-    from pipeline import scoring
-    from pipeline.predictor import Predictor
+    from pipeline.scoring import planner
+    from pipeline.scoring.predictor import Predictor
 
     catalog, out = _catalog(args), Path(args.out) / f"compare-{args.limit}"
     shutil.rmtree(out, ignore_errors=True)
     fast = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
     naive = Predictor.from_checkpoint(args.checkpoint, precision="fp32")
     start = time.perf_counter()
-    plan = scoring.plan_shards(str(catalog), args.rows_per_shard)
+    plan = planner.plan_shards(str(catalog), args.rows_per_shard)
     e2e_s, markers = time.perf_counter() - start, []
     forward_only(plan.shards[0], fast, args.batch_size, limit=1)  # warm-up: oneDNN builds kernels on first use
     naive_path(plan.shards[0], naive, fast, args.batch_size, limit=1)
@@ -235,13 +235,13 @@ def measure_memory(args: argparse.Namespace) -> dict:
     """The pipeline alone over a catalog of `limit` rows, for its peak RSS."""
     import shutil
 
-    from pipeline import scoring
-    from pipeline.predictor import Predictor
+    from pipeline.scoring import planner
+    from pipeline.scoring.predictor import Predictor
 
     catalog, out = _catalog(args), Path(args.out) / f"memory-{args.limit}"
     shutil.rmtree(out, ignore_errors=True)
     predictor = Predictor.from_checkpoint(args.checkpoint, precision=args.precision)
-    plan = scoring.plan_shards(str(catalog), args.rows_per_shard)
+    plan = planner.plan_shards(str(catalog), args.rows_per_shard)
     seconds = sum(_score(shard, predictor, out, args)[1] for shard in plan.shards)
     return {"rows": plan.rows, "e2e_samples_per_s": plan.rows / seconds, **peak_rss_mb()}
 

@@ -30,8 +30,9 @@ from cmaclip.checkpoint import Checkpoint, save_checkpoint  # noqa: E402
 from cmaclip.config import load_config  # noqa: E402
 from common import report  # noqa: E402
 from hostile_corpus import RequestCounter, uri_corpus  # noqa: E402
-from pipeline import scoring, synthetic  # noqa: E402
-from pipeline.ingest import ingest  # noqa: E402
+from pipeline import synthetic  # noqa: E402
+from pipeline.ingest.dataset import ingest  # noqa: E402
+from pipeline.scoring import distributor
 
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
 
@@ -64,7 +65,7 @@ def one_kind(catalog: str, pid: str | None, good: str, folder: Path, model: str)
     started = time.perf_counter()
     manifest = ingest(str(single), ",".join(TASKS), str(folder / "ds"), min_class_count=1, workers=0)
     ingest_s = time.perf_counter() - started
-    summary = scoring.score(str(single), model, str(folder / "sc"), workers=0, progress=False)
+    summary = distributor.score(str(single), model, str(folder / "sc"), workers=0, progress=False)
     total = time.perf_counter() - started
     counts = manifest["counts"]
     reconciled = (counts["rows_in"] == counts["rows_kept"] + counts["rows_quarantined"] == len(keep)

@@ -1,7 +1,7 @@
 """Building the open_clip model: random weights, an open_clip tag, or a local weights file.
 
-A URI (s3://..., any fsspec URI) is fetched to a local file by `pipeline` first (`pipeline.training` calls
-`pipeline.storage.fetch_to_cache`), so this module stays free of fsspec. Offline, a tag fails within
+A URI (s3://..., any fsspec URI) is fetched to a local file by `pipeline` first (`pipeline.training.trainer` calls
+`pipeline.io.storage.fetch_to_cache`), so this module stays free of fsspec. Offline, a tag fails within
 seconds with a message that says what to do, not after a long retry.
 """
 from __future__ import annotations
@@ -49,7 +49,7 @@ def resolve_pretrained(cfg: CLIPConfig) -> str | None:
     if is_uri(ref):
         raise PretrainedWeightsError(
             f"pretrained={ref!r} is a URI: fetch it to a local file first "
-            "(pipeline.storage.fetch_to_cache; pipeline.training does this for the CLI and the DAGs)")
+            "(pipeline.io.storage.fetch_to_cache; pipeline.training.trainer does this for the CLI and the DAGs)")
     if _looks_like_path(ref):
         path = Path(ref.removeprefix("local-dir:")).expanduser()
         if not path.exists():

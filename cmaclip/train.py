@@ -534,7 +534,7 @@ def train_stage(model: CMACLIP, stage: str, config: CMACLIPConfig, train_batches
     `val_batches`: loader factories `epoch -> batches`, or re-iterable collections of batches.
     `cache`: None, "memory", "disk" or a CacheConfig (frozen-feature cache; warm-up and tuning only, and
     not in a stage that augments images). Title corruption and image augmentation are the batches' business
-    (pipeline.data applies the stage's); `config` only tells the trainer whether images change.
+    (pipeline.training.data applies the stage's); `config` only tells the trainer whether images change.
     `labels`: class names per task for the checkpoint (default "0", "1", ...). `progress`: a tqdm bar
     per epoch on rank 0."""
     if stage not in ALL_STAGES:

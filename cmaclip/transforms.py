@@ -98,7 +98,7 @@ def _empty(size: int) -> torch.Tensor:
 
 
 # The longest entry of CLIP's BPE vocabulary spells 32 bytes, a byte is at most one character, and between
-# two tokens the tokenizer drops at most one space (pipeline.text collapses runs of whitespace). So a title
+# two tokens the tokenizer drops at most one space (pipeline.io.text collapses runs of whitespace). So a title
 # whose tokens fit in a context of n holds fewer than n * CHARS_PER_TOKEN characters. Not counted: HTML
 # character references ("&amp;" is one token) and the invisible characters ftfy deletes; a title padded
 # with thousands of those can lose the end the model would otherwise have seen the start of.

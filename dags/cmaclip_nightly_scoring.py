@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
 
-from pipeline import orchestration as orch
+from pipeline.orchestration import airflow_tasks as orch
 
 CHAMPION = Asset(orch.champion_asset_uri())
 PREDICTIONS = Asset(orch.PREDICTIONS_ASSET_URI)

@@ -4,7 +4,7 @@
 
 Trigger it from the UI (the form shows the params below, validated by their JSON schema) or with
 `airflow dags trigger cmaclip_retrain -c '{"epochs": {"warmup": 2}}'`. Each task is one call into
-`pipeline.orchestration`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
+`pipeline.orchestration.airflow_tasks`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
 named after the run, so a retried training stage resumes after its last completed epoch.
 
 `align` opens the training (its MLflow parent run) and runs the optional catalog pre-training when the
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
 
-from pipeline import orchestration as orch
-from pipeline.airflow_home import GPU_POOL
+from pipeline.orchestration import airflow_tasks as orch
+from pipeline.orchestration.airflow_home import GPU_POOL
 
 # The registered model name is a param, so the champion Asset (`cmaclip://models/<name>/champion`) is
 # named at run time through an alias, and an event is attached only when a champion actually changed:

@@ -19,7 +19,7 @@ from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD  # noqa:
 from cmaclip.attention_maps import default_layer, phrase_token_positions, upsample, word_patch_attention  # noqa: E402
 from cmaclip.config import CMACLIPConfig  # noqa: E402
 from cmaclip.corruption import names_label  # noqa: E402
-from pipeline.data import collate  # noqa: E402
+from pipeline.training.data import collate  # noqa: E402
 
 from .splits import SplitData  # noqa: E402
 

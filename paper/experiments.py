@@ -23,7 +23,7 @@ from cmaclip.corruption import names_label, remove_label_words
 from cmaclip.evaluate import evaluate, precision_at_thresholds
 from cmaclip.explain import mean_contributions
 from cmaclip.transforms import tokenizer
-from pipeline.ingest import SPLITS, ingest
+from pipeline.ingest.dataset import SPLITS, ingest
 
 from .noise import swap_titles
 from .options import VARIANTS, Options
@@ -59,7 +59,7 @@ def prepare_dataset(opts: Options) -> tuple[str, dict[str, Any]]:
 
 def run_key(config: CMACLIPConfig, manifest: dict[str, Any]) -> str:
     """Checkpoint folder name: same config and data -> same folder, so an interrupted run resumes."""
-    from pipeline.tracking import dataset_fingerprint
+    from pipeline.tracking.tracker import dataset_fingerprint
     content = json.dumps({"config": config.to_dict(), "data": dataset_fingerprint(manifest)}, sort_keys=True)
     return hashlib.sha256(content.encode()).hexdigest()[:12]
 

@@ -32,7 +32,7 @@ def figures(results: dict[str, Any]) -> dict[str, float]:
     """Every number of the tables as flat `models.<model>.<task>.<metric>` /
     `robustness.<model>.<condition>.<task>.<metric>` / `ablations.<name>.<condition>.<metric>` ... keys
     (for MLflow metrics)."""
-    from pipeline.tracking import flatten
+    from pipeline.tracking.tracker import flatten
 
     ablations = {row["name"]: row["test"] for row in results.get("ablations", {}).get("rows", [])}
     flat = flatten({"models": {k: m["test"] for k, m in results["models"].items() if "test" in m},
@@ -61,15 +61,15 @@ def _param(value: Any) -> str:
 def log_mlflow(results: dict[str, Any], files: list[Path]) -> str:
     """One run in the `cmaclip-paper` experiment: protocol as params, every figure as a metric, the
     report, its JSON and the attention maps as artifacts. Returns the run id."""
-    from pipeline import tracking
+    from pipeline.tracking import tracker
 
-    c = tracking.client()
+    c = tracker.client()
     run = c.create_run(settings.experiment_id(EXPERIMENT), run_name=f"paper-{results['protocol']['config']}",
-                       tags={tracking.KIND_TAG: "paper", "mlflow.source.name": "paper.protocol"})
+                       tags={tracker.KIND_TAG: "paper", "mlflow.source.name": "paper.protocol"})
     run_id = run.info.run_id
     protocol = {k: v for k, v in results["protocol"].items() if k != "config_dict"}
-    tracking.log_params(c, run_id, {k: _param(v) for k, v in tracking.flatten(protocol).items()})
-    tracking.log_metrics(c, run_id, figures(finite(results)), step=0)
+    tracker.log_params(c, run_id, {k: _param(v) for k, v in tracker.flatten(protocol).items()})
+    tracker.log_metrics(c, run_id, figures(finite(results)), step=0)
     c.log_dict(run_id, results["protocol"]["config_dict"], "config.json")
     for path in files:
         c.log_artifact(run_id, str(path), "attention" if path.suffix == ".png" else None)

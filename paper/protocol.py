@@ -35,7 +35,7 @@ def machine() -> dict[str, Any]:
 def protocol_info(opts: Options, config: CMACLIPConfig, manifest: dict[str, Any], uri: str,
                   parameters: int) -> dict[str, Any]:
     from cmaclip.evaluate import resolve_precision
-    from pipeline.tracking import code_version, dataset_fingerprint
+    from pipeline.tracking.tracker import code_version, dataset_fingerprint
 
     counts = manifest["counts"]
     return {

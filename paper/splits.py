@@ -1,7 +1,7 @@
 """Data for the paper protocol: the catalog (optionally a deterministic subset), its ingest, and each
 split held in memory with its decoded samples kept, since every variant reads the same split many times.
 
-Built on `pipeline.data` (InMemorySplit, EpochSampler, collate): the samples are exactly the loader's.
+Built on `pipeline.training.data` (InMemorySplit, EpochSampler, collate): the samples are exactly the loader's.
 """
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from cmaclip.config import CMACLIPConfig
 from cmaclip.transforms import trim_tokens
 
-from pipeline.data import EpochSampler, InMemorySplit, SampleMaker, collate
+from pipeline.training.data import EpochSampler, InMemorySplit, SampleMaker, collate
 
 
 def subset_catalog(catalog: str, limit: int, out_path: Path) -> str:
@@ -53,7 +53,7 @@ class MemoSamples(Dataset):
 
 class StageSamples(Dataset):
     """One epoch of a training stage's samples: the stage's title corruption and image augmentation
-    (pipeline.data.SampleMaker) over the memo. A changed title is tokenized again; an augmented image is
+    (pipeline.training.data.SampleMaker) over the memo. A changed title is tokenized again; an augmented image is
     decoded again, since its pixels change every epoch."""
 
     def __init__(self, memo: MemoSamples, maker: SampleMaker, epoch: int):

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .catalog import CatalogError
+from .io.catalog import CatalogError
 
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], Any]
@@ -58,8 +58,8 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
 
 
 def _ingest(args: argparse.Namespace) -> Any:
-    from . import storage
-    from .ingest import ingest
+    from .ingest.dataset import ingest
+    from .io import storage
     label_map = storage.read_json(args.label_map) if args.label_map else None
     manifest = ingest(args.catalog, args.tasks, args.out, splits=args.splits,
                       min_class_count=args.min_class_count, label_map=label_map, workers=args.workers,
@@ -67,7 +67,7 @@ def _ingest(args: argparse.Namespace) -> Any:
     return {"out": args.out, "input_fingerprint": manifest["input"]["fingerprint"], **manifest["counts"]}
 
 
-# --- training and the model registry (pipeline.training, pipeline.registry) ---------------------------
+# --- training and the model registry (pipeline.training.trainer, pipeline.tracking.registry) -----------
 # Human output (epoch lines, tables) by default; --json prints the result as JSON on stdout instead,
 # with the epoch lines on stderr.
 
@@ -92,7 +92,7 @@ def _train_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train(args: argparse.Namespace) -> Any:
-    from .training import train
+    from .training.trainer import train
     stream = sys.stderr if args.json else sys.stdout
     stages = [s.strip() for s in args.stages.split(",") if s.strip()] if args.stages else None
     result = train(args.config, args.data, args.out, stages=stages,
@@ -120,7 +120,7 @@ def _registry_args(p: argparse.ArgumentParser) -> None:
 
 
 def _registry(args: argparse.Namespace) -> Any:
-    from . import registry
+    from .tracking import registry
     if args.action == "list":
         rows = registry.list_versions(args.name)
         return rows if args.json else print(registry.format_versions(rows))
@@ -166,7 +166,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 def _score(args: argparse.Namespace) -> Any:
     from cmaclip.precision import check_precision
 
-    from .scoring import score
+    from .scoring.distributor import score
     check_precision(args.precision)  # before planning writes anything under --out
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.all,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
@@ -180,7 +180,7 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
 
 
 def _publish(args: argparse.Namespace) -> Any:
-    from .scoring import publish
+    from .scoring.publish import publish
     return publish(args.out, catalog=args.catalog)
 
 

@@ -23,7 +23,9 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from . import airflow_home, orchestration, settings, storage
+from . import settings
+from .io import storage
+from .orchestration import airflow_home, airflow_tasks
 
 ROWS = 1200
 EPOCHS = {"warmup": 3, "end_to_end": 1, "tuning": 2}
@@ -59,20 +61,21 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
     registry version it became, the champion, and the ingest counts of its dataset."""
     import mlflow
 
-    from . import ingest, tracking
+    from .ingest import dataset
+    from .tracking import tracker
 
     settings.configure()
-    c = tracking.client()
-    experiment = c.get_experiment_by_name(tracking.TRAINING_EXPERIMENT)
-    wanted = tracking.search_filter({f"tags.`{tracking.KIND_TAG}`": "training",
-                                     f"tags.`{orchestration.AIRFLOW_DAG_TAG}`": "cmaclip_retrain"})
+    c = tracker.client()
+    experiment = c.get_experiment_by_name(tracker.TRAINING_EXPERIMENT)
+    wanted = tracker.search_filter({f"tags.`{tracker.KIND_TAG}`": "training",
+                                    f"tags.`{airflow_tasks.AIRFLOW_DAG_TAG}`": "cmaclip_retrain"})
     runs = c.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                          filter_string=f"{wanted} and attributes.start_time >= {int(since * 1000)}")
     if not runs:
-        raise RuntimeError(f"no training run in MLflow experiment {tracking.TRAINING_EXPERIMENT} since the demo started")
+        raise RuntimeError(f"no training run in MLflow experiment {tracker.TRAINING_EXPERIMENT} since the demo started")
     run = runs[0]
     stages = mlflow.artifacts.load_dict(f"runs:/{run.info.run_id}/stages.json")
-    found = c.search_model_versions(tracking.search_filter({"name": model_name, "run_id": run.info.run_id}))
+    found = c.search_model_versions(tracker.search_filter({"name": model_name, "run_id": run.info.run_id}))
     versions = [v for v in found if v.name == model_name]
     aliases = c.get_registered_model(model_name).aliases
     version = versions[0] if versions else None
@@ -85,7 +88,7 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
             "gate": mlflow.artifacts.load_dict(f"runs:/{compared}/comparison.json")["gate"] if compared else None,
             "compared_with": tags.get("cmaclip.compared_with"),
             "champion": aliases.get("champion"), "dataset_uri": dataset_uri,
-            "ingest": ingest.read_manifest(dataset_uri).counts.to_dict() if dataset_uri else {}}
+            "ingest": dataset.read_manifest(dataset_uri).counts.to_dict() if dataset_uri else {}}
 
 
 def scoring_report(predictions_uri: str) -> dict[str, Any]:
@@ -138,7 +141,7 @@ def registry_outcome(training: Mapping[str, Any]) -> str:
         failures = gate["failures"]
         outcome = (f"failed the gate against v{training['compared_with']}: " + "; ".join(failures[:2])
                    + (f" (+{len(failures) - 2} more)" if len(failures) > 2 else ""))
-    return f"{orchestration.MODEL_NAME} v{training['version']}: {outcome}. Champion: v{training['champion']}"
+    return f"{airflow_tasks.MODEL_NAME} v{training['version']}: {outcome}. Champion: v{training['champion']}"
 
 
 def summary(training: Mapping[str, Any], scoring: Mapping[str, Any], catalog: Mapping[str, Any],
@@ -192,7 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = airflow_home.prepare()
     print(f"  Airflow ready ({env['AIRFLOW_HOME']})", flush=True)
 
-    catalog_uri = orchestration.default_catalog_uri()
+    catalog_uri = airflow_tasks.default_catalog_uri()
     if storage.exists(catalog_uri):  # a rerun keeps the snapshot, so unchanged shards are not rescored
         catalog = {"uri": catalog_uri, "rows": storage.parquet_file(catalog_uri).metadata.num_rows,
                    "note": "from an earlier run"}
@@ -201,7 +204,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         catalog = {"uri": catalog_uri, "rows": made["rows"], "note": f"{made['bad_rows']} of them deliberately bad"}
     print(f"  catalog: {catalog_uri} ({catalog['rows']} rows)", flush=True)
 
-    tasks = list(orchestration.TASKS)
+    tasks = list(airflow_tasks.TASKS)
     logs = [home / "demo" / "retrain.log", home / "demo" / "scoring.log"]
     timings = {}
     print("  retrain DAG: ingest -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote ...",
@@ -210,12 +213,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                                                      "epochs": args.epochs}, env, logs[0])
     print(f"  retrain DAG succeeded in {timings['retrain']:.0f} s", flush=True)
     print("  scoring DAG: plan -> score (mapped) -> finalize -> publish ...", flush=True)
-    predictions_uri = orchestration.default_predictions_uri()
+    predictions_uri = airflow_tasks.default_predictions_uri()
     timings["scoring"] = run_dag("cmaclip_nightly_scoring", {"catalog_uri": catalog_uri, "predictions_uri": predictions_uri,
                                                              "rows_per_shard": args.rows_per_shard}, env, logs[1])
     print(f"  scoring DAG succeeded in {timings['scoring']:.0f} s", flush=True)
 
-    training = training_report(started, orchestration.MODEL_NAME)
+    training = training_report(started, airflow_tasks.MODEL_NAME)
     scoring = scoring_report(predictions_uri)
     timings["total"] = time.time() - started
     print(summary(training, scoring, catalog, env, timings, tasks, logs))

@@ -15,8 +15,8 @@ import types
 from dataclasses import dataclass
 from typing import Any, TypeVar, Union, get_args, get_origin, get_type_hints
 
-from . import storage
-from .catalog import CatalogFile
+from .io import storage
+from .io.catalog import CatalogFile
 
 R = TypeVar("R", bound="Record")
 _KINDS = {str: "a string", int: "an integer", float: "a number", bool: "true or false"}
@@ -95,7 +95,7 @@ def _kind(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-# --- ingest: the dataset manifest (pipeline.ingest) ------------------------------------------------------
+# --- ingest: the dataset manifest (pipeline.ingest.dataset) -------------------------------------------------
 
 @dataclass(frozen=True)
 class DatasetPart(Record):
@@ -105,7 +105,7 @@ class DatasetPart(Record):
 
 @dataclass(frozen=True)
 class DatasetInput(Record):
-    fingerprint: str     # sha256 of the files' names, sizes and content versions (pipeline.catalog)
+    fingerprint: str     # sha256 of the files' names, sizes and content versions (pipeline.io.catalog)
     files: list[CatalogFile]
 
 

@@ -17,10 +17,10 @@ from functools import lru_cache
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from . import reasons, storage
+from . import reasons
+from .io.parquet_writer import AtomicParquetWriter
 
 IMAGE_SIZE = 64
 ROW_GROUP_ROWS = 1024
@@ -289,15 +289,17 @@ def make_catalog(rows: int, out_uri: str, seed: int = 0, with_bad_rows: bool = F
     """Write a catalog Parquet file of `rows` products (plus the bad rows) to `out_uri`; return stats."""
     started = time.perf_counter()
     schema = catalog_schema(pa.binary() if with_bad_rows else pa.string())
-    with storage.atomic_output(out_uri) as f, pq.ParquetWriter(f, schema) as writer:
+    # One row group per chunk, the bad rows in their own; snappy (pyarrow's default), as the catalogs the
+    # benchmarks read were written.
+    with AtomicParquetWriter(out_uri, schema, compression="snappy") as writer:
         for start in range(0, rows, ROW_GROUP_ROWS):
             chunk = _good_rows(seed, start, min(rows, start + ROW_GROUP_ROWS), image_size)
             if with_bad_rows:
                 chunk = [_as_bytes(r) for r in chunk]
-            writer.write_table(_table(chunk, schema), row_group_size=ROW_GROUP_ROWS)
+            writer.write(_table(chunk, schema))
         extra = bad_rows(seed) if with_bad_rows else []
         if extra:
-            writer.write_table(_table(extra, schema))
+            writer.write(_table(extra, schema))
     seconds = time.perf_counter() - started
     return {"uri": out_uri, "rows": rows + len(extra), "good_rows": rows, "bad_rows": len(extra),
             "seed": seed, "seconds": round(seconds, 3), "rows_per_s": round(rows / max(seconds, 1e-9), 1),

@@ -102,7 +102,7 @@ def moto_s3() -> Iterator[str]:
 @pytest.fixture
 def s3_bucket(moto_s3: str) -> str:
     """A fresh, empty bucket; returns its s3:// URI."""
-    from pipeline import storage
+    from pipeline.io import storage
     name = f"test-{uuid.uuid4().hex[:12]}"
     fs, _ = storage.filesystem(f"s3://{name}")
     fs.mkdir(name)

@@ -36,10 +36,10 @@ def mlflow_home(home: Path, tracking_uri: str | None = None) -> Iterator[Path]:
 
 
 def shared_training(tmp_path_factory: pytest.TempPathFactory, catalog: str) -> dict[str, Any]:
-    """The session's trained tiny model: {"home", "dataset", "result"} (result = training.train's)."""
+    """The session's trained tiny model: {"home", "dataset", "result"} (result = trainer.train's)."""
     if "training" not in _shared:
-        from pipeline import training
-        from pipeline.ingest import ingest
+        from pipeline.ingest.dataset import ingest
+        from pipeline.training import trainer
 
         root = tmp_path_factory.mktemp("mlflow-shared")
         dataset = str(root / "dataset")
@@ -47,7 +47,7 @@ def shared_training(tmp_path_factory: pytest.TempPathFactory, catalog: str) -> d
         # Sample system metrics every second: a tiny stage is over before MLflow's default 10 s.
         with mlflow_home(root / "home"), pytest.MonkeyPatch.context() as mp:
             mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
-            result = training.train("tiny", dataset, str(root / "training"), epochs=EPOCHS, print_fn=None)
+            result = trainer.train("tiny", dataset, str(root / "training"), epochs=EPOCHS, print_fn=None)
         _shared["training"] = {"home": root / "home", "dataset": dataset, "result": result}
     return _shared["training"]
 
@@ -60,7 +60,8 @@ def log_untrained_model(checkpoint_like: str | Path, folder: Path, seed: int = 0
 
     from cmaclip.checkpoint import Checkpoint, read_checkpoint_meta, save_checkpoint
     from cmaclip.model import create_model
-    from pipeline import pyfunc, settings
+    from pipeline import settings
+    from pipeline.tracking import pyfunc
 
     meta = read_checkpoint_meta(checkpoint_like)
     torch.manual_seed(seed)
@@ -90,8 +91,8 @@ def sample_frame(dataset: str, rows: int = 6):
     """Raw rows of the test split plus one row whose image is not an image and one without a title."""
     import pandas as pd
 
-    from pipeline import storage
-    from pipeline.ingest import dataset_files
+    from pipeline.ingest.dataset import dataset_files
+    from pipeline.io import storage
 
     part = dataset_files(dataset, "test")[0]["uri"]
     frame = storage.parquet_file(part).read(columns=["product_id", "title", "image"]).slice(0, rows).to_pandas()

@@ -126,7 +126,7 @@ def test_align_refuses_title_corruption_that_unpairs_images_and_titles(tmp_path)
 
 
 def test_a_pipeline_training_has_its_stages_in_order_and_ends_with_a_classifier():
-    from pipeline.training import check_stages
+    from pipeline.training.trainer import check_stages
 
     assert check_stages(("align", "warmup", "end_to_end", "tuning")) == list(ALL_STAGES)
     assert check_stages(["align", "tuning"]) == ["align", "tuning"]
@@ -230,7 +230,7 @@ def partly_labelled_dataset(tmp_catalog, tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from pipeline.ingest import ingest
+    from pipeline.ingest.dataset import ingest
 
     table = pq.read_table(tmp_catalog)
     n = table.num_rows
@@ -248,8 +248,10 @@ def partly_labelled_dataset(tmp_catalog, tmp_path):
 @pytest.mark.slow
 def test_cli_trains_align_over_unlabelled_rows_then_warmup(partly_labelled_dataset, tmp_path, monkeypatch, capsys):
     from mlflow_support import mlflow_home
-    from pipeline import cli, storage, tracking
-    from pipeline.ingest import dataset_files
+    from pipeline import cli
+    from pipeline.ingest.dataset import dataset_files
+    from pipeline.io import storage
+    from pipeline.tracking import tracker
 
     train_rows = [t for f in dataset_files(partly_labelled_dataset, "train")
                   for t in storage.parquet_file(f["uri"]).read(columns=["title"]).column("title").to_pylist()]
@@ -264,7 +266,7 @@ def test_cli_trains_align_over_unlabelled_rows_then_warmup(partly_labelled_datas
         # Every titled training row, labelled or not.
         assert state_json["state"]["history"][0]["train/samples"] == sum(1 for t in train_rows if t)
         assert MONITOR in result["stages"][ALIGN]
-        c = tracking.client()
+        c = tracker.client()
         runs = c.search_runs([c.get_run(result["run_id"]).info.experiment_id],
-                             filter_string=f"tags.`{tracking.STAGE_TAG}` = '{ALIGN}'")
+                             filter_string=f"tags.`{tracker.STAGE_TAG}` = '{ALIGN}'")
         assert len(runs) == 1 and {f"val/{MONITOR}", "val/image_to_title_recall_at_5"} <= set(runs[0].data.metrics)

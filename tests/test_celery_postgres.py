@@ -95,9 +95,10 @@ def home(tmp_path, monkeypatch) -> Path:
 
 
 def test_nightly_scoring_dag_on_celery_postgres_redis(home, monkeypatch):
-    from pipeline import airflow_home, training
-    from pipeline.ingest import ingest
+    from pipeline.ingest.dataset import ingest
+    from pipeline.orchestration import airflow_home
     from pipeline.synthetic import make_catalog
+    from pipeline.training import trainer
 
     queue = f"cmaclip_test_{uuid.uuid4().hex[:8]}"
     logs = home / "logs"
@@ -113,8 +114,8 @@ def test_nightly_scoring_dag_on_celery_postgres_redis(home, monkeypatch):
             catalog = str(home / "catalog.parquet")
             make_catalog(ROWS, catalog, seed=31)
             ingest(catalog, ["color", "pattern", "style"], str(home / "dataset"))
-            trained = training.train("tiny", str(home / "dataset"), str(home / "training"), stages=["warmup"],
-                                     epochs=1, model_name=model_name, device="cpu", print_fn=None)
+            trained = trainer.train("tiny", str(home / "dataset"), str(home / "training"), stages=["warmup"],
+                                    epochs=1, model_name=model_name, device="cpu", print_fn=None)
             assert trained["registered"]["alias"] == "champion"
 
             # --- Airflow on Postgres + Celery/Redis ----------------------------------------------------

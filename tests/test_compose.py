@@ -193,7 +193,7 @@ def test_each_s3_client_has_its_own_key_and_only_the_workers_run_with_one(config
 
 
 def test_dag_storage_defaults_lie_within_the_storage_prefixes(config, monkeypatch):
-    from pipeline.orchestration import check_storage_uri
+    from pipeline.orchestration.airflow_tasks import check_storage_uri
 
     env = config["services"]["airflow-worker"]["environment"]
     assert env["CMACLIP_STORAGE_PREFIXES"] == "s3://cmaclip/"

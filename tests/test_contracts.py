@@ -16,9 +16,12 @@ import torch
 import cmaclip
 from cmaclip.checkpoint import Checkpoint, save_checkpoint
 from cmaclip.config import load_config
-from pipeline import contracts, ingest, pyfunc, scoring, synthetic
+from pipeline import contracts, synthetic
+from pipeline.ingest.dataset import MANIFEST, QUARANTINE, dataset_files, ingest, read_manifest
 from pipeline.manifests import DatasetManifest, ManifestError, RunManifest, ShardMarker
-from pipeline.predictor import Predictor
+from pipeline.scoring import distributor, finalize, planner, publish
+from pipeline.scoring.predictor import Predictor
+from pipeline.tracking import pyfunc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
@@ -43,8 +46,8 @@ def scored(checkpoint, tmp_path_factory) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = scoring.score(catalog, checkpoint, str(root / "out"), rows_per_shard=20, batch_size=16, workers=0,
-                                progress=False)
+        summary = distributor.score(catalog, checkpoint, str(root / "out"), rows_per_shard=20, batch_size=16, workers=0,
+                                    progress=False)
     finally:
         torch.set_num_threads(threads)
     return {"catalog": catalog, "out": str(root / "out"), "summary": summary}
@@ -53,7 +56,7 @@ def scored(checkpoint, tmp_path_factory) -> dict:
 @pytest.fixture(scope="module")
 def ingested(bad_catalog, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("dataset")
-    ingest.ingest(bad_catalog, list(TASKS), str(out), min_class_count=1)
+    ingest(bad_catalog, list(TASKS), str(out), min_class_count=1)
     return out
 
 
@@ -106,7 +109,7 @@ def test_both_stages_write_the_one_quarantine_schema(scored, ingested):
     scoring_file = _only(scored["out"], "quarantine/**/*.parquet")
     assert pq.read_schema(scoring_file).remove_metadata() == contracts.QUARANTINE_SCHEMA
     assert set(pq.read_table(scoring_file).column("stage").to_pylist()) == {"score"}
-    ingest_file = ingested / ingest.QUARANTINE
+    ingest_file = ingested / QUARANTINE
     assert pq.read_schema(ingest_file) == contracts.QUARANTINE_SCHEMA
     assert set(pq.read_table(ingest_file).column("stage").to_pylist()) == {"ingest"}
 
@@ -116,7 +119,7 @@ def test_both_stages_write_the_one_quarantine_schema(scored, ingested):
 def test_written_documents_are_exactly_their_records(scored, ingested):
     marker = _only(scored["out"], "_markers/**/shard-00000.json")
     manifest = Path(scored["summary"]["manifest"])
-    dataset = ingested / ingest.MANIFEST
+    dataset = ingested / MANIFEST
     for record, path in ((ShardMarker, marker), (RunManifest, manifest), (DatasetManifest, dataset)):
         on_disk = json.loads(path.read_text())
         assert record.read(str(path)).to_dict() == on_disk  # every key is a field, every field is written
@@ -133,14 +136,14 @@ def test_a_malformed_done_marker_names_its_file_and_field(scored, tmp_path):
     shutil.copytree(scored["out"], out)
     marker = _only(str(out), "_markers/**/shard-00001.json")
     _rewrite(marker, lambda d: d.pop("predicted"))
-    plan = scoring.plan_shards(scored["catalog"], rows_per_shard=20)
+    plan = planner.plan_shards(scored["catalog"], rows_per_shard=20)
     (out / "_manifests" / f"run={scored['summary']['run_id']}.json").unlink()
     with pytest.raises(ManifestError, match=rf"{marker}: field 'predicted' is missing") as failed:
-        scoring.finalize(plan, str(out), scored["summary"]["run_id"])
+        finalize.finalize(plan, str(out), scored["summary"]["run_id"])
     assert failed.value.source == str(marker) and failed.value.field == "predicted"
     _rewrite(marker, lambda d: d.update(predicted=10, timings={**d["timings"], "total_s": "fast"}))
     with pytest.raises(ManifestError, match=r"field 'timings.total_s' is a string, expected a number"):
-        scoring.finalize(plan, str(out), scored["summary"]["run_id"])
+        finalize.finalize(plan, str(out), scored["summary"]["run_id"])
 
 
 def test_a_malformed_run_or_dataset_manifest_names_its_file_and_field(scored, ingested, tmp_path):
@@ -149,15 +152,15 @@ def test_a_malformed_run_or_dataset_manifest_names_its_file_and_field(scored, in
     manifest = _only(str(out), "_manifests/*.json")
     _rewrite(manifest, lambda d: d.update(predictions="not a list"))
     with pytest.raises(ManifestError, match=rf"{manifest}: field 'predictions' is a string, expected a list"):
-        scoring.publish(str(out))
+        publish.publish(str(out))
     dataset = tmp_path / "dataset"
     shutil.copytree(ingested, dataset)
-    _rewrite(dataset / ingest.MANIFEST, lambda d: d["files"]["dataset"]["train"][0].pop("rows"))
+    _rewrite(dataset / MANIFEST, lambda d: d["files"]["dataset"]["train"][0].pop("rows"))
     with pytest.raises(ManifestError, match=r"manifest.json: field 'files.dataset.train\[0\].rows' is missing"):
-        ingest.dataset_files(str(dataset), "train")
-    (dataset / ingest.MANIFEST).write_text("{not json")
+        dataset_files(str(dataset), "train")
+    (dataset / MANIFEST).write_text("{not json")
     with pytest.raises(ManifestError, match=r"manifest.json: is not JSON"):
-        ingest.read_manifest(str(dataset))
+        read_manifest(str(dataset))
 
 
 def test_a_marker_from_before_the_later_fields_still_reads(scored):
@@ -171,10 +174,11 @@ def test_a_marker_from_before_the_later_fields_still_reads(scored):
 # --- imports --------------------------------------------------------------------------------------------
 
 def test_the_contracts_and_stage_names_load_without_torch():
-    probe = ("import sys, cmaclip, cmaclip.config, pipeline.contracts, pipeline.manifests, pipeline.orchestration; "
+    probe = ("import sys, cmaclip, cmaclip.config, pipeline.contracts, pipeline.manifests, "
+             "pipeline.orchestration.airflow_tasks; "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip', 'mlflow')))")
     proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]"
-    from pipeline import orchestration
+    from pipeline.orchestration import airflow_tasks
     from cmaclip import config
-    assert orchestration.STAGES is config.STAGES and orchestration.ALIGN is config.ALIGN  # not a copy
+    assert airflow_tasks.STAGES is config.STAGES and airflow_tasks.ALIGN is config.ALIGN  # not a copy

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import airflow_home, orchestration
+from pipeline.orchestration import airflow_home, airflow_tasks
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DAG_FILES = sorted((REPO_ROOT / "dags").glob("*.py"))
@@ -83,14 +83,14 @@ def test_retrain_dag_shape(dagbag):
 
 
 def test_a_stage_outside_the_training_passes_the_state_on(monkeypatch):
-    from pipeline import launch
+    from pipeline.training import launch
 
     calls = []
     monkeypatch.setattr(launch, "run_stage_distributed", lambda t, s, n: calls.append(s) or {"stage": s})
     state = {"training": {"stages": ["warmup", "end_to_end", "tuning"]}, "results": []}
-    assert orchestration.train_stage(state, orchestration.ALIGN) == state and calls == []   # align off: no-op
-    state["training"]["stages"] = [orchestration.ALIGN, *orchestration.STAGES]
-    assert orchestration.train_stage(state, orchestration.ALIGN, 2)["results"] == [{"stage": "align"}]
+    assert airflow_tasks.train_stage(state, airflow_tasks.ALIGN) == state and calls == []   # align off: no-op
+    state["training"]["stages"] = [airflow_tasks.ALIGN, *airflow_tasks.STAGES]
+    assert airflow_tasks.train_stage(state, airflow_tasks.ALIGN, 2)["results"] == [{"stage": "align"}]
     assert calls == ["align"]
 
 
@@ -100,9 +100,9 @@ def test_scoring_dag_shape(dagbag):
     dag = dagbag.dags["cmaclip_nightly_scoring"]
     assert isinstance(dag.timetable, AssetOrTimeSchedule)  # nightly cron, or a new champion
     score = dag.get_task("score")
-    assert score.map_index_template and score.max_active_tis_per_dagrun == orchestration.SCORING_PARALLELISM
-    assert [o.uri for o in dag.get_task("publish").outlets] == [orchestration.PREDICTIONS_ASSET_URI]
-    assert orchestration.MAX_SCORING_TASKS < 1024  # far below Airflow's default max_map_length
+    assert score.map_index_template and score.max_active_tis_per_dagrun == airflow_tasks.SCORING_PARALLELISM
+    assert [o.uri for o in dag.get_task("publish").outlets] == [airflow_tasks.PREDICTIONS_ASSET_URI]
+    assert airflow_tasks.MAX_SCORING_TASKS < 1024  # far below Airflow's default max_map_length
     from airflow.sdk.exceptions import ParamValidationError
 
     assert dag.params["explain"] is False  # the contribution columns only when asked for
@@ -112,10 +112,10 @@ def test_scoring_dag_shape(dagbag):
 
 def test_shard_groups_stay_below_the_map_limit():
     ids = [f"{i:05d}" for i in range(5000)]
-    groups = orchestration.group_shards(ids, 64)
+    groups = airflow_tasks.group_shards(ids, 64)
     assert len(groups) <= 64 and [s for g in groups for s in g["shards"]] == ids
     assert groups[0]["label"] == "00000-00078"
-    assert orchestration.group_shards(ids[:3], 64) == [{"label": i, "shards": [i]} for i in ids[:3]]
+    assert airflow_tasks.group_shards(ids[:3], 64) == [{"label": i, "shards": [i]} for i in ids[:3]]
 
 
 # What would make a DAG file slow to parse (Airflow re-parses every file every few seconds, with a timeout):
@@ -174,7 +174,7 @@ class _Interrupt(Exception):
 def retrained(dagbag, airflow_db, catalog):
     """Run cmaclip_retrain once, with end_to_end interrupted after its first epoch on the first attempt."""
     from cmaclip.train import Callback
-    from pipeline import training
+    from pipeline.training import trainer
 
     class StopAfterFirstEpoch(Callback):
         def on_epoch_end(self, stage, epoch, metrics):
@@ -187,7 +187,7 @@ def retrained(dagbag, airflow_db, catalog):
         def on_epoch_end(self, stage, epoch, metrics):
             self.epochs.append(epoch)
 
-    real_run_stage, attempts = training.run_stage, []
+    real_run_stage, attempts = trainer.run_stage, []
 
     def flaky_run_stage(handle, stage, epochs=None, callbacks=()):
         if stage != "end_to_end":
@@ -198,7 +198,7 @@ def retrained(dagbag, airflow_db, catalog):
         return real_run_stage(handle, stage, epochs, hooks)
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(training, "run_stage", flaky_run_stage)
+        mp.setattr(trainer, "run_stage", flaky_run_stage)
         dag_run = dagbag.dags["cmaclip_retrain"].test(
             run_conf={"catalog_uri": catalog, "epochs": EPOCHS, "config": "tiny"})
     return {"dag_run": dag_run, "states": _states(dag_run), "attempts": [r.epochs for r in attempts]}
@@ -208,7 +208,8 @@ def retrained(dagbag, airflow_db, catalog):
 def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained, airflow_env):
     from airflow.models.asset import AssetEvent
     from airflow.utils.session import create_session
-    from pipeline import registry, settings, tracking
+    from pipeline import settings
+    from pipeline.tracking import registry, tracker
 
     assert retrained["dag_run"].state == "success", retrained["states"]
     states = retrained["states"]
@@ -216,7 +217,7 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
         assert states[(task_id, -1)] == ("success", 1), (task_id, states)
     # The tiny config leaves align off: its task passed the training on without training anything.
     handle = json.loads(next(airflow_env["home"].rglob("training/training.json")).read_text())
-    assert handle["stages"] == list(orchestration.STAGES)
+    assert handle["stages"] == list(airflow_tasks.STAGES)
     assert not any(p.name == "align" for p in airflow_env["home"].rglob("stages/*"))
     # end_to_end failed once, was retried by Airflow, and the retry trained only the missing epoch.
     assert states[("end_to_end", -1)] == ("success", 2)
@@ -224,25 +225,26 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
     # The first version becomes champion without a comparison, so the gate short-circuits promote...
     assert states[("promote", -1)][0] == "skipped"
     settings.configure()
-    versions = registry.list_versions(orchestration.MODEL_NAME)
+    versions = registry.list_versions(airflow_tasks.MODEL_NAME)
     assert [v["aliases"] for v in versions] == [["champion"]]
     # The MLflow training run names the Airflow run that made it.
-    run = tracking.client().get_run(versions[0]["run_id"])
-    assert run.data.tags[orchestration.AIRFLOW_RUN_TAG] == retrained["dag_run"].run_id
+    run = tracker.client().get_run(versions[0]["run_id"])
+    assert run.data.tags[airflow_tasks.AIRFLOW_RUN_TAG] == retrained["dag_run"].run_id
     # ...and register announced the new champion on the Asset the scoring DAG listens to.
     with create_session() as session:
-        events = [e for e in session.query(AssetEvent).all() if e.uri == orchestration.champion_asset_uri()]
+        events = [e for e in session.query(AssetEvent).all() if e.uri == airflow_tasks.champion_asset_uri()]
     assert [e.extra for e in events] == [{"version": "1"}]
 
 
 @pytest.mark.slow
 def test_scoring_dag_runs_end_to_end_and_a_rerun_skips_committed_shards(retrained, dagbag, catalog, airflow_env):
-    from pipeline import scoring, storage
+    from pipeline.io import storage
+    from pipeline.scoring import runner
 
     dag = dagbag.dags["cmaclip_nightly_scoring"]
     predictions = str(airflow_env["home"] / "predictions")
     conf = {"catalog_uri": catalog, "predictions_uri": predictions, "rows_per_shard": 50}
-    real_score_shard, scored = scoring.score_shard, []
+    real_score_shard, scored = runner.score_shard, []
 
     def broken_last_shard(shard, model, out, **kwargs):
         if shard.id == "00003":
@@ -250,7 +252,7 @@ def test_scoring_dag_runs_end_to_end_and_a_rerun_skips_committed_shards(retraine
         return real_score_shard(shard, model, out, **kwargs)
 
     with pytest.MonkeyPatch.context() as mp:  # first run: one shard keeps failing, the run fails
-        mp.setattr(scoring, "score_shard", broken_last_shard)
+        mp.setattr(runner, "score_shard", broken_last_shard)
         first = dag.test(run_conf=conf)
     states = _states(first)
     assert first.state == "failed"
@@ -264,7 +266,7 @@ def test_scoring_dag_runs_end_to_end_and_a_rerun_skips_committed_shards(retraine
         return marker
 
     with pytest.MonkeyPatch.context() as mp:  # rerun: only the missing shard is scored
-        mp.setattr(scoring, "score_shard", recording)
+        mp.setattr(runner, "score_shard", recording)
         second = dag.test(run_conf=conf)
     assert second.state == "success", _states(second)
     assert sorted(scored) == [("00000", True), ("00001", True), ("00002", True), ("00003", False)]

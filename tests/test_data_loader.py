@@ -13,9 +13,9 @@ import torch
 
 from cmaclip.config import load_config
 from cmaclip.transforms import eot_index
-from pipeline.data import (MISSING, EpochSampler, InMemorySplit, ProductStream, buffer_shuffle, collate,
-                           make_loader, set_epoch)
-from pipeline.ingest import ingest, read_labels
+from pipeline.training.data import (MISSING, EpochSampler, InMemorySplit, ProductStream, buffer_shuffle, collate,
+                                    make_loader, set_epoch)
+from pipeline.ingest.dataset import ingest, read_labels
 from pipeline.synthetic import make_row
 
 TASKS = "color,pattern,style"
@@ -124,7 +124,7 @@ def test_shards_across_ranks_and_workers(data: tuple[str, dict], config, monkeyp
         stream = ProductStream(out, "train", config, shuffle=True, seed=1, rank=rank, world_size=world)
         ids = []
         for worker in range(workers):
-            monkeypatch.setattr("pipeline.data.get_worker_info",
+            monkeypatch.setattr("pipeline.training.data.get_worker_info",
                                 lambda w=worker: SimpleNamespace(id=w, num_workers=workers))
             ids += [s["product_id"] for s in stream]
         seen.append(ids)

@@ -1,4 +1,4 @@
-"""Multi-process training: `pipeline.launch` runs a stage under torchrun (2 CPU processes over gloo, DDP)
+"""Multi-process training: `pipeline.training.launch` runs a stage under torchrun (2 CPU processes over gloo, DDP)
 and it reaches the quality of the same stage trained in one process.
 
 Same data, config, seed and effective batch (64 = 2 accumulation steps of 32 in one process, 1 step of
@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cmaclip.config import load_config
-from pipeline import launch
+from pipeline.training import launch
 
 EPOCHS = 10
 TASKS = ["color", "pattern", "style"]
@@ -30,7 +30,7 @@ def _history(result: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def dataset(tmp_catalog, tmp_path_factory) -> str:
-    from pipeline.ingest import ingest
+    from pipeline.ingest.dataset import ingest
     out = tmp_path_factory.mktemp("ddp-dataset")
     # A larger validation split than the default 10%: 40 rows would make the comparison mostly noise.
     ingest(tmp_catalog, TASKS, str(out), splits=(0.6, 0.3, 0.1))
@@ -58,7 +58,7 @@ def one_thread():
 @pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                     reason="this torch build has no gloo backend")
 def test_torchrun_two_processes_reaches_single_process_quality(dataset, home, one_thread):
-    from pipeline.training import start_training
+    from pipeline.training.trainer import start_training
 
     # Both runs train every epoch: early stopping would compare runs of different lengths.
     config = dataclasses.replace(load_config("tiny"), train=dataclasses.replace(load_config("tiny").train,
@@ -98,10 +98,10 @@ def test_torchrun_two_processes_reaches_single_process_quality(dataset, home, on
 
 
 def test_one_process_is_the_plain_in_process_call(monkeypatch):
-    import pipeline.training as training
+    from pipeline.training import trainer
 
     calls = []
-    monkeypatch.setattr(training, "run_stage", lambda t, s, epochs=None: calls.append((t, s, epochs)) or {"ok": 1})
+    monkeypatch.setattr(trainer, "run_stage", lambda t, s, epochs=None: calls.append((t, s, epochs)) or {"ok": 1})
     assert launch.run_stage_distributed({"run_id": "r"}, "warmup", 1, epochs=2) == {"ok": 1}
     assert calls == [({"run_id": "r"}, "warmup", 2)]
 
@@ -110,7 +110,7 @@ def test_torchrun_command_and_process_counts():
     command = launch.torchrun_command(4, "/t/training.json", "tuning", "/t/result.json", epochs=3)
     assert command[1:3] == ["-m", "torch.distributed.run"]
     assert command[command.index("--nproc-per-node") + 1] == "4" and "--standalone" in command
-    assert command[command.index("-m", 3) + 1] == "pipeline.stage_worker"
+    assert command[command.index("-m", 3) + 1] == "pipeline.training.stage_worker"
     assert command[-2:] == ["--epochs", "3"]
     assert launch.resolve_nproc(3) == 3 and launch.resolve_nproc("2") == 2
     assert launch.resolve_nproc("auto") == max(torch.cuda.device_count(), 1)

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pipeline import reasons, storage
-from pipeline.image_sources import ImageSources, Refused, catalog_root, fetch_images, for_catalog
+from pipeline import reasons
+from pipeline.io import storage
+from pipeline.io.image_sources import ImageSources, Refused, catalog_root, fetch_images, for_catalog
 
 
 def _png() -> bytes:

@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageDraw, ImageFile
 
 from pipeline import reasons
-from pipeline.images import ImageLimits, dataset_bytes, decode_image, model_view, to_rgb
+from pipeline.io.images import ImageLimits, dataset_bytes, decode_image, model_view, to_rgb
 from pipeline.synthetic import bomb_png
 
 

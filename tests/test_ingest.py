@@ -11,11 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from pipeline import cli, reasons, storage
-from pipeline.ingest import (CatalogError, dataset_files, ingest, read_labels, read_manifest, split_of)
-from pipeline.sql import load_sql
+from pipeline import cli, reasons
+from pipeline.io import storage
+from pipeline.ingest.dataset import (CatalogError, dataset_files, ingest, read_labels, read_manifest, split_of)
+from pipeline.io.sql import load_sql
+from pipeline.io.text import MAX_TITLE_CHARS, normalize_title
 from pipeline.synthetic import BAD_ROWS, MESSY_TITLE, make_row
-from pipeline.text import MAX_TITLE_CHARS, normalize_title
 
 TASKS = "color,pattern,style"
 
@@ -222,7 +223,7 @@ def test_exact_copies_are_duplicates_too(tmp_path: Path) -> None:
 
 
 def test_ids_that_differ_only_by_surrounding_whitespace_are_one_product(tmp_path: Path) -> None:
-    """Ingest trims ids as scoring and publish do (pipeline.text.normalize_product_id), Unicode spaces too."""
+    """Ingest trims ids as scoring and publish do (pipeline.io.text.normalize_product_id), Unicode spaces too."""
     rows = good_rows(3)
     padded = [rows[0] | {"product_id": f" {rows[0]['product_id']}\u3000", "color": "Blue"},
               rows[1] | {"product_id": "\xa0"}]
@@ -266,7 +267,7 @@ def test_long_titles_are_stored_cut(tmp_path: Path) -> None:
     manifest = ingest(write(tmp_path / "c.parquet", rows_table(rows)), TASKS, out, min_class_count=1)
     assert manifest["counts"]["rows_kept"] == 3
     stored = dict(zip(*dataset(out).select(["product_id", "title"]).to_pydict().values()))
-    for row in rows:  # what scoring reads from the same cell (pipeline.predictor.check_row)
+    for row in rows:  # what scoring reads from the same cell (pipeline.scoring.predictor.check_row)
         assert stored[row["product_id"]] == normalize_title(row["title"])
     assert len(stored[rows[0]["product_id"]]) == MAX_TITLE_CHARS
     assert stored[rows[1]["product_id"]] is None
@@ -379,7 +380,7 @@ def test_fashion_small_end_to_end(fashion_small: str, tmp_path: Path) -> None:
 
 
 def test_part_writer_commits_nothing_on_failure(tmp_path: Path) -> None:
-    from pipeline.dataset_writer import PartWriter
+    from pipeline.ingest.dataset_writer import PartWriter
     schema = pa.schema([("a", pa.int64()), ("split", pa.string())])
     table = pa.table({"a": list(range(10)), "split": ["train"] * 10}, schema=schema)
     with pytest.raises(RuntimeError):

@@ -7,10 +7,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from cmaclip.config import load_config
-from pipeline import reasons, storage
-from pipeline.data import make_loader
-from pipeline.ingest import CatalogError, ingest, read_labels, read_manifest
+from pipeline import reasons
+from pipeline.ingest.dataset import CatalogError, ingest, read_labels, read_manifest
+from pipeline.io import storage
 from pipeline.synthetic import BAD_ROWS, make_catalog, make_row
+from pipeline.training.data import make_loader
 
 pytestmark = pytest.mark.services
 

@@ -9,9 +9,11 @@ import pytest
 
 import servers
 from mlflow_support import fresh_process_predict, log_untrained_model, mlflow_home, sample_frame
-from pipeline import registry, settings, tracking, training
-from pipeline.ingest import ingest
+from pipeline import settings
+from pipeline.ingest.dataset import ingest
 from pipeline.synthetic import make_catalog
+from pipeline.tracking import registry, tracker
+from pipeline.training import trainer
 
 pytestmark = [pytest.mark.slow, pytest.mark.services]
 
@@ -37,14 +39,14 @@ def test_train_register_serve_and_gate_through_the_server(server, tmp_path):
     ingest(str(tmp_path / "catalog.parquet"), "color,pattern,style", dataset, min_class_count=1)
     with mlflow_home(tmp_path / "home", tracking_uri=server["url"]):
         assert settings.tracking_uri() == server["url"]
-        result = training.train("tiny", dataset, str(tmp_path / "training"), epochs=1, print_fn=None)
-        c = tracking.client()
+        result = trainer.train("tiny", dataset, str(tmp_path / "training"), epochs=1, print_fn=None)
+        c = tracker.client()
 
         parent = c.get_run(result["run_id"])
         assert parent.info.status == "FINISHED" and parent.data.params["dataset.uri"] == dataset
         children = c.search_runs([parent.info.experiment_id],
-                                 filter_string=f"tags.`{tracking.PARENT_TAG}` = '{result['run_id']}'")
-        assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == ["end_to_end", "tuning", "warmup"]
+                                 filter_string=f"tags.`{tracker.PARENT_TAG}` = '{result['run_id']}'")
+        assert sorted(r.data.tags[tracker.STAGE_TAG] for r in children) == ["end_to_end", "tuning", "warmup"]
         for run in children:
             assert [m.step for m in c.get_metric_history(run.info.run_id, "val/color/accuracy")] == [0]
             names = {a.path for a in c.list_artifacts(run.info.run_id, "checkpoint")}

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 
 from cmaclip.checkpoint import META, WEIGHTS, Checkpoint, save_checkpoint
 from cmaclip.train import train_stage
-from pipeline.predictor import checkpoint_version
+from pipeline.scoring.predictor import checkpoint_version
 from tiny_training import collate, loader, one_thread, samples, tiny_config, tiny_model  # noqa: F401
 
 LABELS = {"color": ["red", "green", "blue"], "pattern": ["plain", "striped"]}

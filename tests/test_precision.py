@@ -8,7 +8,7 @@ import torch
 from cmaclip import precision
 from cmaclip.checkpoint import Checkpoint
 from cmaclip.precision import resolve_precision
-from pipeline.predictor import Lineage, Predictor
+from pipeline.scoring.predictor import Lineage, Predictor
 from tiny_training import TASKS, one_thread, tiny_config, tiny_model  # noqa: F401
 
 

@@ -9,8 +9,9 @@ from __future__ import annotations
 import pytest
 
 from mlflow_support import home, log_untrained_model, mlflow_home, trained  # noqa: F401 (fixtures)
-from pipeline import pyfunc, registry, settings, tracking
+from pipeline import settings
 from pipeline.cli import main
+from pipeline.tracking import pyfunc, registry, tracker
 
 NAME = "cmaclip-gate"  # its own registered model: the training's `cmaclip` versions stay untouched
 # One test product is ~0.02 of a task's accuracy on this ~50-product test split, and a task's sampling noise
@@ -24,11 +25,11 @@ DECOY = 'O-Brien "x"'
 
 
 def _aliases() -> dict[str, str]:
-    return {a: str(v) for a, v in tracking.client().get_registered_model(NAME).aliases.items()}
+    return {a: str(v) for a, v in tracker.client().get_registered_model(NAME).aliases.items()}
 
 
 def _tag(version: str, key: str) -> str:
-    return tracking.client().get_model_version(NAME, version).tags.get(f"cmaclip.{key}", "")
+    return tracker.client().get_model_version(NAME, version).tags.get(f"cmaclip.{key}", "")
 
 
 @pytest.mark.slow
@@ -60,7 +61,7 @@ def test_gate_promotes_a_better_challenger_and_refuses_a_worse_one(trained, home
     assert _tag("3", "promotion").startswith("refused:")
 
     # Both comparisons are recorded: an evaluation run each, and tags on the versions pointing at it.
-    c = tracking.client()
+    c = tracker.client()
     recorded = c.get_run(refused.run_id)
     assert recorded.data.params["champion_version"] == "2" and "agreement/color" in recorded.data.metrics
     assert _tag("3", "comparison_run") == refused.run_id
@@ -112,7 +113,7 @@ def test_gate_rule_no_task_worse_than_the_tolerance_and_the_mean_better():
 
 def test_quotes_in_model_names_run_names_and_tags_are_found_exactly(tmp_path):
     with mlflow_home(tmp_path):
-        c = tracking.client()
+        c = tracker.client()
         experiment = settings.experiment_id("quotes")
         runs = {}
         for value in [*QUOTED, DECOY]:
@@ -122,7 +123,7 @@ def test_quotes_in_model_names_run_names_and_tags_are_found_exactly(tmp_path):
             assert registry.register(run_id, value)["version"] == "1"
         for value, run_id in runs.items():
             for key in ("attributes.run_name", "tags.`cmaclip.note`"):
-                found = c.search_runs([experiment], filter_string=tracking.search_filter({key: value}))
+                found = c.search_runs([experiment], filter_string=tracker.search_filter({key: value}))
                 assert run_id in [r.info.run_id for r in found], (key, value)
             assert pyfunc.logged_model_uri(run_id) is not None
             again = registry.register(run_id, value)  # a retry finds the version made from this run

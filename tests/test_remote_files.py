@@ -13,7 +13,8 @@ import torch
 from safetensors.torch import save_file
 
 import cmaclip
-from pipeline import storage, training
+from pipeline.io import storage
+from pipeline.training import trainer
 
 pytestmark = pytest.mark.services
 
@@ -51,7 +52,7 @@ def test_training_builds_the_model_from_s3_weights(s3_bucket: str, tmp_path: Pat
 
     with pytest.raises(cmaclip.pretrained.PretrainedWeightsError, match="fetch_to_cache"):
         cmaclip.create_model(config)  # the model library never reads a store itself
-    model = training._initial_model(config)
+    model = trainer._initial_model(config)
     loaded = model.towers.clip.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in weights.items())
     assert any(p.name == "tiny.safetensors" for p in (tmp_path / "home" / "cache").rglob("*"))
@@ -68,13 +69,13 @@ def _stage_folder(root: Path, epoch: int) -> Path:
 def test_checkpoint_snapshots_round_trip_through_s3(s3_bucket: str, tmp_path: Path) -> None:
     remote = storage.join(s3_bucket, "run/stages/warmup")
     stage = _stage_folder(tmp_path / "trainer", 0)
-    training._publish_snapshot(stage, remote, epochs=1, improved=True)
+    trainer._publish_snapshot(stage, remote, epochs=1, improved=True)
     best_then = (stage / "best" / "model.safetensors").read_bytes()
     _stage_folder(stage, 1)
-    training._publish_snapshot(stage, remote, epochs=2, improved=False)  # last moves on, best stays
+    trainer._publish_snapshot(stage, remote, epochs=2, improved=False)  # last moves on, best stays
 
     worker = tmp_path / "worker" / "warmup"
-    training._fetch_snapshot(remote, worker)
+    trainer._fetch_snapshot(remote, worker)
     assert sorted(p.name for p in (worker / "last").iterdir()) == ["model.safetensors", "state.json"]
     for name in ("model.safetensors", "state.json"):
         assert (worker / "last" / name).read_bytes() == (stage / "last" / name).read_bytes()

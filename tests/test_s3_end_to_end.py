@@ -4,7 +4,7 @@ all on S3 (moto's server on 127.0.0.1), with an `mlflow server` that proxies art
     make catalog -> ingest -> warmup, end_to_end, tuning -> evaluate -> register -> plan -> score shards
     -> finalize -> publish
 
-Each step is the `pipeline.orchestration` call the Airflow task makes, so this is the DAGs' path minus the
+Each step is the `pipeline.orchestration.airflow_tasks` call the Airflow task makes, so this is the DAGs' path minus the
 scheduler. Nothing but the MLflow server's SQLite file and local scratch folders is written to disk.
 """
 from __future__ import annotations
@@ -27,7 +27,7 @@ ROWS = 160
 def mlflow_on_s3(moto_s3, tmp_path, monkeypatch):
     """An MLflow server (SQLite backend) whose artifact store is s3://<fresh bucket>/artifacts on moto;
     this process (and the pipeline calls in it) talk to it over HTTP only."""
-    from pipeline import storage
+    from pipeline.io import storage
 
     bucket = f"mlflow-{uuid.uuid4().hex[:10]}"
     storage.filesystem(f"s3://{bucket}")[0].mkdir(bucket)
@@ -43,7 +43,7 @@ def mlflow_on_s3(moto_s3, tmp_path, monkeypatch):
 
 
 def _objects(prefix: str) -> list[str]:
-    from pipeline import storage
+    from pipeline.io import storage
     fs, path = storage.filesystem(prefix)
     return fs.find(path) if fs.exists(path) else []
 
@@ -51,8 +51,8 @@ def _objects(prefix: str) -> list[str]:
 def test_pipeline_end_to_end_on_s3(s3_bucket, mlflow_on_s3, monkeypatch):
     import mlflow
 
-    from pipeline import orchestration as orch
-    from pipeline import storage
+    from pipeline.io import storage
+    from pipeline.orchestration import airflow_tasks as orch
     from pipeline.synthetic import make_catalog
 
     monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", f"{s3_bucket}/")  # as docker-compose sets the data bucket
@@ -110,6 +110,6 @@ def test_pipeline_end_to_end_on_s3(s3_bucket, mlflow_on_s3, monkeypatch):
 
 
 def _read(uri: str):
-    from pipeline import storage
+    from pipeline.io import storage
     fs, path = storage.filesystem(uri)
     return pq.read_table(path, filesystem=fs)

@@ -24,14 +24,15 @@ from cmaclip.checkpoint import Checkpoint, save_checkpoint
 from cmaclip.config import load_config
 from cmaclip.losses import multitask_loss
 from cmaclip.metrics import task_metrics
-from pipeline import contracts, reasons, scoring, synthetic
-from pipeline.predictor import Predictor, Preprocessor, decode_rows
-from pipeline.text import MAX_TITLE_CHARS, normalize_title
+from pipeline import contracts, reasons, synthetic
+from pipeline.io.text import MAX_TITLE_CHARS, normalize_title
+from pipeline.scoring import distributor, finalize, planner, publish, reader, runner
+from pipeline.scoring.predictor import Predictor, Preprocessor, decode_rows
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
 # What scoring quarantines among synthetic.BAD_ROWS: labels are not read. Both rows of the duplicated id
-# are quarantined (pipeline/duplicate_ids.py).
+# are quarantined (pipeline/scoring/duplicate_ids.py).
 SCORE_REASONS = {kind: r for kind, r in synthetic.BAD_ROWS.items() if r not in (None, reasons.LABEL_NOT_TEXT)}
 SCORE_QUARANTINE = Counter(SCORE_REASONS.values()) + Counter({reasons.DUPLICATE_ID: 1})  # reason -> rows
 TIMING_COLUMNS = ["scored_at"]
@@ -104,26 +105,26 @@ def test_plan_is_deterministic_small_and_covers_every_row_once(tmp_path):
     folder = tmp_path / "catalog"
     synthetic.make_catalog(150, str(folder / "a.parquet"), seed=1)
     synthetic.make_catalog(100, str(folder / "b.parquet"), seed=2)
-    plan = scoring.plan_shards(str(folder), rows_per_shard=60)
-    again = scoring.plan_shards(str(folder), rows_per_shard=60)
+    plan = planner.plan_shards(str(folder), rows_per_shard=60)
+    again = planner.plan_shards(str(folder), rows_per_shard=60)
     assert plan == again and plan.to_json() == again.to_json()
-    assert scoring.Plan.from_json(plan.to_json()) == plan
+    assert planner.Plan.from_json(plan.to_json()) == plan
     assert [s.id for s in plan.shards] == ["00000", "00001", "00002", "00003", "00004"]
     assert [s.rows for s in plan.shards] == [60, 60, 60, 60, 10] and plan.rows == 250
     assert len(plan.to_json()) < 1000  # small enough for an Airflow XCom
     crossing = plan.shard("00002")      # rows 120..180: the end of a.parquet and the start of b.parquet
     assert [Path(p.file).name for p in crossing.pieces] == ["a.parquet", "b.parquet"]
-    assert scoring.Shard.from_dict(json.loads(json.dumps(crossing.to_dict()))) == crossing
-    read = [pid.decode() for s in plan.shards for batch in scoring.raw_batches(s, 7) for b in batch
+    assert planner.Shard.from_dict(json.loads(json.dumps(crossing.to_dict()))) == crossing
+    read = [pid.decode() for s in plan.shards for batch in reader.raw_batches(s, 7) for b in batch
             for pid in b.column("product_id").to_pylist()]
     expected = [r for f in ("a", "b") for r in pq.read_table(folder / f"{f}.parquet").column("product_id").to_pylist()]
     assert read == expected
     with pytest.raises(ValueError, match=r"no shard '00009'.*00000\.\.00004"):
         plan.shard("00009")
     # Another input snapshot (or shard size) is another plan.
-    assert scoring.plan_shards(str(folder), rows_per_shard=50).id != plan.id
+    assert planner.plan_shards(str(folder), rows_per_shard=50).id != plan.id
     synthetic.make_catalog(100, str(folder / "b.parquet"), seed=3)
-    assert scoring.plan_shards(str(folder), rows_per_shard=60).fingerprint != plan.fingerprint
+    assert planner.plan_shards(str(folder), rows_per_shard=60).fingerprint != plan.fingerprint
 
 
 # --- predictor --------------------------------------------------------------------------------------------
@@ -157,11 +158,11 @@ def test_workers_prepare_pixels_in_the_model_dtype(checkpoint, tmp_catalog):
     import pickle
     bf16 = Predictor.from_checkpoint(checkpoint, precision="bf16")
     fp32 = Predictor.from_checkpoint(checkpoint, precision="fp32")
-    shard = scoring.plan_shards(tmp_catalog, 100).shards[0]
+    shard = planner.plan_shards(tmp_catalog, 100).shards[0]
     pre = pickle.loads(pickle.dumps(bf16.preprocessor))  # what a spawned DataLoader worker gets
     assert pre.dtype == torch.bfloat16
-    low = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), pre, shard)
-    high = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 8)), fp32.preprocessor, shard)
+    low = reader.prepare_batch(0, next(reader.raw_batches(shard, 8)), pre, shard)
+    high = reader.prepare_batch(0, next(reader.raw_batches(shard, 8)), fp32.preprocessor, shard)
     assert low.pixels.dtype == torch.bfloat16 and high.pixels.dtype == torch.float32
     assert torch.equal(low.pixels, high.pixels.to(torch.bfloat16))  # the cast the forward would have done
 
@@ -177,23 +178,23 @@ def test_scoring_reads_long_titles_cut_as_ingest_stores_them(tmp_path):
     pq.write_table(pa.Table.from_pylist(rows), tmp_path / "catalog.parquet")
     good, _ = decode_rows((r["product_id"], r["title"], r["image"]) for r in rows)
     assert good.titles[0] == good.titles[1] == stored and len(stored) == MAX_TITLE_CHARS
-    shard = scoring.plan_shards(str(tmp_path / "catalog.parquet"), 10).shards[0]
+    shard = planner.plan_shards(str(tmp_path / "catalog.parquet"), 10).shards[0]
     pre = Preprocessor(load_config("tiny"))
-    batch = scoring.prepare_batch(0, next(scoring.raw_batches(shard, 3)), pre, shard)
+    batch = reader.prepare_batch(0, next(reader.raw_batches(shard, 3)), pre, shard)
     assert torch.equal(batch.tokens[0], batch.tokens[1]) and torch.equal(batch.pixels[0], batch.pixels[1])
     assert not torch.equal(batch.tokens[0], batch.tokens[2])
 
 
 def test_default_workers_leave_the_cores_to_the_forward_on_cpu(monkeypatch):
-    monkeypatch.setattr(scoring, "available_cpus", lambda: 2)
+    monkeypatch.setattr(reader, "available_cpus", lambda: 2)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
-    assert scoring.default_workers(cpu) == 0
+    assert reader.default_workers(cpu) == 0
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
-    assert scoring.default_workers(cpu) == 1
-    assert scoring.default_workers(cuda) == 1
-    monkeypatch.setattr(scoring, "available_cpus", lambda: 16)
-    assert scoring.default_workers(cuda) == 4
+    assert reader.default_workers(cpu) == 1
+    assert reader.default_workers(cuda) == 1
+    monkeypatch.setattr(reader, "available_cpus", lambda: 16)
+    assert reader.default_workers(cuda) == 4
 
 
 def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
@@ -209,19 +210,19 @@ def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
 
 
 def test_model_references(checkpoint, monkeypatch):
-    from pipeline import registry
+    from pipeline.tracking import registry
 
     predictor = Predictor.from_checkpoint(checkpoint, precision="fp32", name="cmaclip", version="7")
-    assert scoring.load_predictor(predictor) is predictor
+    assert runner.load_predictor(predictor) is predictor
     # Registry and run URIs are resolved by the registry (its own tests cover the MLflow side).
     calls = []
     monkeypatch.setattr(registry, "load_predictor", lambda ref, **kw: calls.append((ref, kw)) or predictor)
-    assert scoring.load_predictor("models:/cmaclip@champion", precision="fp32") is predictor
-    assert scoring.load_predictor("runs:/abc/model") is predictor
+    assert runner.load_predictor("models:/cmaclip@champion", precision="fp32") is predictor
+    assert runner.load_predictor("runs:/abc/model") is predictor
     assert [ref for ref, _ in calls] == ["models:/cmaclip@champion", "runs:/abc/model"]
     assert calls[0][1] == {"precision": "fp32", "device": "cpu", "compile": False}
     with pytest.raises(FileNotFoundError, match="not a cmaclip checkpoint"):
-        scoring.load_predictor(str(Path(checkpoint).parent))
+        runner.load_predictor(str(Path(checkpoint).parent))
     with pytest.raises(ValueError, match="fp16 on CPU"):
         Predictor.from_checkpoint(checkpoint, precision="fp16")
 
@@ -230,7 +231,7 @@ def test_cli_scores_one_shard_or_all_as_asked(monkeypatch, capsys):
     from pipeline import cli
 
     calls = []
-    monkeypatch.setattr(scoring, "score", lambda *a, **kw: calls.append(kw) or {})
+    monkeypatch.setattr(distributor, "score", lambda *a, **kw: calls.append(kw) or {})
     base = ["score", "--catalog", "c.parquet", "--model", "m", "--out", "o"]
     assert cli.main([*base, "--all"]) == 0 and cli.main([*base, "--shard", "s0"]) == 0
     assert [(kw["shard"], kw["all"]) for kw in calls] == [(None, True), ("s0", False)]
@@ -244,7 +245,7 @@ def test_cli_scores_one_shard_or_all_as_asked(monkeypatch, capsys):
 # --- resume after SIGKILL, idempotent reruns ----------------------------------------------------------------
 
 SCORE_IN_SUBPROCESS = (
-    "import sys; from pipeline.scoring import score; "
+    "import sys; from pipeline.scoring.distributor import score; "
     "score(sys.argv[1], sys.argv[2], sys.argv[3], rows_per_shard=100, batch_size=8, workers=1, progress=False)"
 )
 
@@ -272,8 +273,8 @@ def _kill_mid_shard(catalog: str, checkpoint: str, out: Path) -> None:
 def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_catalog, tmp_path):
     # Workers only prepare inputs, so the worker count must not change a single output byte: the
     # reference and the resumed run decode in-process, the killed run in a DataLoader worker.
-    reference = scoring.score(tmp_catalog, checkpoint, str(tmp_path / "ref"), rows_per_shard=100,
-                              batch_size=8, workers=0, progress=False)
+    reference = distributor.score(tmp_catalog, checkpoint, str(tmp_path / "ref"), rows_per_shard=100,
+                                  batch_size=8, workers=0, progress=False)
     assert reference["shards"] == 4 and reference["predicted"] == 400
 
     out = tmp_path / "killed"
@@ -282,8 +283,8 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
     assert list(out.rglob(".shard-00001.parquet.tmp-*")), "the kill should land inside shard 1"
     assert not list(out.rglob("shard-00001.parquet"))
 
-    resumed = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=8, workers=0,
-                            progress=False)
+    resumed = distributor.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=8, workers=0,
+                                progress=False)
     assert resumed["skipped"] == 1 and resumed["run_id"] == reference["run_id"]
     assert _read(str(out)).equals(_read(str(tmp_path / "ref")))
     # No partial or duplicate files: the same visible files as the uninterrupted run, and no temporaries.
@@ -293,8 +294,8 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
     assert not [p for p in out.rglob("*") if ".tmp-" in p.name]
 
     before = _snapshot(str(out))
-    again = scoring.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=8, workers=0,
-                          progress=False)
+    again = distributor.score(tmp_catalog, checkpoint, str(out), rows_per_shard=100, batch_size=8, workers=0,
+                              progress=False)
     assert again["skipped"] == 4 and _snapshot(str(out)) == before
 
 
@@ -303,13 +304,13 @@ def test_sigkill_mid_shard_then_rerun_equals_uninterrupted_run(checkpoint, tmp_c
 def test_bad_rows_reconcile_and_land_in_quarantine(checkpoint, bad_catalog, tmp_path):
     out = str(tmp_path / "out")
     rows = pq.read_metadata(bad_catalog).num_rows
-    plan = scoring.plan_shards(bad_catalog, rows_per_shard=120, out=out)
-    first = scoring.score_shard(plan.shards[0].to_dict(), checkpoint, out, batch_size=32, workers=0)
-    with pytest.raises(scoring.RunIncomplete, match="00001: no done marker"):
-        scoring.finalize(plan.to_dict(), out, first["run_id"])
+    plan = planner.plan_shards(bad_catalog, rows_per_shard=120, out=out)
+    first = runner.score_shard(plan.shards[0].to_dict(), checkpoint, out, batch_size=32, workers=0)
+    with pytest.raises(finalize.RunIncomplete, match="00001: no done marker"):
+        finalize.finalize(plan.to_dict(), out, first["run_id"])
 
-    summary = scoring.score(bad_catalog, checkpoint, out, rows_per_shard=120, batch_size=32, workers=0,
-                            progress=False)
+    summary = distributor.score(bad_catalog, checkpoint, out, rows_per_shard=120, batch_size=32, workers=0,
+                                progress=False)
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["rows_in"] == rows == manifest["predicted"] + manifest["quarantined"]
     assert manifest["quarantined"] == SCORE_QUARANTINE.total()
@@ -337,10 +338,10 @@ def test_image_uri_catalog_resolves_relative_uris_like_ingest(checkpoint, tmp_ca
         pq.write_table(rows.drop_columns(["image"]).append_column("image_uri", pa.array(uris)),
                        tmp_path / "cat" / part / "catalog.parquet")
     monkeypatch.chdir(tmp_path)  # no img/ folder here
-    by_uri = scoring.score(str(tmp_path / "cat" / "*" / "catalog.parquet"), checkpoint, str(tmp_path / "uri"),
-                           rows_per_shard=15, batch_size=8, workers=0, progress=False)
-    by_bytes = scoring.score(tmp_catalog, checkpoint, str(tmp_path / "bytes"), rows_per_shard=100, batch_size=8,
-                             workers=0, progress=False)
+    by_uri = distributor.score(str(tmp_path / "cat" / "*" / "catalog.parquet"), checkpoint, str(tmp_path / "uri"),
+                               rows_per_shard=15, batch_size=8, workers=0, progress=False)
+    by_bytes = distributor.score(tmp_catalog, checkpoint, str(tmp_path / "bytes"), rows_per_shard=100, batch_size=8,
+                                 workers=0, progress=False)
     assert (by_uri["predicted"], by_uri["quarantined"]) == (38, 2)
     quarantine = _read(str(tmp_path / "uri"), "quarantine").to_pylist()
     assert {q["reason"] for q in quarantine} == {reasons.IMAGE_FETCH_FAILED}
@@ -357,8 +358,8 @@ def test_layout_lineage_metadata_and_readers(checkpoint, tmp_catalog, tmp_path):
     import duckdb
 
     out = str(tmp_path / "out")
-    summary = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=250, batch_size=32, workers=0,
-                            progress=False)
+    summary = distributor.score(tmp_catalog, checkpoint, out, rows_per_shard=250, batch_size=32, workers=0,
+                                progress=False)
     run, version = summary["run_id"], summary["model_version"]
     folder = Path(out, "predictions", "model=tiny", f"version={version}", f"run={run}")
     assert sorted(p.name for p in folder.iterdir()) == ["shard-00000.parquet", "shard-00001.parquet"]
@@ -376,7 +377,7 @@ def test_explain_adds_each_modalitys_contribution_in_a_run_of_its_own(checkpoint
     from pipeline import cli
 
     out, contributions = str(tmp_path / "out"), {f"{t}_{m}_contribution" for t in TASKS for m in ("title", "image")}
-    plain = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=250, workers=0, progress=False)
+    plain = distributor.score(tmp_catalog, checkpoint, out, rows_per_shard=250, workers=0, progress=False)
     assert cli.main(["score", "--catalog", tmp_catalog, "--model", checkpoint, "--out", out, "--rows-per-shard",
                      "250", "--workers", "0", "--threads", "1", "--explain", "--all"]) == 0
     explained = json.loads(capsys.readouterr().out)
@@ -403,26 +404,26 @@ def test_explain_adds_each_modalitys_contribution_in_a_run_of_its_own(checkpoint
     for task in TASKS:  # the same predictions otherwise
         assert with_.column(f"{task}_top").equals(without.column(f"{task}_top"))
     # A run id holds one schema: scoring with explain into the plain run is refused.
-    plan = scoring.plan_shards(tmp_catalog, rows_per_shard=250, out=out)
+    plan = planner.plan_shards(tmp_catalog, rows_per_shard=250, out=out)
     with pytest.raises(ValueError, match="explain False.*explain True.*use another run id"):
-        scoring.score_shard(plan.shards[0], checkpoint, out, run_id=plain["run_id"], workers=0, explain=True)
+        runner.score_shard(plan.shards[0], checkpoint, out, run_id=plain["run_id"], workers=0, explain=True)
     # publish reads both runs; the newest (explained) predictions carry their contributions.
-    latest = pq.read_table(scoring.publish(out)["latest"])
+    latest = pq.read_table(publish.publish(out)["latest"])
     assert contributions <= set(latest.column_names) and latest.column("color_image_contribution").null_count == 0
 
 
 def test_publish_latest_per_product_and_catalog_view(checkpoint, tmp_catalog, tmp_path):
     out = str(tmp_path / "out")
-    first = scoring.score(tmp_catalog, checkpoint, out, rows_per_shard=200, workers=0, progress=False)
+    first = distributor.score(tmp_catalog, checkpoint, out, rows_per_shard=200, workers=0, progress=False)
     subset = str(tmp_path / "subset.parquet")
     pq.write_table(pq.read_table(tmp_catalog).slice(0, 50), subset)
     newer = Predictor.from_checkpoint(checkpoint, name="cmaclip", version="2")
-    second = scoring.score(subset, newer, out, rows_per_shard=200, workers=0, progress=False)
+    second = distributor.score(subset, newer, out, rows_per_shard=200, workers=0, progress=False)
     # An unfinished run (no manifest) is never published.
-    unfinished = scoring.plan_shards(subset, rows_per_shard=20)
-    scoring.score_shard(unfinished.shards[0], Predictor.from_checkpoint(checkpoint, version="3"), out, workers=0)
+    unfinished = planner.plan_shards(subset, rows_per_shard=20)
+    runner.score_shard(unfinished.shards[0], Predictor.from_checkpoint(checkpoint, version="3"), out, workers=0)
 
-    summary = scoring.publish(out, catalog=tmp_catalog)
+    summary = publish.publish(out, catalog=tmp_catalog)
     assert summary["runs"] == sorted([first["run_id"], second["run_id"]]) and summary["products"] == 400
     latest = pq.read_table(summary["latest"]).to_pylist()
     assert len({r["product_id"] for r in latest}) == 400
@@ -436,15 +437,15 @@ def test_publish_latest_per_product_and_catalog_view(checkpoint, tmp_catalog, tm
 
 def test_object_store_paths_end_to_end(checkpoint, bad_catalog):
     """memory:// stands in for s3:// (same code path: single-put commits, DuckDB through fsspec)."""
-    from pipeline import storage
+    from pipeline.io import storage
 
     catalog, out = "memory://scoring-test/catalog.parquet", "memory://scoring-test/out"
     storage.write_bytes(catalog, Path(bad_catalog).read_bytes())
-    summary = scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
+    summary = distributor.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
     assert summary["rows_in"] == summary["predicted"] + summary["quarantined"] == pq.read_metadata(bad_catalog).num_rows
-    published = scoring.publish(out, catalog=catalog)
+    published = publish.publish(out, catalog=catalog)
     assert published["catalog_rows"] == summary["rows_in"]
-    again = scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
+    again = distributor.score(catalog, checkpoint, out, rows_per_shard=100, workers=1, progress=False)
     assert again["skipped"] == summary["shards"]
 
 
@@ -452,7 +453,7 @@ def test_object_store_paths_end_to_end(checkpoint, bad_catalog):
 
 def test_vectorised_product_id_normalisation_equals_the_scalar_one():
     """The plan's scan and publish's join use normalize_product_ids; ingest and scoring normalize_product_id."""
-    from pipeline.text import NotText, normalize_product_id, normalize_product_ids
+    from pipeline.io.text import NotText, normalize_product_id, normalize_product_ids
 
     spaces = [c for c in map(chr, range(0x3001)) if c.isspace()]
     values = [f"{s}p-{i}{s}" for i, s in enumerate(spaces)] + ["a b", " ", "", None, "\x1cx\x85", "\u200bz", "é "]
@@ -489,10 +490,10 @@ def test_duplicate_ids_never_publish_another_rows_prediction(checkpoint, tmp_pat
     catalog, out = str(tmp_path / "v2"), str(tmp_path / "out")
 
     with pytest.raises(FileNotFoundError, match="duplicates.parquet is missing"):  # a plan made without `out`
-        scoring.score_shard(scoring.plan_shards(catalog, 10).shards[0], checkpoint, out, workers=0)
-    older = scoring.score(str(tmp_path / "v1"), checkpoint, out, rows_per_shard=10, batch_size=4, workers=0,
-                          progress=False)
-    summary = scoring.score(catalog, checkpoint, out, rows_per_shard=10, batch_size=4, workers=0, progress=False)
+        runner.score_shard(planner.plan_shards(catalog, 10).shards[0], checkpoint, out, workers=0)
+    older = distributor.score(str(tmp_path / "v1"), checkpoint, out, rows_per_shard=10, batch_size=4, workers=0,
+                              progress=False)
+    summary = distributor.score(catalog, checkpoint, out, rows_per_shard=10, batch_size=4, workers=0, progress=False)
     manifest = json.loads(Path(summary["manifest"]).read_text())
     assert manifest["rows_in"] == 30 == manifest["predicted"] + manifest["quarantined"]
     assert manifest["reasons"] == {reasons.DUPLICATE_ID: 6}
@@ -503,14 +504,14 @@ def test_duplicate_ids_never_publish_another_rows_prediction(checkpoint, tmp_pat
     assert any(pid == "red-dress" and "also b.parquet row 2" in d for pid, d in details)
     assert any(pid == "padded" and "also a.parquet row 8" in d for pid, d in details)
     # The plan carries only the count (its rows are in a side file); finalize checks every one was quarantined.
-    plan = scoring.plan_shards(catalog, 10, out=out)
+    plan = planner.plan_shards(catalog, 10, out=out)
     assert plan.duplicates == 6 and plan.shards[2].to_dict()["duplicates"] == 6
     Path(summary["manifest"]).unlink()
-    with pytest.raises(scoring.RunIncomplete, match="6 rows were quarantined as duplicate_id; the plan found 7"):
-        scoring.finalize(plan.to_dict() | {"duplicates": 7}, out, summary["run_id"])
-    scoring.finalize(plan.to_dict(), out, summary["run_id"])
+    with pytest.raises(finalize.RunIncomplete, match="6 rows were quarantined as duplicate_id; the plan found 7"):
+        finalize.finalize(plan.to_dict() | {"duplicates": 7}, out, summary["run_id"])
+    finalize.finalize(plan.to_dict(), out, summary["run_id"])
 
-    published = scoring.publish(out, catalog=catalog)
+    published = publish.publish(out, catalog=catalog)
     latest = {r["product_id"]: r for r in pq.read_table(published["latest"]).to_pylist()}
     assert latest["red-dress"]["run_id"] == older["run_id"]   # its newest prediction: made while it was unique
     assert "exact" not in latest and "padded" not in latest and latest["lonely"]["run_id"] == summary["run_id"]
@@ -554,15 +555,15 @@ def test_files_of_every_legal_text_and_image_type_score_together(checkpoint, tmp
     assert len({str(pq.read_schema(p)) for p in folder.iterdir()}) == len(kinds)
 
     out = str(tmp_path / "out")
-    summary = scoring.score(str(folder), checkpoint, out, rows_per_shard=16, batch_size=8, workers=0,
-                            progress=False)
+    summary = distributor.score(str(folder), checkpoint, out, rows_per_shard=16, batch_size=8, workers=0,
+                                progress=False)
     assert (summary["rows_in"], summary["predicted"], summary["quarantined"]) == (30, 28, 2)
     quarantine = {q["reason"]: q for q in _read(out, "quarantine").to_pylist()}
     assert set(quarantine) == {reasons.PRODUCT_ID_MISSING, reasons.TITLE_NOT_TEXT}
     assert quarantine[reasons.TITLE_NOT_TEXT]["product_id"] == rows[9]["product_id"]
     expected = {r["product_id"] for i, r in enumerate(rows) if i not in (7, 9)}
     assert set(_read(out).column("product_id").to_pylist()) == expected
-    view = pq.read_table(scoring.publish(out, catalog=str(folder))["catalog"])
+    view = pq.read_table(publish.publish(out, catalog=str(folder))["catalog"])
     assert view.num_rows == 30 and view.column("predicted_color_top").null_count == 2
 
 
@@ -575,8 +576,8 @@ def test_publish_renames_catalog_columns_named_like_prediction_columns(checkpoin
     table = table.append_column("catalog_predicted_color", pa.array(["taken"] * 40))
     catalog, out = str(tmp_path / "catalog.parquet"), str(tmp_path / "out")
     pq.write_table(table, catalog)
-    scoring.score(catalog, checkpoint, out, rows_per_shard=100, workers=0, progress=False)
-    published = scoring.publish(out, catalog=catalog)
+    distributor.score(catalog, checkpoint, out, rows_per_shard=100, workers=0, progress=False)
+    published = publish.publish(out, catalog=catalog)
     assert published["renamed"] == {"predicted_color": "catalog_catalog_predicted_color"}
     view = pq.read_table(published["catalog"])
     assert len(set(view.column_names)) == len(view.column_names) == len(table.column_names) - 1 + 4 * 3 + 4

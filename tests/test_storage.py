@@ -8,7 +8,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import storage
+from pipeline.io import storage
+from pipeline.io.parquet_writer import AtomicParquetWriter
 
 
 @pytest.fixture(params=["local", "memory"])
@@ -44,6 +45,24 @@ def test_atomic_output_commits_whole_file_or_nothing(base: str) -> None:
     assert storage.read_bytes(target) == b"whole"
     assert storage.list_files(storage.join(base, "out")) == [storage.list_files(target)[0]]  # no temp left
 
+
+
+def test_parquet_writer_cuts_fixed_row_groups_and_commits_whole_or_nothing(base: str) -> None:
+    schema = pa.schema([("a", pa.int64())])
+    target = storage.join(base, "w/whole.parquet")
+    with AtomicParquetWriter(target, schema, row_group_rows=4) as writer:
+        for n in (3, 6, 2):  # writes that do not line up with the row groups
+            writer.write(pa.table({"a": list(range(n))}, schema=schema))
+        assert not storage.exists(target)
+    meta = storage.parquet_file(target).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [4, 4, 3] and writer.rows == 11
+    assert pq.read_table(pa.BufferReader(storage.read_bytes(target))).column("a").to_pylist() == [0, 1, 2, *range(6), 0, 1]
+    with pytest.raises(RuntimeError):
+        with AtomicParquetWriter(storage.join(base, "w/half.parquet"), schema, row_group_rows=4) as writer:
+            writer.write(pa.table({"a": list(range(9))}, schema=schema))  # two row groups written
+            raise RuntimeError("writer died")
+    fs, folder = storage.filesystem(storage.join(base, "w"))
+    assert [name.rsplit("/", 1)[-1] for name in fs.ls(folder, detail=False)] == ["whole.parquet"]  # no temp left
 
 def test_list_files_folder_glob_file_and_hidden(base: str) -> None:
     for name in ("d/a.parquet", "d/sub/b.parquet", "d/_SUCCESS", "d/.tmp.parquet", "d/c.txt"):

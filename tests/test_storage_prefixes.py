@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from pipeline import orchestration as orch
 from pipeline import settings
+from pipeline.orchestration import airflow_tasks as orch
 
 
 @pytest.fixture

@@ -7,7 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from pipeline import cli, storage
+from pipeline import cli
+from pipeline.io import storage
 from pipeline.synthetic import (BAD_ROWS, COLOR_WORDS, COLORS, MENTION_RATES, PATTERNS, ROW_GROUP_ROWS, STYLES,
                                 bad_rows, make_catalog, make_product, make_row, measured_rates)
 

@@ -1,13 +1,13 @@
-"""Title and label normalisation (pipeline/text.py): the cut before cleaning, and its bound."""
+"""Title and label normalisation (pipeline/io/text.py): the cut before cleaning, and its bound."""
 from __future__ import annotations
 
 import pytest
 
 from cmaclip.config import CONFIG_DIR, load_config
 from cmaclip.transforms import max_title_chars
-from pipeline import text
+from pipeline.io import text
+from pipeline.io.text import MAX_TITLE_CHARS, NotText, clean, normalize_title
 from pipeline.synthetic import MESSY_TITLE
-from pipeline.text import MAX_TITLE_CHARS, NotText, clean, normalize_title
 
 MEBIBYTE_TITLE = "Acme  Red\tStriped Dress\x00 " + "very long words " * (1 << 16)
 

@@ -16,7 +16,9 @@ import torch
 from cmaclip.checkpoint import is_checkpoint
 from cmaclip.config import STAGES
 from mlflow_support import EPOCHS, REPO_ROOT, fresh_process_predict, home, mlflow_home, sample_frame, trained  # noqa: F401,E501
-from pipeline import reasons, registry, settings, tracking, training
+from pipeline import reasons, settings
+from pipeline.tracking import registry, tracker
+from pipeline.training import trainer
 
 pytestmark = pytest.mark.slow
 TASKS = ("color", "pattern", "style")
@@ -31,7 +33,7 @@ ARTIFACTS = ["checkpoint/model.safetensors", "checkpoint/cmaclip.json", "config.
 
 
 def _runs(c, kind_or_parent: dict[str, str]):
-    experiment = c.get_experiment_by_name(tracking.TRAINING_EXPERIMENT)
+    experiment = c.get_experiment_by_name(tracker.TRAINING_EXPERIMENT)
     runs = c.search_runs([experiment.experiment_id], max_results=1000)
     return [r for r in runs if all(r.data.tags.get(k) == v for k, v in kind_or_parent.items())]
 
@@ -44,8 +46,8 @@ def _artifacts(c, run_id: str, path: str = "") -> set[str]:
 
 
 def test_one_parent_run_with_config_dataset_and_versions(trained, home):
-    c = tracking.client()
-    parents = _runs(c, {tracking.KIND_TAG: "training"})
+    c = tracker.client()
+    parents = _runs(c, {tracker.KIND_TAG: "training"})
     assert [p.info.run_id for p in parents] == [trained["result"]["run_id"]]
     parent = parents[0]
     assert parent.info.status == "FINISHED"
@@ -61,16 +63,16 @@ def test_one_parent_run_with_config_dataset_and_versions(trained, home):
 
 
 def test_three_nested_stage_runs_with_epoch_metrics_system_metrics_and_artifacts(trained, home):
-    c = tracking.client()
-    children = _runs(c, {tracking.PARENT_TAG: trained["result"]["run_id"]})
-    assert sorted(r.data.tags[tracking.STAGE_TAG] for r in children) == sorted(STAGES)
+    c = tracker.client()
+    children = _runs(c, {tracker.PARENT_TAG: trained["result"]["run_id"]})
+    assert sorted(r.data.tags[tracker.STAGE_TAG] for r in children) == sorted(STAGES)
     for run in children:
-        stage, run_id = run.data.tags[tracking.STAGE_TAG], run.info.run_id
+        stage, run_id = run.data.tags[tracker.STAGE_TAG], run.info.run_id
         assert run.info.status == "FINISHED"
         for key in EPOCH_METRICS:
             steps = [m.step for m in c.get_metric_history(run_id, key)]
             assert sorted(steps) == list(range(EPOCHS[stage])), (stage, key, steps)
-        if tracking.system_metrics_available():
+        if tracker.system_metrics_available():
             assert any(k.startswith("system/") for k in run.data.metrics), f"{stage}: no system metrics"
         assert run.data.params["stage.stage"] == stage
         assert set(ARTIFACTS) <= _artifacts(c, run_id), stage
@@ -80,30 +82,30 @@ def test_three_nested_stage_runs_with_epoch_metrics_system_metrics_and_artifacts
 
 
 def test_a_retried_stage_finds_its_run_and_a_finished_training_is_not_restarted(trained, home):
-    c = tracking.client()
+    c = tracker.client()
     parent = trained["result"]["run_id"]
-    warmup = _runs(c, {tracking.PARENT_TAG: parent, tracking.STAGE_TAG: "warmup"})
-    assert tracking.stage_run(parent, "warmup") == warmup[0].info.run_id
+    warmup = _runs(c, {tracker.PARENT_TAG: parent, tracker.STAGE_TAG: "warmup"})
+    assert tracker.stage_run(parent, "warmup") == warmup[0].info.run_id
     handle = trained["result"]["training"]
     with pytest.raises(ValueError, match="finished training"):
-        training.start_training(handle["config"], handle["dataset_uri"], handle["out_uri"],
-                                stages=handle["stages"])
+        trainer.start_training(handle["config"], handle["dataset_uri"], handle["out_uri"],
+                               stages=handle["stages"])
 
 
 def test_the_first_stage_starts_from_the_seeded_model_whatever_ran_before(trained, home, monkeypatch):
     handle = trained["result"]["training"]
     started = []
-    monkeypatch.setattr(training, "train_stage", lambda model, *a, **k: started.append(model.state_dict()))
+    monkeypatch.setattr(trainer, "train_stage", lambda model, *a, **k: started.append(model.state_dict()))
     for _ in range(2):
         torch.rand(7)  # other work in the same process (an Airflow worker, a notebook) moves the global RNG
-        training._train(handle, "warmup", training.as_config(handle["config"]), Path(home), "cpu", [])
+        trainer._train(handle, "warmup", trainer.as_config(handle["config"]), Path(home), "cpu", [])
     assert all(torch.equal(started[0][k], started[1][k]) for k in started[0])
 
 
 def test_first_registered_version_is_champion(trained, home):
     assert trained["result"]["registered"] == {"name": "cmaclip", "version": "1", "alias": "champion",
                                                "run_id": trained["result"]["run_id"]}
-    mv = tracking.client().get_model_version_by_alias("cmaclip", "champion")
+    mv = tracker.client().get_model_version_by_alias("cmaclip", "champion")
     assert mv.run_id == trained["result"]["run_id"] and mv.tags["cmaclip.promotion"].startswith("first version")
 
 
@@ -152,13 +154,13 @@ def test_checkpoint_snapshots_round_trip_through_a_remote_store(trained, tmp_pat
     """A remote out_uri: an epoch's snapshot is published, and a fresh worker gets it back whole."""
     stage = Path(trained["result"]["training"]["out_uri"]) / "stages" / "warmup"
     remote = f"memory://cmaclip-test/{tmp_path.name}/stages/warmup"
-    training._publish_snapshot(stage, remote, epochs=3, improved=True)
+    trainer._publish_snapshot(stage, remote, epochs=3, improved=True)
     local = tmp_path / "worker" / "warmup"
-    training._fetch_snapshot(remote, local)
+    trainer._fetch_snapshot(remote, local)
     for sub in ("last", "best"):
         for f in (stage / sub).iterdir():
             assert (local / sub / f.name).read_bytes() == f.read_bytes(), f
-    training._fetch_snapshot(remote, local)  # already as new: a no-op
+    trainer._fetch_snapshot(remote, local)  # already as new: a no-op
 
 
 PARALLEL_WRITER = textwrap.dedent("""
@@ -184,7 +186,7 @@ def test_parallel_writers_on_a_fresh_sqlite_store(tmp_path):
     outputs = [w.communicate(timeout=300) for w in writers]
     assert [w.returncode for w in writers] == [0] * 4, [err[-2000:] for _, err in outputs]
     with mlflow_home(tmp_path / "home"):
-        c = tracking.client()
+        c = tracker.client()
         experiment = c.get_experiment_by_name("parallel")
         runs = c.search_runs([experiment.experiment_id])
         assert len(runs) == 4 and {r.info.status for r in runs} == {"FINISHED"}
@@ -200,10 +202,10 @@ def test_more_params_and_metrics_than_one_request_takes_and_plots_as_figures(tmp
     from cmaclip.evaluate import Predictions
 
     with mlflow_home(tmp_path / "home"):
-        c = tracking.client()
+        c = tracker.client()
         run_id = c.create_run(settings.experiment_id("limits")).info.run_id
-        tracking.log_params(c, run_id, {f"p{i}": str(i) for i in range(250)})
-        tracking.log_metrics(c, run_id, {f"m{i}": float(i) for i in range(2500)} | {"inf": float("inf")}, step=3)
+        tracker.log_params(c, run_id, {f"p{i}": str(i) for i in range(250)})
+        tracker.log_metrics(c, run_id, {f"m{i}": float(i) for i in range(2500)} | {"inf": float("inf")}, step=3)
         run = c.get_run(run_id)
         assert run.data.params == {f"p{i}": str(i) for i in range(250)}
         assert run.data.metrics == {f"m{i}": float(i) for i in range(2500)}
@@ -214,7 +216,7 @@ def test_more_params_and_metrics_than_one_request_takes_and_plots_as_figures(tmp
                                   {t: rng.random(20).astype(np.float32) for t in ("color", "style")})
         titles = {f"id{i}": "red cotton shirt" for i in range(20)}
         labels = {t: ["red", "blue", "green"] for t in ("color", "style")}
-        tracking.log_plots(c, run_id, predictions, titles, labels, 0.9)
+        tracker.log_plots(c, run_id, predictions, titles, labels, 0.9)
         assert _artifacts(c, run_id) == {f"plots/color/{p}.png" for p in ("precision_recall", "confusion", "lambda")}
         plot = c.download_artifacts(run_id, "plots/color/confusion.png", str(tmp_path))
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

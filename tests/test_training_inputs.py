@@ -26,10 +26,10 @@ from cmaclip.stages import frozen_forward
 from cmaclip.train import Callback, train_stage
 from cmaclip.transforms import augment_image, image_transform, tokenizer, trim_tokens
 from paper.splits import load_split
-from pipeline.data import SampleMaker, make_loader, set_epoch
-from pipeline.images import DEFAULT_LIMITS
-from pipeline.ingest import ingest
+from pipeline.ingest.dataset import ingest
+from pipeline.io.images import DEFAULT_LIMITS
 from pipeline.synthetic import make_row
+from pipeline.training.data import SampleMaker, make_loader, set_epoch
 from tiny_training import one_thread, tiny_model  # noqa: F401
 
 VOCAB = {"color": ["Navy Blue", "Red"], "pattern": ["striped", "plain"]}
@@ -269,7 +269,7 @@ def test_cache_never_serves_a_titles_features_for_another_title():
 
 
 def corrupted_batches(cfg, n=32, micro=8):
-    """Fixed batches whose titles are corrupted afresh each epoch, as pipeline.data does."""
+    """Fixed batches whose titles are corrupted afresh each epoch, as pipeline.training.data does."""
     g, stage = torch.Generator().manual_seed(1), StageConfig(drop_title=0.3, remove_label_words=0.3)
     colors = ["red", "green", "blue"]
     labels = torch.randint(0, 3, (n,), generator=g)

@@ -14,8 +14,9 @@ import cmaclip
 from cmaclip.checkpoint import Checkpoint, save_checkpoint
 from cmaclip.config import load_config
 from hostile_corpus import RequestCounter, secret_bytes, uri_corpus
-from pipeline import scoring, synthetic
-from pipeline.ingest import ingest
+from pipeline import synthetic
+from pipeline.ingest.dataset import ingest
+from pipeline.scoring import distributor, publish
 
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
 
@@ -77,12 +78,12 @@ def test_hostile_image_uris_through_ingest(corpus, tmp_path: Path) -> None:
 def test_hostile_image_uris_through_score_and_publish(corpus, checkpoint: str, tmp_path: Path) -> None:
     catalog, expected = corpus
     out = str(tmp_path / "scores")
-    summary = scoring.score(catalog, checkpoint, out, rows_per_shard=16, batch_size=8, workers=0, progress=False)
+    summary = distributor.score(catalog, checkpoint, out, rows_per_shard=16, batch_size=8, workers=0, progress=False)
     assert summary["rows_in"] == len(expected) == summary["predicted"] + summary["quarantined"]
     predicted = pads.dataset(str(Path(out, "predictions")), format="parquet").to_table()
     quarantine = pads.dataset(str(Path(out, "quarantine")), format="parquet").to_table().to_pylist()
     assert _outcomes(predicted.column("product_id").to_pylist(), quarantine) == expected
-    published = scoring.publish(out, catalog=catalog)
+    published = publish.publish(out, catalog=catalog)
     assert published["catalog_rows"] == len(expected)
 
 
@@ -144,12 +145,12 @@ def test_hostile_rows_and_type_mixes_through_ingest_score_and_publish(checkpoint
     assert _row_outcomes(data.column("product_id").to_pylist(), quarantine) == ingest_expected
 
     scores = str(tmp_path / "scores")
-    summary = scoring.score(catalog, checkpoint, scores, rows_per_shard=8, batch_size=4, workers=0, progress=False)
+    summary = distributor.score(catalog, checkpoint, scores, rows_per_shard=8, batch_size=4, workers=0, progress=False)
     assert summary["rows_in"] == sum(map(len, score_expected.values())) == summary["predicted"] + summary["quarantined"]
     predicted = pads.dataset(str(Path(scores, "predictions")), format="parquet").to_table()
     quarantine = pads.dataset(str(Path(scores, "quarantine")), format="parquet").to_table().to_pylist()
     assert _row_outcomes(predicted.column("product_id").to_pylist(), quarantine) == score_expected
-    published = scoring.publish(scores, catalog=catalog)
+    published = publish.publish(scores, catalog=catalog)
     view = pq.read_table(published["catalog"]).to_pylist()
     assert len(view) == summary["rows_in"]
     assert all(r["predicted_color"] is None for r in view if (r["product_id"] or "").strip() == "dup-cross")

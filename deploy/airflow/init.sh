@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # One-shot set-up run by the `airflow-init` service before any other Airflow component starts:
-# migrate the metadata DB, create the `gpu` pool (pipeline.airflow_home owns its size), and give the
+# migrate the metadata DB, create the `gpu` pool (pipeline.orchestration.airflow_home owns its size), and give the
 # admin user the password from .env (SimpleAuthManager reads users from config, passwords from a file).
 set -euo pipefail
 
-python -m pipeline.airflow_home
+python -m pipeline.orchestration.airflow_home
 
 passwords_file="${AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE:?}"
 mkdir -p "$(dirname "$passwords_file")"

@@ -1,0 +1,308 @@
+"""What each Airflow task does: one function per task of the two DAGs, JSON in and JSON out.
+
+The DAG files in dags/ own the orchestration (schedules, params, retries, pools, mapping, assets) and
+call exactly one function here per task; these functions compose the public calls of ingest, training,
+registry and scoring, and reduce their results to what XCom should carry: URIs and small JSON. Keeping
+the composition here, not in the DAG files, means the DAG processor never imports torch or mlflow (every
+heavy import is inside a function), and the tests can drive the same steps without Airflow.
+
+Where a run writes is a function of (DAG, run id) (`run_uri`), so a retried task finds what its failed
+attempt left: a training stage resumes after its last completed epoch, scoring skips committed shards.
+
+Whoever triggers a DAG chooses its params, so every param that names storage (catalog, work folder,
+predictions folder, a config file, a checkpoint folder) is checked by `check_storage_uri`
+against `CMACLIP_STORAGE_PREFIXES` before anything is read or written.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import re
+from datetime import timedelta
+from typing import Any, Mapping, Sequence
+
+# torch-free (cmaclip/__init__ loads torch lazily); the DAG files read the stage names from here
+from cmaclip.config import ALIGN, CONFIG_DIR, STAGES
+
+from .. import settings
+
+log = logging.getLogger(__name__)
+
+# --- what the DAGs default to (environment overrides, read when the DAG file is parsed) ---------------
+
+MODEL_NAME = os.environ.get("CMACLIP_MODEL_NAME", "cmaclip")
+TASKS = ("color", "pattern", "style")
+SCORING_SCHEDULE = os.environ.get("CMACLIP_SCORING_SCHEDULE", "0 2 * * *")
+# A mapped task per group of shards: far below Airflow's max_map_length (1024), and few enough that the
+# per-task start-up (interpreter, model load) stays small next to the scoring itself.
+MAX_SCORING_TASKS = int(os.environ.get("CMACLIP_MAX_SCORING_TASKS", "64"))
+SCORING_PARALLELISM = int(os.environ.get("CMACLIP_SCORING_PARALLELISM", "2"))
+# Celery/Kubernetes queue of the training tasks: "gpu" where a GPU worker listens on it (docker-compose's
+# `gpu` profile); the default queue otherwise. LocalExecutor ignores queues.
+TRAINING_QUEUE = os.environ.get("CMACLIP_TRAINING_QUEUE", "default")
+# Assets are logical names, not storage paths: a champion changes in the registry, predictions may be
+# published to any URI; each event's `extra` says which version, or where.
+PREDICTIONS_ASSET_URI = "cmaclip://predictions/published"
+# MLflow tags that link a training run to the Airflow run that made it.
+AIRFLOW_DAG_TAG, AIRFLOW_RUN_TAG = "airflow.dag_id", "airflow.run_id"
+
+
+def champion_asset_uri(model_name: str = MODEL_NAME) -> str:
+    return f"cmaclip://models/{model_name}/champion"
+
+
+def config_names() -> list[str]:
+    """The configs shipped in cmaclip/configs/ (what the trigger form proposes)."""
+    return sorted(p.stem for p in CONFIG_DIR.glob("*.json"))
+
+
+def default_catalog_uri() -> str:
+    return os.environ.get("CMACLIP_CATALOG_URI") or str(settings.home() / "catalog" / "catalog.parquet")
+
+
+def default_work_uri() -> str:
+    """Root of the per-run folders (datasets, training checkpoints)."""
+    return os.environ.get("CMACLIP_WORK_URI") or str(settings.home() / "runs")
+
+
+def default_predictions_uri() -> str:
+    return os.environ.get("CMACLIP_PREDICTIONS_URI") or str(settings.home() / "predictions")
+
+
+def retry_policy() -> dict[str, Any]:
+    """Task retry arguments: exponential backoff from `CMACLIP_RETRY_DELAY_S` (default 60 s), doubling per
+    try, capped at 30 minutes. A transient failure (a preempted worker, a storage hiccup) gets a second
+    chance soon; a persistent one does not hammer the shared services."""
+    delay = float(os.environ.get("CMACLIP_RETRY_DELAY_S", "60"))
+    return {"retries": int(os.environ.get("CMACLIP_TASK_RETRIES", "2")),
+            "retry_delay": timedelta(seconds=delay), "retry_exponential_backoff": 2.0,
+            "max_retry_delay": timedelta(minutes=30)}
+
+
+def run_uri(root: str, dag_id: str, run_id: str) -> str:
+    """The folder of one DAG run under `root` (the `work_uri` param): the same for every attempt of every
+    task of that run."""
+    from ..io import storage
+    check_storage_uri(root, "work_uri")
+    return storage.join(root, dag_id, re.sub(r"[^A-Za-z0-9._-]+", "_", run_id))
+
+
+# --- the storage a DAG param may name -----------------------------------------------------------------
+
+def check_storage_uri(uri: str, what: str) -> str:
+    """`uri` when it lies under one of `settings.storage_prefixes()`, else a ValueError that names `what` and
+    the prefixes. The rule is the one `image_uri` values obey (`pipeline.io.image_sources`): a prefix matches on
+    path boundaries after `..` is folded (`s3://cmaclip/` does not admit `s3://cmaclip-evil/`, nor `/data/`
+    admit `/data/../etc`), a local path also after its links are resolved, `file://` and plain paths
+    alike; fsspec chains and other schemes are refused."""
+    from ..io.image_sources import ImageSources, Refused  # fsspec and pyarrow: loaded when a task checks
+
+    allowed = settings.storage_prefixes()
+    absolute = uri if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+    try:
+        ImageSources(tuple(allowed)).resolve(absolute, catalog_file="")
+    except Refused as exc:
+        raise ValueError(f"{what} {uri!r} is outside the storage the DAGs may use: {', '.join(allowed)} "
+                         f"(CMACLIP_STORAGE_PREFIXES): {exc}") from None
+    return uri
+
+
+def _checked_config(config: str) -> str:
+    """A config shipped in cmaclip/configs/ by name, or a config file (a path with a suffix, which
+    `load_config` reads as given) within the allowed storage. A name that is not shipped is refused:
+    `load_config` would look for it under cmaclip/configs/, where `..` could leave the folder."""
+    if config in config_names():
+        return config
+    if not os.path.splitext(config)[1]:
+        raise ValueError(f"config {config!r} is neither a config in cmaclip/configs/ "
+                         f"({', '.join(config_names())}) nor the path of a config file")
+    return check_storage_uri(config, "config")
+
+
+def _checked_model(model_ref: str) -> str:
+    """A registry or run URI as is; anything else is a checkpoint folder, which must be allowed storage."""
+    if model_ref.startswith(("models:/", "runs:/")):
+        return model_ref
+    return check_storage_uri(model_ref, "model")
+
+
+# --- retrain -----------------------------------------------------------------------------------------
+
+def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> dict[str, Any]:
+    """Catalog -> dataset under `run_folder/dataset`; the dataset URI and the manifest's counts."""
+    from ..ingest import dataset
+    from ..io import storage
+
+    check_storage_uri(catalog_uri, "catalog_uri")
+    check_storage_uri(run_folder, "run folder (work_uri)")
+    dataset_uri = storage.join(run_folder, "dataset")
+    manifest = dataset.ingest(catalog_uri, list(tasks), dataset_uri)
+    return {"dataset_uri": dataset_uri, "input_fingerprint": manifest["input"]["fingerprint"],
+            **manifest["counts"]}
+
+
+def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
+                  epochs: Mapping[str, int] | None = None, target_precision: float | None = None,
+                  model_name: str = MODEL_NAME, dag_id: str = "", run_id: str = "") -> dict[str, Any]:
+    """Start (or, on a retry, find again) the training of this run: its MLflow parent run and handle,
+    tagged with the Airflow run it belongs to. Its stages are the config's after the `epochs` overrides
+    (align only when it has epochs). Returns the state the stage tasks pass along:
+    {"training": handle, "results": []}."""
+    from ..io import storage
+    from ..training import trainer
+
+    check_storage_uri(run_folder, "run folder (work_uri)")
+    chosen = trainer.as_config(_checked_config(config)).to_dict()
+    if target_precision is not None:
+        chosen["train"]["target_precision"] = float(target_precision)
+    handle = trainer.start_training(chosen, dataset["dataset_uri"], storage.join(run_folder, "training"),
+                                    epochs={s: int(n) for s, n in (epochs or {}).items()} or None,
+                                    model_name=model_name, run_name=f"{dag_id} {run_id}".strip() or None,
+                                    tags={AIRFLOW_DAG_TAG: dag_id, AIRFLOW_RUN_TAG: run_id})
+    return {"training": handle, "results": []}
+
+
+def train_stage(state: Mapping[str, Any], stage: str, processes: int | str = 1) -> dict[str, Any]:
+    """Train `stage` on `processes` processes (torchrun when more than one), resuming it after the last
+    completed epoch on a retry; returns the state with the stage's result appended. A stage the training
+    does not include (align, unless its config gives it epochs) passes the state on unchanged."""
+    from ..training import launch
+
+    if stage not in state["training"]["stages"]:
+        log.info("stage %s is not in this training's stages %s: nothing to train", stage, state["training"]["stages"])
+        return {"training": state["training"], "results": list(state["results"])}
+
+    result = launch.run_stage_distributed(state["training"], stage, processes)
+    return {"training": state["training"], "results": [*state["results"], result]}
+
+
+def mark_training_failed(run_folder: str) -> None:
+    """A training task gave up: mark the MLflow parent run FAILED (a later retry reopens it)."""
+    from ..io import storage
+    from ..training import trainer
+
+    check_storage_uri(run_folder, "run folder (work_uri)")
+    handle_uri = storage.join(run_folder, "training", trainer.TRAINING_FILE)
+    if storage.exists(handle_uri):
+        trainer.fail_training(storage.read_json(handle_uri))
+
+
+def evaluate(state: Mapping[str, Any]) -> dict[str, Any]:
+    """Log the last stage's best checkpoint as the training's model, with per-stage validation metrics."""
+    from ..training import trainer
+
+    final = trainer.finish_training(state["training"], state["results"], register=False)
+    return {**{k: final[k] for k in ("run_id", "model_uri", "checkpoint", "stages")},
+            "model_name": state["training"]["model_name"], "dataset_uri": state["training"]["dataset_uri"]}
+
+
+def register(evaluated: Mapping[str, Any]) -> dict[str, Any]:
+    """A new registry version; `new_champion` when it is the first version (champion without comparison)."""
+    from ..tracking import registry
+
+    registered = registry.register(evaluated["run_id"], evaluated["model_name"])
+    return {**registered, "dataset_uri": evaluated["dataset_uri"],
+            "new_champion": registered["alias"] == registry.CHAMPION}
+
+
+def compare(registered: Mapping[str, Any]) -> dict[str, Any]:
+    """Champion vs the new challenger on the dataset's test split. {"compared", "passed", "comparison",
+    "reason"}; nothing to compare when the new version already is the champion."""
+    from ..tracking import registry
+
+    if registered["new_champion"]:
+        return {"compared": False, "passed": False, "comparison": None,
+                "reason": f"v{registered['version']} is the first version: champion without a comparison"}
+    comparison = registry.compare(registered["name"], registered["dataset_uri"])
+    log.info("%s", comparison.table)
+    return {"compared": True, "passed": bool(comparison.gate["passed"]), "comparison": comparison.as_dict(),
+            "reason": "gate passes" if comparison.gate["passed"] else "; ".join(comparison.gate["failures"])}
+
+
+def promote(registered: Mapping[str, Any], decision: Mapping[str, Any]) -> dict[str, Any]:
+    """Move `champion` to the challenger (the registry re-checks the gate and refuses a stale comparison)."""
+    from ..tracking import registry
+
+    return registry.promote(registered["name"], decision["comparison"])
+
+
+# --- nightly scoring ---------------------------------------------------------------------------------
+
+def group_shards(shard_ids: Sequence[str], max_groups: int) -> list[dict[str, Any]]:
+    """Consecutive shards in at most `max_groups` groups of near-equal size: one mapped task per group."""
+    size = max(1, math.ceil(len(shard_ids) / max(1, max_groups)))
+    chunks = [list(shard_ids[i:i + size]) for i in range(0, len(shard_ids), size)]
+    return [{"label": c[0] if len(c) == 1 else f"{c[0]}-{c[-1]}", "shards": c} for c in chunks]
+
+
+def _predictor(model_ref: str):
+    from ..scoring import runner
+    from ..tracking import registry
+
+    if model_ref.startswith(("models:/", "runs:/")):
+        return registry.load_predictor(model_ref)
+    return runner.load_predictor(model_ref)
+
+
+def _pin(model_ref: str) -> str:
+    """An alias moves; a run must score every shard with one version: `models:/n@alias` -> `models:/n/<v>`."""
+    from ..tracking import registry
+
+    if not model_ref.startswith("models:/"):
+        return model_ref
+    resolved = registry.resolve_checkpoint(model_ref)
+    return f"models:/{resolved.name}/{resolved.version}"
+
+
+def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri: str,
+                 max_groups: int = MAX_SCORING_TASKS, explain: bool = False) -> dict[str, Any]:
+    """Plan the shards, pin the model version and name the run: {"run": {"plan", "model", "run_id",
+    "explain"}, "groups": [{"label", "shards"}]}. The run id is a function of (input snapshot, model
+    version, explain), so a rerun of the DAG resumes the same run and skips committed shards. The rows of
+    duplicated product_ids go to a side file under `out_uri` (the predictions folder), not into the XCom."""
+    from ..scoring import planner, runner
+
+    check_storage_uri(catalog_uri, "catalog_uri")
+    check_storage_uri(out_uri, "predictions_uri")
+    _checked_model(model_ref)
+    plan = planner.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
+    pinned = _pin(model_ref)
+    run_id = runner.default_run_id(plan.id, _predictor(pinned), explain)
+    return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id, "explain": explain},
+            "groups": group_shards(plan.shard_ids, max_groups)}
+
+
+def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
+    """Score the group's shards with one model load; committed shards are skipped. Summed counts."""
+    from ..scoring import planner, runner
+
+    check_storage_uri(out_uri, "predictions_uri")
+    plan = planner.Plan.from_dict(run["plan"])
+    predictor = _predictor(run["model"])
+    markers = [runner.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"],
+                                  explain=run.get("explain", False))
+                                  for shard_id in group["shards"]]
+    total = lambda key: sum(m[key] for m in markers)  # noqa: E731
+    return {"shards": [m["shard"] for m in markers], "skipped": [m["shard"] for m in markers if m["skipped"]],
+            "rows_in": total("rows_in"), "predicted": total("predicted"), "quarantined": total("quarantined")}
+
+
+def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
+    """Check every shard is committed and rows reconcile; the run manifest's figures (not its file list)."""
+    from ..scoring import finalize, layout
+
+    check_storage_uri(out_uri, "predictions_uri")
+    manifest = finalize.finalize(run["plan"], out_uri, run["run_id"])
+    return {"manifest": layout.manifest_uri(out_uri, run["run_id"]),
+            **{k: manifest[k] for k in ("run_id", "plan_id", "shards", "model_name", "model_version",
+                                        "rows_in", "predicted", "quarantined", "reasons", "scoring_seconds")}}
+
+
+def publish_predictions(out_uri: str, catalog_uri: str) -> dict[str, Any]:
+    """Latest attributes per product, and the catalog joined with them, under `out_uri/published/`."""
+    from ..scoring import publish
+
+    check_storage_uri(out_uri, "predictions_uri")
+    check_storage_uri(catalog_uri, "catalog_uri")
+    return publish.publish(out_uri, catalog_uri)

@@ -1,0 +1,54 @@
+"""The local distributor: plan, score every shard (or one) in this process, one after another, and finalize
+a complete run; what `cmaclip score` runs. The Airflow DAG is the other distributor: one mapped task per
+group of shards (`orchestration.airflow_tasks`), over the same plan, runner and finalize."""
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from .finalize import finalize
+from .layout import check_run_id, manifest_uri
+from .planner import plan_shards
+from .runner import default_run_id, load_predictor, score_shard
+
+
+def score(catalog: str, model: Any, out: str, shard: str | None = None, all: bool = True,
+          rows_per_shard: int = 10_000, batch_size: int = 32, workers: int | None = None, precision: str = "auto",
+          compile: bool = False, run_id: str | None = None, threads: int | None = None,
+          progress: bool = True, image_roots: list[str] | None = None,
+          image_hosts: list[str] | None = None, explain: bool = False) -> dict[str, Any]:
+    """Plan, score one shard (`shard=ID`) or every shard (`all`), and finalize a complete run. Reruns
+    resume: committed shards are skipped. Returns a summary dict. `explain`: see `score_shard`.
+
+    `threads` sets torch's intra-op threads for this process. On a node shared with other busy processes,
+    fewer threads than cores can be much faster: OpenMP threads wait for each other at every op, and a
+    descheduled one stalls them all. `image_roots`, `image_hosts`: see `plan_shards`."""
+    from tqdm.auto import tqdm
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+    plan = plan_shards(catalog, rows_per_shard, image_roots, image_hosts, out=out)
+    shards = [plan.shard(shard)] if shard is not None else (plan.shards if all else [])
+    if not shards:  # before the model loads: a wrong shard id fails at once
+        raise ValueError("nothing to score: give shard=ID or all=True")
+    predictor = load_predictor(model, precision=precision, compile=compile)
+    run_id = check_run_id(run_id or default_run_id(plan.id, predictor, explain))
+    bar = tqdm(total=sum(s.rows for s in shards), unit="row", desc=f"score {run_id}", disable=not progress)
+    markers = []
+    with bar:
+        for s in shards:
+            markers.append(score_shard(s, predictor, out, run_id=run_id, batch_size=batch_size,
+                                       workers=workers, progress=bar.update, explain=explain))
+    summary = {"run_id": run_id, "plan_id": plan.id, "shards": len(plan.shards), "scored": len(markers),
+               "skipped": sum(m["skipped"] for m in markers), "rows_in": sum(m["rows_in"] for m in markers),
+               "predicted": sum(m["predicted"] for m in markers),
+               "quarantined": sum(m["quarantined"] for m in markers),
+               "model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
+               "precision": predictor.precision, "explain": explain, "seconds": round(time.perf_counter() - started, 3)}
+    if shard is None:
+        summary["manifest"] = manifest_uri(out, run_id)
+        finalize(plan, out, run_id)
+    return summary

@@ -1,0 +1,49 @@
+"""Where a scoring run's files go under `out`, and what may name a run. Hive-style partitions, readable by
+pyarrow.dataset, DuckDB and Spark; a shard's paths are a function of (input snapshot, shard id, model
+version, run), so a rerun finds what an earlier attempt committed:
+
+    predictions/model=<name>/version=<v>/run=<id>/shard-<id>.parquet
+    quarantine/model=<name>/version=<v>/run=<id>/shard-<id>.parquet   (only shards that quarantined rows)
+    _markers/run=<id>/shard-<id>.json                                  (done markers, written last)
+    _manifests/run=<id>.json                                           (finalize: the run is complete)
+    _plans/plan=<id>/duplicates.parquet                                (plan: rows of duplicated product_ids)
+    published/latest.parquet, published/catalog.parquet                (publish)
+"""
+from __future__ import annotations
+
+import re
+from urllib.parse import quote
+
+from ..io import storage
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _partition(name: str, version: str, run_id: str) -> str:
+    # Hive escapes partition values the same way: '/' or '=' in a model name must not create folders.
+    return f"model={quote(name, safe='-_.')}/version={quote(version, safe='-_.')}/run={run_id}"
+
+
+def output_uris(out: str, shard_id: str, name: str, version: str, run_id: str) -> dict[str, str]:
+    part, file = _partition(name, version, run_id), f"shard-{shard_id}.parquet"
+    return {"predictions": storage.join(out, "predictions", part, file),
+            "quarantine": storage.join(out, "quarantine", part, file),
+            "marker": marker_uri(out, run_id, shard_id)}
+
+
+def marker_uri(out: str, run_id: str, shard_id: str) -> str:
+    return storage.join(out, "_markers", f"run={run_id}", f"shard-{shard_id}.json")
+
+
+def manifest_uri(out: str, run_id: str) -> str:
+    return storage.join(out, "_manifests", f"run={run_id}.json")
+
+
+def check_run_id(run_id: str) -> str:
+    if not RUN_ID.match(run_id):
+        raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (it becomes a path)")
+    return run_id
+
+
+def duplicates_uri(out: str, plan_id: str) -> str:
+    return storage.join(out, "_plans", f"plan={plan_id}", "duplicates.parquet")

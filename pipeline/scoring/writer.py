@@ -1,0 +1,67 @@
+"""Write a shard: its predictions streamed into one Parquet file that appears only when the shard
+completes (`io.parquet_writer`), in row groups of `ROW_GROUP_ROWS` rows, and its quarantine rows (few)
+written at the end. Both files carry the schema and the model's lineage as key-value metadata."""
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from typing import Any
+
+import pyarrow as pa
+
+from ..contracts import CONTRACT, KEY, QUARANTINE_SCHEMA, lineage_values, prediction_schema, quarantine_table
+from ..io import storage
+from ..io.parquet_writer import AtomicParquetWriter, write_table
+from ..manifests import ShardLineage
+from .predictor import Predictor
+
+METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
+ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
+
+
+def _metadata(schema: pa.Schema, lineage: ShardLineage, predictor: Predictor) -> dict[bytes, bytes]:
+    meta = {"contract": CONTRACT, "columns": {f.name: str(f.type) for f in schema}, **lineage.to_dict(),
+            "labels": predictor.labels, "thresholds": predictor.thresholds}
+    return {METADATA_KEY: json.dumps(meta, sort_keys=True).encode()}
+
+
+class ShardWriter:
+    """Streams a shard's predictions to a Parquet file that appears only when the shard completes, and
+    collects its quarantine rows (few) to write at the end."""
+
+    def __init__(self, uris: dict[str, str], predictor: Predictor, lineage: ShardLineage, scored_at: datetime):
+        self.uris = uris
+        schema = prediction_schema(predictor.tasks, lineage.explain)
+        self.schema = schema.with_metadata(_metadata(schema, lineage, predictor))
+        self.quarantine_metadata = _metadata(QUARANTINE_SCHEMA, lineage, predictor)
+        self.constants = lineage_values(lineage.model_name, lineage.model_version, lineage.run_id, scored_at)
+        self.predicted = 0
+        self.quarantine: list[tuple] = []
+
+    def __enter__(self) -> "ShardWriter":
+        self._predictions = AtomicParquetWriter(self.uris["predictions"], self.schema, ROW_GROUP_ROWS)
+        return self
+
+    def add(self, product_ids: list[str], columns: dict[str, Any], quarantine: list[tuple]) -> None:
+        self.quarantine.extend(quarantine)
+        if not product_ids:
+            return
+        n = len(product_ids)
+        arrays = {KEY.name: product_ids, **columns, **{k: [v] * n for k, v in self.constants.items()}}
+        self._predictions.write(pa.RecordBatch.from_pydict(arrays, schema=self.schema))
+        self.predicted += n
+
+    def __exit__(self, kind, value, tb) -> None:
+        self._predictions.__exit__(kind, value, tb)  # commits, or on an exception discards
+        if kind is None and self.quarantine:
+            write_table(self.uris["quarantine"], quarantine_table(self.quarantine, self.quarantine_metadata))
+
+
+def remove_stale_temps(uri: str) -> None:
+    """Temporary files of a killed writer (hidden `.<name>.tmp-*`, invisible to readers) are removed
+    when the shard is redone, so a crash leaves nothing behind for long."""
+    fs, path = storage.filesystem(uri)
+    folder, name = path.rsplit("/", 1)
+    if storage.is_local(fs) and fs.isdir(folder):
+        for stale in fs.glob(f"{folder}/.{name}.tmp-*"):
+            fs.rm(stale)
