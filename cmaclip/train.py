@@ -53,6 +53,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from safetensors.torch import load_model, save_model
+from tabulate import tabulate
 from torch import nn
 
 from .cache import CacheConfig, FeatureCache, cache_config
@@ -655,9 +656,6 @@ class PrintCallback(Callback):
 def stage_table(results: dict[str, StageResult], keys: Sequence[str] = SUMMARY_KEYS) -> str:
     """A per-stage table of the best validation metrics (the columns some stage has)."""
     keys = [k for k in keys if any(k in r.best_metrics for r in results.values())]
-    header = ["stage", "epochs", "best_epoch", *keys]
-    rows = [[s, str(r.epochs_run), str(r.best_epoch), *(f"{r.best_metrics.get(k, float('nan')):.4f}"
-                                                      for k in keys)] for s, r in results.items()]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(x.ljust(w) for x, w in zip(row, widths))  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    rows = [[s, r.epochs_run, r.best_epoch, *(r.best_metrics.get(k, float("nan")) for k in keys)]
+            for s, r in results.items()]
+    return tabulate(rows, ["stage", "epochs", "best_epoch", *keys], floatfmt=".4f")

@@ -7,6 +7,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from tabulate import tabulate
+
 from .options import VARIANTS
 
 TABLE2 = (("cma-clip", "CMA-CLIP"), ("fine-tuned-clip", "Fine-tuned CLIP (zero-shot prompts)"),
@@ -32,38 +34,40 @@ def pct(value: float | None) -> str:
     return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{100 * value:.1f}"
 
 
-def _metric_row(name: str, test: dict[str, Any], tasks: list[str]) -> str:
+def markdown(header: list[str], rows: list[list[str]]) -> str:
+    """A pipe table of cells formatted here (percent, signs, bold): tabulate lays them out as given."""
+    return tabulate(rows, header, tablefmt="github", disable_numparse=True)
+
+
+def _metric_row(name: str, test: dict[str, Any], tasks: list[str]) -> list[str]:
     cells = [f"{pct(test[t]['recall_at_precision'])} / {pct(test[t]['accuracy'])}" for t in tasks]
-    mean = f"**{pct(test['mean_recall_at_precision'])}** / {pct(test['mean_accuracy'])}"
-    return f"| {name} | " + " | ".join(cells) + f" | {mean} |"
+    return [name, *cells, f"**{pct(test['mean_recall_at_precision'])}** / {pct(test['mean_accuracy'])}"]
 
 
 def metric_table(results: dict[str, Any], rows: tuple[tuple[str, str], ...]) -> str:
     """Recall at the target precision / accuracy (%) per task and their means over tasks."""
     tasks = results["protocol"]["tasks"]
-    head = "| method | " + " | ".join(tasks) + " | mean |"
-    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    body = []
     for key, name in rows:
         model = results["models"].get(key)
         if model is None:
             continue
         if "not_run" in model:
-            lines.append(f"| {name} | " + " | ".join("not run" for _ in tasks) + f" | not run: {model['not_run']} |")
+            body.append([name, *("not run" for _ in tasks), f"not run: {model['not_run']}"])
         else:
-            lines.append(_metric_row(name, model["test"], tasks))
-    return "\n".join(lines)
+            body.append(_metric_row(name, model["test"], tasks))
+    return markdown(["method", *tasks, "mean"], body)
 
 
 def f1_table(results: dict[str, Any], rows: tuple[tuple[str, str], ...]) -> str:
     """Macro-F1 (%) per task: unlike recall at 90% precision it weighs rare classes like common ones."""
     tasks = results["protocol"]["tasks"]
-    lines = ["| method | " + " | ".join(tasks) + " | mean |", "|" + "---|" * (len(tasks) + 2)]
+    body = []
     for key, name in rows:
-        model = results["models"].get(key)
-        if model is not None and "test" in model:
-            cells = [pct(model["test"][t]["macro_f1"]) for t in tasks]
-            lines.append(f"| {name} | " + " | ".join(cells) + f" | {pct(model['test']['mean_macro_f1'])} |")
-    return "\n".join(lines)
+        test = results["models"].get(key, {}).get("test")
+        if test is not None:
+            body.append([name, *(pct(test[t]["macro_f1"]) for t in tasks), pct(test["mean_macro_f1"])])
+    return markdown(["method", *tasks, "mean"], body)
 
 
 def saturated(results: dict[str, Any]) -> list[str]:
@@ -84,18 +88,16 @@ def _lambda_cell(cond: dict[str, Any], clean: dict[str, Any], task: str) -> str:
 def robustness_table(results: dict[str, Any]) -> str:
     """Per model and condition: recall / accuracy per task, mean recall, and mean lambda (shift from clean)."""
     tasks = results["protocol"]["tasks"]
-    lines = ["| model | titles | " + " | ".join(f"{t} R/Acc" for t in tasks) + " | mean R | "
-             + " | ".join(f"{t} λ (Δ)" for t in tasks) + " |",
-             "|" + "---|" * (2 * len(tasks) + 3)]
+    header = ["model", "titles", *(f"{t} R/Acc" for t in tasks), "mean R", *(f"{t} λ (Δ)" for t in tasks)]
+    body = []
     for key, runs in in_model_order(results["robustness"]):
         clean = runs["clean"]
         for cond, label in CONDITIONS:
             m = runs[cond]
             cells = [f"{pct(m[t]['recall_at_precision'])} / {pct(m[t]['accuracy'])}" for t in tasks]
             lams = [_lambda_cell(m, clean, t) for t in tasks]
-            lines.append(f"| {NAMES.get(key, key)} | {label} | " + " | ".join(cells)
-                         + f" | {pct(m['mean_recall_at_precision'])} | " + " | ".join(lams) + " |")
-    return "\n".join(lines)
+            body.append([NAMES.get(key, key), label, *cells, pct(m["mean_recall_at_precision"]), *lams])
+    return markdown(header, body)
 
 
 def _calibration_cell(cell: dict[str, Any] | None, target: float) -> str:
@@ -113,14 +115,10 @@ def calibration_table(results: dict[str, Any]) -> str:
     tasks, target = results["protocol"]["tasks"], results["protocol"]["target_precision"]
     if not results.get("calibration"):
         return NOT_IN_RUN
-    lines = ["| model | titles | " + " | ".join(f"{t} P / coverage" for t in tasks) + " |",
-             "|" + "---|" * (len(tasks) + 2)]
-    for key, runs in in_model_order(results.get("calibration", {})):
-        for cond, label in CONDITIONS:
-            if cond in runs:
-                cells = [_calibration_cell(runs[cond].get(t), target) for t in tasks]
-                lines.append(f"| {NAMES.get(key, key)} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    body = [[NAMES.get(key, key), label, *(_calibration_cell(runs[cond].get(t), target) for t in tasks)]
+            for key, runs in in_model_order(results.get("calibration", {})) for cond, label in CONDITIONS
+            if cond in runs]
+    return markdown(["model", "titles", *(f"{t} P / coverage" for t in tasks)], body)
 
 
 def _signed(value: float | None) -> str:
@@ -133,17 +131,18 @@ def contributions_table(results: dict[str, Any]) -> str:
     tasks = results["protocol"]["tasks"]
     if not results.get("contributions"):
         return NOT_IN_RUN
-    lines = ["| model | titles | " + " | ".join(f"{t} λ | {t} title | {t} image" for t in tasks) + " |",
-             "|" + "---|" * (3 * len(tasks) + 2)]
+    header = ["model", "titles", *(f"{t} {column}" for t in tasks for column in ("λ", "title", "image"))]
+    body = []
     for key, runs in in_model_order(results.get("contributions", {})):
         for cond, label in CONDITIONS:
             if cond not in runs:
                 continue
             lam = results["robustness"].get(key, {}).get(cond, {})
-            cells = [f"{lam[t]['image_weight']:.3f} | {_signed(runs[cond][t]['title'])} | "
-                     f"{_signed(runs[cond][t]['image'])}" if t in lam else "— | — | —" for t in tasks]
-            lines.append(f"| {NAMES.get(key, key)} | {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+            cells = [cell for t in tasks for cell in (
+                (f"{lam[t]['image_weight']:.3f}", _signed(runs[cond][t]["title"]), _signed(runs[cond][t]["image"]))
+                if t in lam else ("—", "—", "—"))]
+            body.append([NAMES.get(key, key), label, *cells])
+    return markdown(header, body)
 
 
 def _removed(row: dict[str, Any]) -> str:
@@ -178,23 +177,16 @@ def ablation_table(results: dict[str, Any]) -> str:
         return (f"The config turns no training choice on ({', '.join(ablations['groups'])} are off in every "
                 "stage, and align has no epochs): nothing to ablate.")
     full = results["robustness"].get("cma-clip", {})
-    lines = ["| removed | retrained | " + " | ".join(f"{label}: acc / R (Δ)" for _, label in CONDITIONS) + " |",
-             "|" + "---|" * (len(CONDITIONS) + 2),
-             "| nothing (CMA-CLIP) | — | " + " | ".join(_ablation_cell(full[c], None) if c in full else "—"
-                                                      for c, _ in CONDITIONS) + " |"]
-    for row in ablations["rows"]:
-        cells = [_ablation_cell(row["test"][c], full.get(c)) for c, _ in CONDITIONS]
-        lines.append(f"| {_removed(row)} | {_retrained(row)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    body = [["nothing (CMA-CLIP)", "—", *(_ablation_cell(full[c], None) if c in full else "—" for c, _ in CONDITIONS)]]
+    body += [[_removed(row), _retrained(row), *(_ablation_cell(row["test"][c], full.get(c)) for c, _ in CONDITIONS)]
+             for row in ablations["rows"]]
+    return markdown(["removed", "retrained", *(f"{label}: acc / R (Δ)" for _, label in CONDITIONS)], body)
 
 
 def noise_table(results: dict[str, Any]) -> str:
     stats, tasks = results["noise"], results["protocol"]["tasks"]
-    lines = ["| test titles | " + " | ".join(f"name the {t} label" for t in tasks) + " |",
-             "|" + "---|" * (len(tasks) + 1)]
-    for cond, label in CONDITIONS:
-        lines.append(f"| {label} | " + " | ".join(pct(stats["label_named"][cond][t]) for t in tasks) + " |")
-    return "\n".join(lines)
+    body = [[label, *(pct(stats["label_named"][cond][t]) for t in tasks)] for cond, label in CONDITIONS]
+    return markdown(["test titles", *(f"name the {t} label" for t in tasks)], body)
 
 
 def _mean(results: dict[str, Any], key: str, metric: str = "mean_recall_at_precision") -> float | None:

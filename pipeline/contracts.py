@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
 import pyarrow as pa
+from tabulate import tabulate
 
 from cmaclip.config import MODALITIES
 
@@ -106,9 +107,8 @@ def markdown_table(header: str, columns: Sequence[Column]) -> str:
             rows[-1][0].append(c.name)
         else:
             rows.append(([c.name], _type_text(c), c.meaning))
-    lines = [f"| {header} | type | meaning |", "|---|---|---|"]
-    return "\n".join(lines + [f"| {', '.join(f'`{n}`' for n in names)} | {kind} | {meaning} |"
-                              for names, kind, meaning in rows])
+    body = [[", ".join(f"`{n}`" for n in names), kind, meaning] for names, kind, meaning in rows]
+    return tabulate(body, [header, "type", "meaning"], tablefmt="github", disable_numparse=True)
 
 
 def docs_tables() -> dict[str, str]:

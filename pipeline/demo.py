@@ -23,6 +23,8 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from tabulate import tabulate
+
 from . import settings
 from .io import storage
 from .orchestration import airflow_home, airflow_tasks
@@ -108,20 +110,15 @@ def scoring_report(predictions_uri: str) -> dict[str, Any]:
 
 # --- the summary -------------------------------------------------------------------------------------
 
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
-
-
 def metrics_table(stages: Mapping[str, Mapping[str, Any]], tasks: Sequence[str], precision: float) -> str:
     header = ["stage", "task", "accuracy", f"recall@{precision:.0%}P"]
-    rows = [[stage, task, _fmt(m.get(f"{task}/accuracy")), _fmt(m.get(f"{task}/recall_at_precision"))]
+    rows = [[stage, task, m.get(f"{task}/accuracy"), m.get(f"{task}/recall_at_precision")]
             for stage, m in stages.items() for task in tasks]
-    rows += [[stage, "mean", _fmt(m.get("mean_accuracy")), _fmt(m.get("mean_recall_at_precision"))]
-             for stage, m in stages.items()]
+    rows += [[stage, "mean", m.get("mean_accuracy"), m.get("mean_recall_at_precision")] for stage, m in stages.items()]
     rows.sort(key=lambda r: list(stages).index(r[0]))
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "  ".join(x.ljust(w) for x, w in zip(r, widths)).rstrip()  # noqa: E731
-    return "\n".join("    " + line(r) for r in [header, ["-" * w for w in widths], *rows])
+    # Task names come from the catalog: one that looks like a number stays a name.
+    table = tabulate(rows, header, floatfmt=".3f", missingval="-", disable_numparse=[0, 1])
+    return "\n".join("    " + line for line in table.splitlines())
 
 
 def _reasons(reasons: Mapping[str, int]) -> str:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from tabulate import tabulate
 
 from .. import settings
 from . import tracker
@@ -361,30 +362,24 @@ def format_versions(rows: list[dict[str, Any]]) -> str:
     header = ["version", "aliases", "created", "run_id", "test mean acc", "promotion"]
     body = [[r["version"], ",".join(r["aliases"]) or "-", r["created"], r["run_id"] or "-",
              r["tags"].get(f"{TAG}test.mean_accuracy", "-"), r["tags"].get(f"{TAG}promotion", "-")] for r in rows]
-    return _table(header, body)
+    # Every cell is a string as MLflow stores it (ids, tag values): shown as stored, never re-read as numbers.
+    return tabulate(body, header, disable_numparse=True)
 
 
 def format_comparison(comparison: Comparison) -> str:
     champ, chall = comparison.metrics[CHAMPION], comparison.metrics[CHALLENGER]
     header = ["task", f"acc v{comparison.champion}", f"acc v{comparison.challenger}",
               f"R@P v{comparison.champion}", f"R@P v{comparison.challenger}", "agreement"]
-    body = [[t, f"{champ[t]['accuracy']:.4f}", f"{chall[t]['accuracy']:.4f}",
-             f"{champ[t]['recall_at_precision']:.4f}", f"{chall[t]['recall_at_precision']:.4f}",
-             f"{comparison.agreement.get(t, float('nan')):.4f}"] for t in champ]
-    body.append(["mean", f"{_mean(champ, 'accuracy'):.4f}", f"{_mean(chall, 'accuracy'):.4f}",
-                 f"{_mean(champ, 'recall_at_precision'):.4f}", f"{_mean(chall, 'recall_at_precision'):.4f}",
-                 f"{np.mean(list(comparison.agreement.values())) if comparison.agreement else float('nan'):.4f}"])
+    body = [[t, champ[t]["accuracy"], chall[t]["accuracy"], champ[t]["recall_at_precision"],
+             chall[t]["recall_at_precision"], comparison.agreement.get(t, float("nan"))] for t in champ]
+    body.append(["mean", _mean(champ, "accuracy"), _mean(chall, "accuracy"), _mean(champ, "recall_at_precision"),
+                 _mean(chall, "recall_at_precision"),
+                 np.mean(list(comparison.agreement.values())) if comparison.agreement else float("nan")])
     verdict = comparison.gate
     lines = [f"{comparison.name}: champion v{comparison.champion} vs challenger v{comparison.challenger} "
              f"on {comparison.n} test products of {comparison.dataset_uri} (R@P = recall at the target precision)",
-             _table(header, body)]
+             tabulate(body, header, floatfmt=".4f", disable_numparse=[0])]  # a task name stays a name
     if verdict:
         lines.append(f"gate (tolerance {verdict['tolerance']}): "
                      + ("passes" if verdict["passed"] else "fails: " + "; ".join(verdict["failures"])))
     return "\n".join(lines)
-
-
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(str(x).ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])

@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
+from tabulate import tabulate
 
 from cmaclip.checkpoint import load_checkpoint
 from cmaclip.config import ALIGN, ALL_STAGES, STAGES, CMACLIPConfig, load_config
@@ -404,9 +405,7 @@ def stage_table(results: Mapping[str, Mapping[str, Any]], keys: Sequence[str] = 
     """Per stage: epochs run, best epoch and its validation metrics (the columns some stage has)."""
     keys = [k for k in keys if any(r["metrics"].get(k) is not None for r in results.values())]
     header = ["stage", "epochs", "best_epoch", *keys, "run_id"]
-    rows = [[s, str(r["epochs_run"]), str(r["best_epoch"]),
-             *(f"{r['metrics'][k]:.4f}" if r["metrics"].get(k) is not None else "-" for k in keys), r["run_id"]]
+    rows = [[s, r["epochs_run"], r["best_epoch"], *(r["metrics"].get(k) for k in keys), r["run_id"]]
             for s, r in results.items()]
-    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
-    fmt = lambda row: "  ".join(x.ljust(w) for x, w in zip(row, widths)).rstrip()  # noqa: E731
-    return "\n".join([fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    # The run id is a name: an all-digit one must not be read as a number.
+    return tabulate(rows, header, floatfmt=".4f", missingval="-", disable_numparse=[len(header) - 1])
