@@ -9,7 +9,7 @@ from typing import Any
 
 from tabulate import tabulate
 
-from .options import VARIANTS
+from .options import STAGES, VARIANTS
 
 TABLE2 = (("cma-clip", "CMA-CLIP"), ("fine-tuned-clip", "Fine-tuned CLIP (zero-shot prompts)"),
           ("raw-clip", "Raw CLIP (zero-shot prompts)"), ("image-only", "Image only"), ("text-only", "Text only"))
@@ -155,15 +155,20 @@ def contributions_table(results: dict[str, Any]) -> str:
     return markdown(header, body)
 
 
+def _in_stage_order(stages) -> list[str]:
+    """Stage names in training order (the stored JSON sorts its keys)."""
+    return sorted(stages, key=STAGES.index)
+
+
 def _removed(row: dict[str, Any]) -> str:
-    settings = "; ".join(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in removed.items())
-                         for stage, removed in row["removed"].items())
+    settings = "; ".join(f"{stage}: " + ", ".join(f"{k}={v}" for k, v in row["removed"][stage].items())
+                         for stage in _in_stage_order(row["removed"]))
     return f"{row['group']} ({settings})"
 
 
 def _retrained(row: dict[str, Any]) -> str:
     start = f"from {row['reused_stages'][-1]}" if row["reused_stages"] else "from scratch"
-    return f"{', '.join(row['stages'])} ({start})"
+    return f"{', '.join(_in_stage_order(row['stages']))} ({start})"
 
 
 def _ablation_cell(test: dict[str, Any], full: dict[str, Any] | None) -> str:
@@ -377,7 +382,8 @@ def _protocol_section(results: dict[str, Any]) -> list[str]:
         f"{p['contrastive']['epochs']} epochs at lr {p['contrastive']['lr']}.",
         f"- Run time: {t['total_s'] / 60:.1f} min on {p['machine']['cores']} CPU cores shared with other jobs "
         f"(torch threads: {p.get('threads', p['machine']['threads'])}) "
-        f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in t['parts'].items())}).",
+        f"({', '.join(f'{k} {v / 60:.1f} min' for k, v in t['parts'].items())})"
+        + (f"; {t['note']}." if t.get("note") else "."),
         f"- Metric: recall at {p['target_precision']:.0%} precision of the top-1 prediction ranked by confidence "
         f"(threshold chosen on the test set itself, as the paper's metric is defined), and accuracy.",
     ]
