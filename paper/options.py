@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+from cmaclip.config import ALL_STAGES
 from pipeline import settings
 
 # Defaults for a source checkout: the shared fashion-small catalog beside the repo, results in bench/results.
@@ -16,7 +17,7 @@ FASHION_SMALL = (settings.REPO_ROOT.parent / "shared" / "data" / "fashion-small"
                  if settings.REPO_ROOT else None)
 TASKS = ("color", "article_type", "usage")
 VARIANTS = ("cma-clip", "no-modality-attention", "no-attention", "image-only", "text-only")
-STAGES = ("align", "warmup", "end_to_end", "tuning")  # cmaclip.config.ALL_STAGES, without importing torch
+STAGES = ALL_STAGES  # cmaclip.config imports no torch
 
 
 def _results_dir() -> Path:
