@@ -28,6 +28,7 @@ from tabulate import tabulate
 from . import settings
 from .io import storage
 from .orchestration import airflow_home, airflow_tasks
+from .scoring.layout import published_uri
 
 ROWS = 1200
 EPOCHS = {"warmup": 3, "end_to_end": 1, "tuning": 2}
@@ -101,7 +102,7 @@ def scoring_report(predictions_uri: str) -> dict[str, Any]:
     if not manifests:
         raise RuntimeError(f"no finalized scoring run under {predictions_uri}")
     latest = max(manifests, key=lambda m: m.finalized_at).to_dict()
-    published = {name: storage.join(predictions_uri, "published", f"{name}.parquet") for name in ("latest", "catalog")}
+    published = {name: published_uri(predictions_uri, name) for name in ("latest", "catalog")}
     rows = {name: storage.parquet_file(uri).metadata.num_rows for name, uri in published.items() if storage.exists(uri)}
     return {**{k: latest[k] for k in ("run_id", "shards", "rows_in", "predicted", "quarantined", "reasons",
                                      "model_name", "model_version", "scoring_seconds")},

@@ -7,7 +7,7 @@ version, run), so a rerun finds what an earlier attempt committed:
     _markers/run=<id>/shard-<id>.json                                  (done markers, written last)
     _manifests/run=<id>.json                                           (finalize: the run is complete)
     _plans/plan=<id>/duplicates.parquet                                (plan: rows of duplicated product_ids)
-    published/latest.parquet, published/catalog.parquet                (publish)
+    published/latest.parquet, published/catalog.parquet                (publish: `published_uri`)
 """
 from __future__ import annotations
 
@@ -43,6 +43,11 @@ def check_run_id(run_id: str) -> str:
     if not RUN_ID.match(run_id):
         raise ValueError(f"run id {run_id!r}: use letters, digits, '.', '_' and '-' (it becomes a path)")
     return run_id
+
+
+def published_uri(out: str, name: str) -> str:
+    """What publish writes: `latest` (one row per product, the current published state), `catalog`."""
+    return storage.join(out, "published", f"{name}.parquet")
 
 
 def duplicates_uri(out: str, plan_id: str) -> str:

@@ -11,6 +11,7 @@ from ..io import storage
 from ..io.sql import load_sql, write_parquet
 from . import duplicate_ids
 from .finalize import read_run_manifests
+from .layout import published_uri
 from .writer import ROW_GROUP_ROWS
 
 CATALOG_PREFIX = "catalog_"        # a catalog column named like a prediction column gets this prefix
@@ -32,11 +33,11 @@ def publish(out: str, catalog: str | None = None) -> dict[str, Any]:
         raise FileNotFoundError(f"no finalized scoring run under {out}: run score and finalize first")
     con = duckdb.connect()
     storage.register_duckdb(con, out)
-    latest = storage.join(out, "published", "latest.parquet")
+    latest = published_uri(out, "latest")
     summary = {"runs": sorted(m.run_id for m in manifests), "files": len(files), "latest": latest,
                "products": write_parquet(_query(con, "publish_latest", {"predictions": files}), latest)}
     if catalog is not None:
-        summary.update(_publish_catalog(con, catalog, latest, storage.join(out, "published", "catalog.parquet")))
+        summary.update(_publish_catalog(con, catalog, latest, published_uri(out, "catalog")))
     return summary
 
 
