@@ -118,7 +118,7 @@ def _keyed(table: pa.Table) -> tuple[pa.Table, list[tuple]]:
         else:
             quarantine.append(refused)
     if len(keep) < table.num_rows:  # a take copies every column, images included
-        table = table.take(keep)
+        table = table.take(pa.array(keep, pa.int64()))  # typed: an empty list would be null-typed
     return table.set_column(0, "product_id", pa.array(ids, pa.large_string())), quarantine
 
 
