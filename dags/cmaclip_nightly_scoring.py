@@ -3,11 +3,12 @@
     plan -> score (one mapped task per group of shards) -> finalize -> publish
 
 The schedule is a cron (`CMACLIP_SCORING_SCHEDULE`, default "0 2 * * *", UTC) OR an event on the champion
-Asset that `cmaclip_retrain` emits, whichever comes first (AssetOrTimeSchedule). `plan` cuts the catalog
-into shards, pins the champion's version (an alias may move mid-run; every shard must be scored by one
-version) and groups the shards so the map stays far below Airflow's max_map_length. Each shard is
-committed atomically with a done marker, so a retried task or a rerun of the DAG skips committed shards
-and redoes the rest. `publish` emits the predictions Asset.
+Asset that `cmaclip_retrain` emits, whichever comes first (AssetOrTimeSchedule). `plan` pins the champion's
+version (an alias may move mid-run; every shard must be scored by one version), cuts the catalog into shards,
+finds the products whose published prediction carries over (same title, image and model: only new and changed
+products are scored, unless the `full` param is on) and groups the shards so the map stays far below
+Airflow's max_map_length. Each shard is committed atomically with a done marker, so a retried task or a
+rerun of the DAG skips committed shards and redoes the rest. `publish` emits the predictions Asset.
 """
 from __future__ import annotations
 
@@ -28,6 +29,9 @@ PARAMS = {
                             description="The unit of commit and of rerun; shards are grouped into mapped tasks."),
     "explain": Param(False, type="boolean", title="Explain",
                      description="Add each task's title and image contributions (3 forward passes per batch)."),
+    "full": Param(False, type="boolean", title="Full rescore",
+                  description="Score every product. Off: a product whose title, image and model are those of its "
+                              "published prediction carries it over; only new and changed ones are scored."),
 }
 
 
@@ -42,7 +46,7 @@ def cmaclip_nightly_scoring():
     @task
     def plan(params=None, ti=None):
         planned = orch.plan_scoring(params["catalog_uri"], params["model"], params["rows_per_shard"],
-                                    params["predictions_uri"], explain=params["explain"])
+                                    params["predictions_uri"], explain=params["explain"], full=params["full"])
         ti.xcom_push(key="run", value=planned["run"])
         return planned["groups"]
 

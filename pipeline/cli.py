@@ -160,6 +160,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--explain", action="store_true",
                    help="add <task>_title_contribution and <task>_image_contribution (3 forward passes; "
                         "docs/model.md)")
+    p.add_argument("--full", action="store_true",
+                   help="score every row (default: a product whose title, image and model are those of its "
+                        "published prediction carries it over)")
     _image_source_args(p)
 
 
@@ -171,7 +174,7 @@ def _score(args: argparse.Namespace) -> Any:
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.all,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
                  precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,
-                 image_roots=args.image_roots, image_hosts=args.image_hosts, explain=args.explain)
+                 image_roots=args.image_roots, image_hosts=args.image_hosts, explain=args.explain, full=args.full)
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:

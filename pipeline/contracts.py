@@ -1,7 +1,7 @@
 """The columns of the Parquet files others read, each defined once here.
 
-Predictions: the key, per task the columns below, the lineage. From this spec come the Arrow schema scoring
-writes (`prediction_schema`), the Predictor's output columns (`task_columns`), the MLflow signature of the
+Predictions: the key, the content hash, per task the columns below, the lineage. From this spec come the
+Arrow schema scoring writes (`prediction_schema`), the Predictor's output columns (`task_columns`), the MLflow signature of the
 pyfunc (pipeline.tracking.pyfunc) and the tables in docs/contracts.md (`python -m pipeline.contracts` prints them; a
 test checks the page holds them). Quarantine: four string columns, written by ingest and scoring alike.
 
@@ -38,6 +38,10 @@ class Column:
 
 
 KEY = Column("product_id", "string", "the catalog key", nullable=False)
+CONTENT_HASH = Column("content_hash", "string",
+                      "what the model read: a hash of the title and the image bytes (for `image_uri`, the fetched "
+                      "content), `pipeline.io.content_hash`; a row is scored again only when it changes (or the model "
+                      "does)", nullable=False)
 LABEL = Column(TASK, "string", "the top-1 label; null when its confidence is below the task's threshold")
 TOP = Column(f"{TASK}_top", "string", "the top-1 label, always")
 CONFIDENCE = Column(f"{TASK}_confidence", "float32", "softmax probability of the top-1 label")
@@ -51,9 +55,12 @@ CONTRIBUTIONS = {modality: Column(
     "only with `--explain` (DAG param `explain`): the top-1 label's probability minus its probability without "
     "the title (empty title) or without the image (blank image), in [-1, 1]; 3 forward passes per batch "
     "instead of 1") for modality in MODALITIES}
-LINEAGE = (Column("model_name", "string", "lineage"), Column("model_version", "string", "lineage"),
-           Column("run_id", "string", "lineage"),
-           Column("scored_at", "timestamp[us, UTC]", "when the shard started"))
+# A prediction carried over from the published state keeps its lineage (pipeline/scoring/carry_over.py): its
+# run_id and scored_at say which run made it.
+_MADE_BY = "lineage: the model and the run that scored the row (a row carried over keeps its own)"
+LINEAGE = (Column("model_name", "string", _MADE_BY), Column("model_version", "string", _MADE_BY),
+           Column("run_id", "string", _MADE_BY),
+           Column("scored_at", "timestamp[us, UTC]", "when the shard that scored the row started"))
 
 QUARANTINE = (Column("product_id", "string", "as normalised; null when the row has none"),
               Column("stage", "string", "`ingest` or `score`"),
@@ -70,7 +77,7 @@ def per_task(explain: bool = False) -> tuple[Column, ...]:
 def prediction_columns(tasks: Sequence[str], explain: bool = False) -> list[Column]:
     """Every column of a predictions file, named for `tasks`, in file order."""
     named = [dataclasses.replace(c, name=c.named(t)) for t in tasks for c in per_task(explain)]
-    return [KEY, *named, *LINEAGE]
+    return [KEY, CONTENT_HASH, *named, *LINEAGE]
 
 
 def task_columns(tasks: Sequence[str], explain: bool = False) -> list[tuple[str, str]]:
@@ -113,7 +120,7 @@ def markdown_table(header: str, columns: Sequence[Column]) -> str:
 
 def docs_tables() -> dict[str, str]:
     """The contract tables of docs/contracts.md, by name."""
-    predictions = [KEY, *per_task(explain=True), *LINEAGE]
+    predictions = [KEY, CONTENT_HASH, *per_task(explain=True), *LINEAGE]
     return {"predictions": markdown_table("column (`pipeline.contracts`)", predictions),
             "quarantine": markdown_table("column (`pipeline.contracts.QUARANTINE`)", QUARANTINE)}
 

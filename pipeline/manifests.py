@@ -181,9 +181,12 @@ class ShardTimings(Record):
 
 @dataclass(frozen=True, kw_only=True)
 class ShardMarker(ShardLineage):
-    """Written last: the shard counts as done only once this exists."""
+    """Written last: the shard counts as done only once this exists. predicted = scored + carried (over from the
+    published state); `scored` is None in markers from before carrying existed, when every row was scored."""
     rows_in: int
     predicted: int
+    scored: int | None = None
+    carried: int = 0
     quarantined: int
     reasons: dict[str, int]          # quarantine reason code -> rows
     predictions: str                 # URI
@@ -196,7 +199,8 @@ class ShardMarker(ShardLineage):
 
 @dataclass(frozen=True, kw_only=True)
 class RunManifest(Record):
-    """Written by finalize once every shard reconciles: only runs with one are published."""
+    """Written by finalize once every shard reconciles: only runs with one are published. predicted = scored +
+    carried, as in the markers."""
     contract: str
     run_id: str
     plan_id: str
@@ -211,6 +215,8 @@ class RunManifest(Record):
     explain: bool = False
     rows_in: int
     predicted: int
+    scored: int | None = None
+    carried: int = 0
     quarantined: int
     reasons: dict[str, int]
     predictions: list[str]

@@ -72,7 +72,8 @@ def test_the_predictions_file_is_the_contracts_schema(scored):
     file = _only(scored["out"], "predictions/**/shard-00000.parquet")
     assert pq.read_schema(file).remove_metadata() == contracts.prediction_schema(list(TASKS))
     names = [c.name for c in contracts.prediction_columns(["color"], explain=True)]
-    assert names[:2] == ["product_id", "color"] and names[-4:] == ["model_name", "model_version", "run_id", "scored_at"]
+    assert names[:3] == ["product_id", "content_hash", "color"]
+    assert names[-4:] == ["model_name", "model_version", "run_id", "scored_at"]
     assert {"color_title_contribution", "color_image_contribution"} <= set(names)
 
 
@@ -165,10 +166,11 @@ def test_a_malformed_run_or_dataset_manifest_names_its_file_and_field(scored, in
 
 def test_a_marker_from_before_the_later_fields_still_reads(scored):
     doc = json.loads(_only(scored["out"], "_markers/**/shard-00000.json").read_text())
-    for added in ("explain", "model_source", "precision", "quarantine"):
+    for added in ("explain", "model_source", "precision", "quarantine", "scored", "carried"):
         doc.pop(added)
     marker = ShardMarker.from_dict(doc)
     assert (marker.explain, marker.model_source, marker.precision, marker.quarantine) == (False, "", None, None)
+    assert (marker.scored, marker.carried) == (None, 0)  # before carrying over: every prediction was scored
 
 
 # --- imports --------------------------------------------------------------------------------------------

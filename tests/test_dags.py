@@ -106,6 +106,7 @@ def test_scoring_dag_shape(dagbag):
     from airflow.sdk.exceptions import ParamValidationError
 
     assert dag.params["explain"] is False  # the contribution columns only when asked for
+    assert dag.params["full"] is False  # incremental: only new and changed products are scored
     with pytest.raises(ParamValidationError):
         dag.params.get_param("explain").resolve("yes")
 

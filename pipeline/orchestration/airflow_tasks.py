@@ -256,19 +256,26 @@ def _pin(model_ref: str) -> str:
 
 
 def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri: str,
-                 max_groups: int = MAX_SCORING_TASKS, explain: bool = False) -> dict[str, Any]:
-    """Plan the shards, pin the model version and name the run: {"run": {"plan", "model", "run_id",
+                 max_groups: int = MAX_SCORING_TASKS, explain: bool = False, full: bool = False) -> dict[str, Any]:
+    """Pin the model version, plan the shards and name the run: {"run": {"plan", "model", "run_id",
     "explain"}, "groups": [{"label", "shards"}]}. The run id is a function of (input snapshot, model
-    version, explain), so a rerun of the DAG resumes the same run and skips committed shards. The rows of
-    duplicated product_ids go to a side file under `out_uri` (the predictions folder), not into the XCom."""
-    from ..scoring import planner, runner
+    version, explain, and the published state predictions are carried over from), so a rerun of the DAG
+    resumes the same run and skips committed shards. Incremental unless `full`: products whose content and
+    model did not change carry their published prediction over (pipeline/scoring/carry_over.py). The rows
+    of duplicated product_ids and those carried over go to side files under `out_uri` (the predictions
+    folder), not into the XCom."""
+    from ..scoring import carry_over, planner, runner
 
     check_storage_uri(catalog_uri, "catalog_uri")
     check_storage_uri(out_uri, "predictions_uri")
     _checked_model(model_ref)
-    plan = planner.plan_shards(catalog_uri, rows_per_shard, out=out_uri)
     pinned = _pin(model_ref)
-    run_id = runner.default_run_id(plan.id, _predictor(pinned), explain)
+    predictor = _predictor(pinned)
+    lineage = predictor.lineage
+    carry_from = None if full else carry_over.source(out_uri, lineage.name, lineage.version, predictor.tasks, explain)
+    plan = planner.plan_shards(catalog_uri, rows_per_shard, out=out_uri, carry_from=carry_from)
+    log.info("plan %s: %s", plan.id, plan.counts())
+    run_id = runner.default_run_id(plan.id, predictor, explain)
     return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id, "explain": explain},
             "groups": group_shards(plan.shard_ids, max_groups)}
 
@@ -285,7 +292,8 @@ def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) 
                                   for shard_id in group["shards"]]
     total = lambda key: sum(m[key] for m in markers)  # noqa: E731
     return {"shards": [m["shard"] for m in markers], "skipped": [m["shard"] for m in markers if m["skipped"]],
-            "rows_in": total("rows_in"), "predicted": total("predicted"), "quarantined": total("quarantined")}
+            "rows_in": total("rows_in"), "predicted": total("predicted"), "scored": total("scored"),
+            "carried": total("carried"), "quarantined": total("quarantined")}
 
 
 def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
@@ -295,8 +303,9 @@ def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
     check_storage_uri(out_uri, "predictions_uri")
     manifest = finalize.finalize(run["plan"], out_uri, run["run_id"])
     return {"manifest": layout.manifest_uri(out_uri, run["run_id"]),
-            **{k: manifest[k] for k in ("run_id", "plan_id", "shards", "model_name", "model_version",
-                                        "rows_in", "predicted", "quarantined", "reasons", "scoring_seconds")}}
+            **{k: manifest[k] for k in ("run_id", "plan_id", "shards", "model_name", "model_version", "rows_in",
+                                        "predicted", "scored", "carried", "quarantined", "reasons",
+                                        "scoring_seconds")}}
 
 
 def publish_predictions(out_uri: str, catalog_uri: str) -> dict[str, Any]:

@@ -10,6 +10,7 @@ from .. import reasons
 from ..contracts import CONTRACT
 from ..io import storage
 from ..manifests import RunManifest, ShardMarker
+from .carry_over import decided_at_plan
 from .layout import check_run_id, manifest_uri, marker_uri
 from .planner import Plan, Shard
 
@@ -27,6 +28,24 @@ def _parquet_rows(uri: str | None) -> int:
     return 0 if uri is None else storage.parquet_file(uri).metadata.num_rows
 
 
+def _scored(marker: ShardMarker) -> int:
+    return marker.predicted - marker.carried if marker.scored is None else marker.scored  # None: an older marker
+
+
+def _carry_problems(shard: Shard, marker: ShardMarker) -> list[str]:
+    """predicted = scored + carried, and the carried rows are the plan's (at most its candidates, when the
+    shard decided after fetching the images)."""
+    problems = []
+    if marker.predicted != _scored(marker) + marker.carried:
+        problems.append(f"shard {shard.id}: predicted {marker.predicted} != scored {_scored(marker)} "
+                        f"+ carried {marker.carried}")
+    exact = decided_at_plan(shard.image_column)
+    if marker.carried > shard.carry or (exact and marker.carried != shard.carry):
+        problems.append(f"shard {shard.id}: {marker.carried} rows carried over, the plan "
+                        f"{'has' if exact else 'has at most'} {shard.carry}")
+    return problems
+
+
 def _shard_problems(shard: Shard, marker: ShardMarker | None) -> list[str]:
     if marker is None:
         return [f"shard {shard.id}: no done marker"]
@@ -38,6 +57,7 @@ def _shard_problems(shard: Shard, marker: ShardMarker | None) -> list[str]:
     if marker.rows_in != marker.predicted + marker.quarantined:
         problems.append(f"shard {shard.id}: rows in {marker.rows_in} != predicted {marker.predicted} "
                         f"+ quarantined {marker.quarantined}")
+    problems += _carry_problems(shard, marker)
     try:
         files = (_parquet_rows(marker.predictions), _parquet_rows(marker.quarantine))
     except (FileNotFoundError, OSError) as exc:
@@ -50,9 +70,9 @@ def _shard_problems(shard: Shard, marker: ShardMarker | None) -> list[str]:
 
 def finalize(plan: Plan | dict, out: str, run_id: str) -> dict[str, Any]:
     """Check that every shard of the plan is committed and that rows in = predicted + quarantined, shard by
-    shard (against the files' own row counts) and in total, and that every row of a duplicated product_id
-    was quarantined as one; then write the run manifest. Idempotent: an existing manifest for the same run
-    is returned unchanged."""
+    shard (against the files' own row counts) and in total, that predicted = scored + carried over with the
+    plan's carried rows, and that every row of a duplicated product_id was quarantined as one; then write
+    the run manifest. Idempotent: an existing manifest for the same run is returned unchanged."""
     plan = Plan.from_dict(plan) if isinstance(plan, dict) else plan
     check_run_id(run_id)
     target = manifest_uri(out, run_id)
@@ -100,7 +120,8 @@ def _manifest(plan: Plan, run_id: str, markers: list[ShardMarker]) -> RunManifes
         input_fingerprint=plan.fingerprint, rows_per_shard=plan.rows_per_shard, shards=len(markers),
         model_name=first.model_name, model_version=first.model_version, model_source=first.model_source,
         precision=first.precision, explain=first.explain, rows_in=sum(m.rows_in for m in markers),
-        predicted=sum(m.predicted for m in markers), quarantined=sum(m.quarantined for m in markers),
+        predicted=sum(m.predicted for m in markers), scored=sum(_scored(m) for m in markers),
+        carried=sum(m.carried for m in markers), quarantined=sum(m.quarantined for m in markers),
         reasons=dict(sorted(reasons_total.items())), predictions=[m.predictions for m in markers],
         quarantine=[m.quarantine for m in markers if m.quarantine],
         scoring_seconds=round(sum(m.timings.total_s for m in markers), 3),

@@ -7,6 +7,7 @@ version, run), so a rerun finds what an earlier attempt committed:
     _markers/run=<id>/shard-<id>.json                                  (done markers, written last)
     _manifests/run=<id>.json                                           (finalize: the run is complete)
     _plans/plan=<id>/duplicates.parquet                                (plan: rows of duplicated product_ids)
+    _plans/plan=<id>/carry.parquet                                     (plan: rows carried over, incremental)
     published/latest.parquet, published/catalog.parquet                (publish: `published_uri`)
 """
 from __future__ import annotations
@@ -52,3 +53,7 @@ def published_uri(out: str, name: str) -> str:
 
 def duplicates_uri(out: str, plan_id: str) -> str:
     return storage.join(out, "_plans", f"plan={plan_id}", "duplicates.parquet")
+
+
+def carry_uri(out: str, plan_id: str) -> str:
+    return storage.join(out, "_plans", f"plan={plan_id}", "carry.parquet")

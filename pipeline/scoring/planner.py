@@ -1,6 +1,7 @@
 """Cut a catalog into shards: the plan. Deterministic: the same files give the same plan, shard ids and
 fingerprint. A shard is small and self-contained (JSON), so any worker can score it; the plan stores the
-file layout and derives the shards, so its JSON stays one line per file however many shards there are."""
+file layout and derives the shards, so its JSON stays one line per file (and a number per shard, when
+predictions are carried over) however many shards there are."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,8 +14,9 @@ from typing import Any, Iterator
 from ..io import catalog as catalog_files
 from ..io import storage
 from ..io.image_sources import ImageSources, for_catalog
-from . import duplicate_ids
-from .layout import duplicates_uri
+from . import carry_over, duplicate_ids
+from .catalog_scan import scan
+from .layout import carry_uri, duplicates_uri
 
 SHARD_ID = "{:05d}"                # a shard's id: its index in plan order (queries/score_duplicates.sql uses it too)
 
@@ -38,6 +40,7 @@ class Shard:
     pieces: tuple[Piece, ...]
     sources: ImageSources
     duplicates: int                  # the plan's rows of duplicated ids (any shard): nonzero, read its own
+    carry: int = 0                   # its rows to carry over (image_uri: candidates); nonzero, read them
 
     @property
     def rows(self) -> int:
@@ -49,7 +52,8 @@ class Shard:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Shard":
         return cls(d["id"], d["plan_id"], d["input_fingerprint"], d["image_column"],
-                   tuple(Piece(**p) for p in d["pieces"]), ImageSources.from_dict(d["sources"]), d["duplicates"])
+                   tuple(Piece(**p) for p in d["pieces"]), ImageSources.from_dict(d["sources"]), d["duplicates"],
+                   d.get("carry", 0))
 
 
 @dataclass(frozen=True)
@@ -69,14 +73,30 @@ class Plan:
     files: tuple[CatalogLayout, ...]
     sources: ImageSources            # what `image_uri` rows may read (pipeline.io.image_sources)
     duplicates: int = 0              # rows whose product_id is on another row too (pipeline.scoring.duplicate_ids)
+    carry_basis: str = ""            # the state and model predictions are carried over from; "": none
+    carry: tuple[int, ...] = ()      # per shard, rows carried over (pipeline.scoring.carry_over); (): none
 
     @property
     def id(self) -> str:
-        return digest(self.fingerprint, self.rows_per_shard)[:16]
+        """The snapshot and shard size; with predictions carried over, also where from: a plan that carries
+        nothing keeps the id it had before carrying existed."""
+        return digest(self.fingerprint, self.rows_per_shard, *([self.carry_basis] if self.carry_basis else []))[:16]
 
     @property
     def rows(self) -> int:
         return sum(sum(f.row_groups) for f in self.files)
+
+    @property
+    def image_column(self) -> str:
+        return self.files[0].image_column if self.files else "image"
+
+    def counts(self) -> dict[str, Any]:
+        """What the shards will do: rows to carry over and to score (the rest; some may be quarantined), and
+        whether the plan decided which (`plan`) or the shards will, after fetching images (`read`: `to_carry`
+        is then an upper bound); None when nothing is carried over."""
+        carry = sum(self.carry)
+        decided = ("plan" if carry_over.decided_at_plan(self.image_column) else "read") if carry else None
+        return {"rows": self.rows, "to_carry": carry, "to_score": self.rows - carry, "carry_decided": decided}
 
     @functools.cached_property
     def _by_id(self) -> dict[str, Shard]:
@@ -100,14 +120,15 @@ class Plan:
     def to_dict(self) -> dict[str, Any]:
         return {"catalog": self.catalog, "fingerprint": self.fingerprint, "rows_per_shard": self.rows_per_shard,
                 "files": [[f.uri, f.image_column, list(f.row_groups)] for f in self.files],
-                "sources": self.sources.as_dict(), "duplicates": self.duplicates, "plan_id": self.id,
-                "rows": self.rows}
+                "sources": self.sources.as_dict(), "duplicates": self.duplicates, "carry_basis": self.carry_basis,
+                "carry": list(self.carry), "plan_id": self.id, **self.counts()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Plan":
         files = tuple(CatalogLayout(uri, column, tuple(groups)) for uri, column, groups in d["files"])
         return cls(d["catalog"], d["fingerprint"], int(d["rows_per_shard"]), files,
-                   ImageSources.from_dict(d["sources"]), int(d["duplicates"]))
+                   ImageSources.from_dict(d["sources"]), int(d["duplicates"]), d.get("carry_basis", ""),
+                   tuple(int(n) for n in d.get("carry", ())))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
@@ -122,16 +143,20 @@ def digest(*parts: Any) -> str:
 
 
 def plan_shards(catalog: str, rows_per_shard: int = 10_000, image_roots: list[str] | None = None,
-                image_hosts: list[str] | None = None, out: str | None = None) -> Plan:
+                image_hosts: list[str] | None = None, out: str | None = None,
+                carry_from: carry_over.Source | None = None) -> Plan:
     """Cut the catalog into shards of `rows_per_shard` rows (the last may be shorter), following file and
     row-group order. Deterministic: the same files give the same plan, shard ids and fingerprint. Reads
     footers, content versions and the product_id column (to find duplicated ids); a file-level problem raises
     `catalog.CatalogError` here, before any shard runs. `image_roots`, `image_hosts`: what `image_uri` rows
     may read besides the catalog's own folder (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`).
     `out`: the scoring output, where the rows of duplicated ids are written for the shards to read; a
-    catalog with such rows cannot be scored from a plan made without it."""
+    catalog with such rows cannot be scored from a plan made without it. `carry_from`: the published state
+    to carry predictions over from (`carry_over.source`; None: score every row); needs `out`."""
     if rows_per_shard < 1:
         raise ValueError("rows_per_shard must be at least 1")
+    if carry_from is not None and out is None:
+        raise ValueError("carrying predictions over needs `out`: the shards read the rows to carry from there")
     scanned = catalog_files.scan(catalog, tasks=())
     layouts = []
     for f in scanned:
@@ -142,18 +167,30 @@ def plan_shards(catalog: str, rows_per_shard: int = 10_000, image_roots: list[st
         # A batch may span files, and one batch has one image column.
         raise catalog_files.CatalogError(catalog, "some files have 'image' and others 'image_uri'; use one")
     plan = Plan(catalog, catalog_files.fingerprint(scanned), rows_per_shard, tuple(layouts),
-                for_catalog(catalog, image_roots, image_hosts))
-    return dataclasses.replace(plan, duplicates=_find_duplicates(plan, [f.name for f in scanned], out))
+                for_catalog(catalog, image_roots, image_hosts),
+                carry_basis=digest(*carry_from.key())[:16] if carry_from is not None else "")
+    return _side_files(plan, [f.name for f in scanned], out, carry_from)
 
 
-def _find_duplicates(plan: Plan, names: list[str], out: str | None) -> int:
-    """The rows of duplicated product_ids, written under `out` for the shards; a plan whose rows are already
-    written there (same snapshot, same shards) is not scanned again."""
-    target = duplicates_uri(out, plan.id) if out is not None else None
-    if target is not None and storage.exists(target):
-        return storage.parquet_file(target).metadata.num_rows
+def _side_files(plan: Plan, names: list[str], out: str | None, carry_from: carry_over.Source | None) -> Plan:
+    """The plan with its counts of duplicated rows and of rows to carry over, whose rows are written under
+    `out` for the shards; a plan whose side files are already there (same snapshot, shards, state and model)
+    is not scanned again."""
+    duplicates = duplicates_uri(out, plan.id) if out is not None else None
+    carried = carry_uri(out, plan.id) if carry_from is not None else None
+    if duplicates is not None and all(storage.exists(u) for u in (duplicates, carried) if u is not None):
+        per_shard = carry_over.counts(carried) if carried else {}
+        return _counted(plan, storage.parquet_file(duplicates).metadata.num_rows, per_shard)
+    at_plan = carry_over.decided_at_plan(plan.image_column)
     files = [(f.uri, name) for f, name in zip(plan.files, names)]
-    return duplicate_ids.find(files, plan.rows_per_shard, SHARD_ID, target)
+    with scan(files, plan.rows_per_shard, SHARD_ID, plan.image_column if carried and at_plan else None) as rows:
+        per_shard = carry_over.find(rows, carry_from, at_plan, carried) if carried else {}
+        return _counted(plan, duplicate_ids.find(rows, duplicates), per_shard)
+
+
+def _counted(plan: Plan, duplicates: int, carry: dict[str, int]) -> Plan:
+    per_shard = tuple(carry.get(shard_id, 0) for shard_id in plan.shard_ids) if carry else ()
+    return dataclasses.replace(plan, duplicates=duplicates, carry=per_shard)
 
 
 def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
@@ -174,7 +211,6 @@ def _piece_groups(plan: Plan) -> Iterator[list[Piece]]:
 
 
 def _cut(plan: Plan) -> Iterator[Shard]:
-    column = plan.files[0].image_column if plan.files else "image"
     for index, pieces in enumerate(_piece_groups(plan)):
-        yield Shard(SHARD_ID.format(index), plan.id, plan.fingerprint, column, tuple(pieces), plan.sources,
-                    plan.duplicates)
+        yield Shard(SHARD_ID.format(index), plan.id, plan.fingerprint, plan.image_column, tuple(pieces),
+                    plan.sources, plan.duplicates, plan.carry[index] if plan.carry else 0)

@@ -1,6 +1,8 @@
 """Read a shard and prepare its batches for the forward pass: its Parquet row ranges as Arrow slices,
-then (in DataLoader workers) product ids checked, images fetched, decoded and preprocessed, titles
-tokenized; the rows that cannot be prepared come out as quarantine rows.
+then (in DataLoader workers) product ids checked, images fetched, rows hashed, decoded and preprocessed,
+titles tokenized; the rows that cannot be prepared come out as quarantine rows, and the rows whose
+prediction is carried over (pipeline/scoring/carry_over.py) come out by product_id, neither decoded nor
+forwarded.
 
 Speed: the main thread only runs the forward pass; DataLoader workers read the shard's Parquet row groups,
 decode and preprocess images and tokenize titles ahead of it, where there is a core the forward pass does
@@ -17,11 +19,13 @@ from dataclasses import dataclass
 from typing import Any, Iterator
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .. import reasons
 from ..io import storage
+from ..io.content_hash import content_hashes
 from ..io.image_sources import fetch_images
 from .planner import Shard
 from .predictor import Preprocessor, check_product_id, decode_rows
@@ -30,6 +34,7 @@ READ_BUFFER = 1 << 20             # Parquet pages are read through this buffer, 
 PREFETCH_BATCHES = 4               # per worker: enough to hide a slow image, little memory
 SOURCE_FILE = "_catalog_file"      # raw_batches: the catalog file each row came from
 DUPLICATE = "_duplicate_id"        # raw_batches: why the row is quarantined as duplicate_id (null: it is not)
+CARRY = "_carry_hash"              # raw_batches: the state's content hash where the row may be carried over
 
 
 @dataclass
@@ -38,9 +43,11 @@ class PreparedBatch:
     index: int
     rows_in: int
     product_ids: list[str]
+    content_hashes: list[str]         # of each row of `product_ids`
     pixels: torch.Tensor
     tokens: torch.Tensor
     quarantine: list[tuple]
+    carried: list[str]                # the product_ids whose prediction is carried over
 
     def pin_memory(self) -> "PreparedBatch":
         return dataclasses.replace(self, pixels=self.pixels.pin_memory(), tokens=self.tokens.pin_memory())
@@ -52,7 +59,8 @@ def batch_schema(image_column: str) -> pa.Schema:
     `image` as binary or large binary: all are read as bytes, and text cells are decoded one by one
     (`pipeline.io.text`), so a cell that is not UTF-8 quarantines its row instead of failing the batch."""
     return pa.schema([("product_id", pa.large_binary()), ("title", pa.large_binary()),
-                      (image_column, pa.large_binary()), (SOURCE_FILE, pa.string()), (DUPLICATE, pa.string())])
+                      (image_column, pa.large_binary()), (SOURCE_FILE, pa.string()), (DUPLICATE, pa.string()),
+                      (CARRY, pa.string())])
 
 
 def _as_bytes(column: pa.Array) -> pa.Array:
@@ -62,22 +70,28 @@ def _as_bytes(column: pa.Array) -> pa.Array:
     return column if column.type == pa.large_binary() else column.cast(pa.large_binary())
 
 
+def _marks(marked: dict[tuple[str, int], str], file: str, first_row: int, n: int) -> pa.Array:
+    return pa.array([marked.get((file, first_row + i)) for i in range(n)] if marked else [None] * n, pa.string())
+
+
 def _canonical(batch: pa.RecordBatch, schema: pa.Schema, file: str, first_row: int,
-               duplicates: dict[tuple[str, int], str]) -> pa.RecordBatch:
+               duplicates: dict[tuple[str, int], str], carry: dict[tuple[str, int], str]) -> pa.RecordBatch:
     """A slice of `file` starting at its row `first_row`, in `batch_schema`: the file of each row (relative
-    image URIs start from there) and why it is a duplicate, if it is one."""
+    image URIs start from there), why it is a duplicate if it is one, and the state's content hash if its
+    prediction may be carried over."""
     n = batch.num_rows
-    why = [duplicates.get((file, first_row + i)) for i in range(n)] if duplicates else [None] * n
     columns = [_as_bytes(batch.column(i)) for i in range(3)]
-    columns += [pa.array([file] * n, pa.string()), pa.array(why, pa.string())]
+    columns += [pa.array([file] * n, pa.string()), _marks(duplicates, file, first_row, n),
+                _marks(carry, file, first_row, n)]
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
 
-def raw_batches(shard: Shard, batch_size: int,
-                duplicates: dict[tuple[str, int], str] | None = None) -> Iterator[list[pa.RecordBatch]]:
+def raw_batches(shard: Shard, batch_size: int, duplicates: dict[tuple[str, int], str] | None = None,
+                carry: dict[tuple[str, int], str] | None = None) -> Iterator[list[pa.RecordBatch]]:
     """The shard's rows as Arrow slices in `batch_schema`, `batch_size` rows per batch, in plan order. Reads
     one row group's column chunks at a time: memory is bounded by the row-group size. `duplicates`: the
-    shard's rows of duplicated ids, (file, row) -> detail (`duplicate_ids.for_shard`)."""
+    shard's rows of duplicated ids, (file, row) -> detail (`duplicate_ids.for_shard`); `carry`: its rows
+    that may be carried over, (file, row) -> the state's content hash (`carry_over.for_shard`)."""
     columns, schema = ["product_id", "title", shard.image_column], batch_schema(shard.image_column)
     pending, pending_rows, opened = [], 0, None
     for piece in shard.pieces:
@@ -87,7 +101,7 @@ def raw_batches(shard: Shard, batch_size: int,
         group_start = sum(meta.row_group(g).num_rows for g in range(piece.row_group))  # as a row of the file
         offset = 0
         for batch in opened[1].iter_batches(batch_size=batch_size, row_groups=[piece.row_group], columns=columns):
-            batch = _canonical(batch, schema, piece.file, group_start + offset, duplicates or {})
+            batch = _canonical(batch, schema, piece.file, group_start + offset, duplicates or {}, carry or {})
             lo, hi = max(piece.start - offset, 0), min(piece.stop - offset, batch.num_rows)
             offset += batch.num_rows
             while lo < hi:  # cut into batches of exactly batch_size rows across piece boundaries
@@ -129,22 +143,43 @@ def _cells(column: pa.ChunkedArray) -> Iterator[Any]:
             yield chunk[i].as_py()
 
 
+def _fetched(table: pa.Table, shard: Shard) -> tuple[pa.Table, list[tuple]]:
+    """For an `image_uri` shard, the image column replaced by the bytes each URI names, and the quarantine
+    rows of those that could not be read (their rows dropped)."""
+    if shard.image_column != "image_uri":
+        return table, []
+    ids = table.column(0).to_pylist()
+    images, failed = fetch_images(list(_cells(table.column(2))), table.column(SOURCE_FILE).to_pylist(), shard.sources)
+    table = table.set_column(2, shard.image_column, pa.array(images, pa.large_binary()))
+    if failed:
+        table = table.filter(pa.array([i not in failed for i in range(len(ids))]))
+    return table, [(ids[i], "score", reason, why) for i, (reason, why) in failed.items()]
+
+
+def _without_carried(table: pa.Table, hashes: pa.Array) -> tuple[pa.Table, pa.Array, list[str]]:
+    """The rows to score and their hashes, and the product_ids of the rows carried over: those whose content
+    hashes as the state's prediction of them was made from (the plan's mark)."""
+    carried = pc.fill_null(pc.equal(hashes, table.column(CARRY).combine_chunks()), False)
+    if not pc.any(carried).as_py():
+        return table, hashes, []
+    keep = pc.invert(carried)
+    return table.filter(keep), hashes.filter(keep), table.column(0).filter(carried).to_pylist()
+
+
 def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
                   shard: Shard) -> PreparedBatch:
-    """Decode, check and preprocess one batch; runs in a DataLoader worker."""
+    """Check, fetch, hash, decode and preprocess one batch; runs in a DataLoader worker."""
     table = pa.Table.from_batches(slices)
     rows_in = table.num_rows
     table, unkeyed = _keyed(table)
+    table, unfetched = _fetched(table, shard)
+    table, hashes, carried = _without_carried(table, content_hashes(table.column(1), table.column(2)))
     ids, titles = table.column(0).to_pylist(), table.column(1).to_pylist()
-    quarantine, images = [], _cells(table.column(2))
-    if shard.image_column == "image_uri":
-        images, failed = fetch_images(list(images), table.column(SOURCE_FILE).to_pylist(), shard.sources)
-        quarantine = [(ids[i], "score", reason, why) for i, (reason, why) in failed.items()]
-        keep = [i for i in range(len(ids)) if i not in failed]
-        ids, titles, images = [ids[i] for i in keep], [titles[i] for i in keep], [images[i] for i in keep]
-    good, bad = decode_rows(zip(ids, titles, images), draft=preprocessor.draft)
-    return PreparedBatch(index, rows_in, good.product_ids, preprocessor.images(good.images),
-                         preprocessor.texts(good.titles), unkeyed + quarantine + bad)
+    good, bad = decode_rows(zip(ids, titles, _cells(table.column(2))), draft=preprocessor.draft)
+    hash_of = dict(zip(ids, hashes.to_pylist()))  # ids are unique here: duplicated ones were quarantined
+    return PreparedBatch(index, rows_in, good.product_ids, [hash_of[p] for p in good.product_ids],
+                         preprocessor.images(good.images), preprocessor.texts(good.titles),
+                         unkeyed + unfetched + bad, carried)
 
 
 class ShardBatches(IterableDataset):
@@ -152,14 +187,14 @@ class ShardBatches(IterableDataset):
     DataLoader takes them round-robin, so batches come out in shard order whatever the worker count."""
 
     def __init__(self, shard: Shard, preprocessor: Preprocessor, batch_size: int,
-                 duplicates: dict[tuple[str, int], str]):
+                 duplicates: dict[tuple[str, int], str], carry: dict[tuple[str, int], str]):
         self.shard, self.preprocessor, self.batch_size = shard, preprocessor, batch_size
-        self.duplicates = duplicates
+        self.duplicates, self.carry = duplicates, carry
 
     def __iter__(self) -> Iterator[PreparedBatch]:
         info = get_worker_info()
         workers, me = (1, 0) if info is None else (info.num_workers, info.id)
-        for index, slices in enumerate(raw_batches(self.shard, self.batch_size, self.duplicates)):
+        for index, slices in enumerate(raw_batches(self.shard, self.batch_size, self.duplicates, self.carry)):
             if index % workers == me:  # every worker reads the (compressed) rows; each decodes only its own
                 yield prepare_batch(index, slices, self.preprocessor, self.shard)
 
@@ -188,14 +223,15 @@ def default_workers(device: torch.device) -> int:
 
 
 def batch_loader(shard: Shard, preprocessor: Preprocessor, batch_size: int, workers: int,
-                 pin_memory: bool = False, duplicates: dict[tuple[str, int], str] | None = None) -> DataLoader:
+                 pin_memory: bool = False, duplicates: dict[tuple[str, int], str] | None = None,
+                 carry: dict[tuple[str, int], str] | None = None) -> DataLoader:
     if workers and multiprocessing.current_process().daemon:
         # A task forked from a Celery prefork pool process inherits its daemon flag, and a daemonic
         # process may not start children: prepare batches in this process rather than fail the shard.
         logging.getLogger(__name__).warning("daemonic process (Celery prefork worker?): scoring with "
                                             "workers=0 instead of %d", workers)
         workers = 0
-    batches = ShardBatches(shard, preprocessor.build(), batch_size, duplicates or {})
+    batches = ShardBatches(shard, preprocessor.build(), batch_size, duplicates or {}, carry or {})
     return DataLoader(batches, batch_size=None, collate_fn=_as_is,
                       num_workers=workers, pin_memory=pin_memory,
                       prefetch_factor=PREFETCH_BATCHES if workers else None)

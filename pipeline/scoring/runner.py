@@ -1,6 +1,7 @@
-"""Score one shard: read it, run the forward pass, write it, then its done marker, last. Idempotent: a shard
-whose matching marker exists is skipped, so a rerun redoes only the shards that did not commit, in any
-order, on any worker. Also the model reference a shard is scored with, and the run id it is scored under."""
+"""Score one shard: read it, run the forward pass (the rows whose prediction is carried over skip it), write
+it, then its done marker, last. Idempotent: a shard whose matching marker exists is skipped, so a rerun
+redoes only the shards that did not commit, in any order, on any worker. Also the model reference a shard is
+scored with, and the run id it is scored under."""
 from __future__ import annotations
 
 import time
@@ -11,8 +12,8 @@ from typing import Any, Callable
 
 from ..io import storage
 from ..manifests import ShardLineage, ShardMarker, ShardTimings
-from . import duplicate_ids
-from .layout import check_run_id, duplicates_uri, output_uris
+from . import carry_over, duplicate_ids
+from .layout import carry_uri, check_run_id, duplicates_uri, output_uris
 from .planner import Shard, digest
 from .predictor import Predictor
 from .reader import batch_loader, default_workers
@@ -79,8 +80,8 @@ def score_shard(shard: Shard | dict, model: Any, out: str, *, run_id: str | None
         return {**done.to_dict(), "skipped": True}
     remove_stale_temps(uris["predictions"])
     workers = default_workers(predictor.device) if workers is None else workers
-    duplicates = _shard_duplicates(out, shard)
-    marker = _run_shard(shard, predictor, uris, lineage, batch_size, workers, progress, duplicates)
+    marker = _run_shard(shard, predictor, uris, lineage, batch_size, workers, progress,
+                        _shard_duplicates(out, shard), _shard_carry(out, shard))
     marker.write(uris["marker"])  # last: the shard counts as done only from here
     return {**marker.to_dict(), "skipped": False}
 
@@ -95,12 +96,22 @@ def _shard_duplicates(out: str, shard: Shard) -> dict[tuple[str, int], str]:
     return duplicate_ids.for_shard(uri, shard.id)
 
 
+def _shard_carry(out: str, shard: Shard) -> carry_over.ShardCarry:
+    if not shard.carry:
+        return carry_over.NOTHING
+    uri = carry_uri(out, shard.plan_id)
+    if not storage.exists(uri):  # scoring on would give a run that misses the carried products
+        raise FileNotFoundError(f"plan {shard.plan_id} carries {shard.carry} rows of shard {shard.id} over, but {uri} "
+                                f"is missing: plan with plan_shards(..., out={out!r})")
+    return carry_over.for_shard(uri, shard.id)
+
+
 def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], lineage: ShardLineage, batch_size: int,
-               workers: int, progress: Callable[[int], None] | None,
-               duplicates: dict[tuple[str, int], str]) -> ShardMarker:
+               workers: int, progress: Callable[[int], None] | None, duplicates: dict[tuple[str, int], str],
+               carry: carry_over.ShardCarry) -> ShardMarker:
     started, scored_at = time.perf_counter(), datetime.now(timezone.utc)
     loader = batch_loader(shard, predictor.preprocessor, batch_size, workers,
-                          pin_memory=predictor.device.type == "cuda", duplicates=duplicates)
+                          pin_memory=predictor.device.type == "cuda", duplicates=duplicates, carry=carry.hashes)
     rows_in, waited, forward = 0, 0.0, 0.0
     with ShardWriter(uris, predictor, lineage, scored_at) as writer:
         tick = time.perf_counter()
@@ -110,7 +121,8 @@ def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], lineage
             columns = predictor.predict(batch.pixels, batch.tokens, lineage.explain)
             tick = time.perf_counter()
             forward += tick - t0
-            writer.add(batch.product_ids, columns, batch.quarantine)
+            writer.add(batch.product_ids, batch.content_hashes, columns, batch.quarantine)
+            writer.carry(carry.take(batch.carried))
             rows_in += batch.rows_in
             if progress:
                 progress(batch.rows_in)
@@ -120,7 +132,8 @@ def _run_shard(shard: Shard, predictor: Predictor, uris: dict[str, str], lineage
     timings = ShardTimings(total_s=round(total, 3), forward_s=round(forward, 3), wait_s=round(waited, 3),
                            rows_per_s=round(rows_in / max(total, 1e-9), 2))
     return ShardMarker(
-        **lineage.to_dict(), rows_in=rows_in, predicted=writer.predicted, quarantined=len(writer.quarantine),
+        **lineage.to_dict(), rows_in=rows_in, predicted=writer.predicted, scored=writer.scored,
+        carried=writer.carried, quarantined=len(writer.quarantine),
         reasons=dict(Counter(r[2] for r in writer.quarantine)), predictions=uris["predictions"],
         quarantine=uris["quarantine"] if writer.quarantine else None, batch_size=batch_size, workers=workers,
         scored_at=scored_at.isoformat(), timings=timings)

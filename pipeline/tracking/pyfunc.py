@@ -25,7 +25,8 @@ import cmaclip
 import pipeline
 from cmaclip.checkpoint import read_checkpoint_meta
 
-from ..contracts import KEY, LINEAGE, lineage_values, prediction_columns
+from ..contracts import CONTENT_HASH, KEY, LINEAGE, lineage_values, prediction_columns
+from ..io.content_hash import content_hash
 from ..scoring.predictor import Predictor, check_row
 
 ARTIFACT = "checkpoint"           # key of the checkpoint folder in the model's artifacts
@@ -82,6 +83,10 @@ def predict_rows(predictor: Predictor, frame: pd.DataFrame, run_id: str = "", ba
     columns = [KEY.name, *predictor.output_columns]
     out = (pd.concat(parts) if parts else pd.DataFrame(columns=columns)).reindex(range(len(records)))
     out[KEY.name] = ids
+    # What batch scoring would record for the row (a title that is not text or bytes is a missing one).
+    hashes = [None if reason else content_hash(title if isinstance(title, (str, bytes)) else None, image)
+              for (_, title, image), reason in zip(records, reasons)]
+    out.insert(1, CONTENT_HASH.name, hashes)
     lineage = predictor.lineage
     out = out.assign(**lineage_values(lineage.name, lineage.version, run_id, pd.Timestamp.now(tz="UTC")))
     out[QUARANTINE_REASON] = reasons

@@ -4,8 +4,8 @@
 -- publish; a null (missing) id is nobody's duplicate. A row's position in plan order is
 -- $starts[file + 1] + row, and shards cut that order every $rows_per_shard rows (scoring.planner._piece_groups);
 -- $shard_format is how scoring formats a shard index into its id. `row` is 0-based within its file.
--- params: $ids (Parquet: file, row, product_id), per file in plan order $uris, $names, $starts;
---         $rows_per_shard, $shard_format
+-- params: $ids (Parquet: file, row, product_id, content_hash; pipeline/scoring/catalog_scan.py), per file in
+--         plan order $uris, $names, $starts; $rows_per_shard, $shard_format
 WITH duplicated AS (
     SELECT product_id, count(*) AS n
     FROM read_parquet($ids)
