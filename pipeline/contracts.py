@@ -62,6 +62,16 @@ QUARANTINE = (Column("product_id", "string", "as normalised; null when the row h
 QUARANTINE_COLUMNS = [c.name for c in QUARANTINE]
 QUARANTINE_SCHEMA = pa.schema([c.field() for c in QUARANTINE])
 
+# What catalog teams act on (pipeline.scoring.report): one row per product and task.
+_REVIEWED = (Column("product_id", "string", "the catalog key (normalised)", nullable=False),
+             Column("task", "string", "the attribute, a prediction column's name (`color`)", nullable=False))
+_CATALOG_VALUE = Column("catalog_value", "string", "the catalog's value in the column named like the task, "
+                        "cleaned as ingest cleans labels")
+_PREDICTED = Column("predicted", "string", "the prediction: above the task's threshold (`<task>` is not null)")
+_CONFIDENCE = Column("confidence", "float32", "its softmax probability (`<task>_confidence`)")
+FILL = (*_REVIEWED, _PREDICTED, _CONFIDENCE)
+DISAGREEMENTS = (*_REVIEWED, _CATALOG_VALUE, _PREDICTED, _CONFIDENCE)
+
 
 def per_task(explain: bool = False) -> tuple[Column, ...]:
     return TASK_COLUMNS + (tuple(CONTRIBUTIONS.values()) if explain else ())
@@ -71,6 +81,17 @@ def prediction_columns(tasks: Sequence[str], explain: bool = False) -> list[Colu
     """Every column of a predictions file, named for `tasks`, in file order."""
     named = [dataclasses.replace(c, name=c.named(t)) for t in tasks for c in per_task(explain)]
     return [KEY, *named, *LINEAGE]
+
+
+def tasks_in(names: Sequence[str]) -> list[str]:
+    """The tasks of a predictions or published file, from its column names: the names that have every
+    per-task column of the contract next to them."""
+    present = set(names)
+    return [n for n in names if all(c.named(n) in present for c in TASK_COLUMNS)]
+
+
+def schema_of(columns: Sequence[Column]) -> pa.Schema:
+    return pa.schema([c.field() for c in columns])
 
 
 def task_columns(tasks: Sequence[str], explain: bool = False) -> list[tuple[str, str]]:
@@ -115,7 +136,10 @@ def docs_tables() -> dict[str, str]:
     """The contract tables of docs/contracts.md, by name."""
     predictions = [KEY, *per_task(explain=True), *LINEAGE]
     return {"predictions": markdown_table("column (`pipeline.contracts`)", predictions),
-            "quarantine": markdown_table("column (`pipeline.contracts.QUARANTINE`)", QUARANTINE)}
+            "quarantine": markdown_table("column (`pipeline.contracts.QUARANTINE`)", QUARANTINE),
+            "fill": markdown_table("`fill.parquet` (`pipeline.contracts.FILL`)", FILL),
+            "disagreements": markdown_table("`disagreements.parquet` (`pipeline.contracts.DISAGREEMENTS`)",
+                                            DISAGREEMENTS)}
 
 
 if __name__ == "__main__":
