@@ -186,7 +186,8 @@ def _publish_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rollback", action="store_true",
                    help="make the version before the current one current again (nothing else is done)")
     for name, default in Limits().to_dict().items():
-        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default, help="quality gate limit")
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
+                       help=f"quality gate: {Limits.meanings()[name]} (default {default:g})".replace("%", "%%"))
 
 
 def _publish(args: argparse.Namespace) -> Any:

@@ -206,3 +206,11 @@ def test_fill_and_disagreements_on_a_catalog_made_for_them(tmp_path, text):
     tasks = {t.task: t for t in made.tasks}
     assert (tasks["color"].filled, tasks["color"].disagreements) == (3, 2)
     assert (tasks["style"].filled, tasks["style"].disagreements) == (8, 0)
+
+
+def test_a_run_with_two_predictions_of_one_product_is_not_published(tmp_path):
+    out = tmp_path / "out"
+    finalized_run(out, "night-1", [prediction("a", "night-1"), prediction("a", "night-1", color="red")])
+    with pytest.raises(RuntimeError, match="hold 2 rows but 1 products"):
+        publish.publish(str(out))
+    assert not (out / "published" / "latest.parquet").exists() and not versions.is_complete(str(out), 1)

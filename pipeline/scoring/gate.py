@@ -14,14 +14,20 @@ if TYPE_CHECKING:
     from ..manifests import RunManifest, RunReport, TaskReport
 
 
+def _limit(default: float, meaning: str) -> Any:
+    return dataclasses.field(default=default, metadata={"meaning": meaning})
+
+
 @dataclass(frozen=True)
 class Limits:
     """What a run may reach and still be published. Rates are shares in [0, 1]."""
-    max_psi: float = 0.25               # per task, classes against the published state (> 0.25: a major shift)
-    max_abstention_rate: float = 0.9    # per task: above it, the task publishes next to nothing
-    max_quarantine_rate: float = 0.1    # of the run's input rows
-    max_changed_rate: float = 1.0       # per task, of rescored products the state had; 1: no limit (a new
-                                        # model version may rightly change many)
+    max_psi: float = _limit(0.25, "per task: population stability index of the classes against the published "
+                                  "state (above 0.25 is the usual mark of a major shift)")
+    max_abstention_rate: float = _limit(0.9, "per task: share of products below the task's threshold")
+    max_quarantine_rate: float = _limit(0.1, "share of the run's input rows quarantined")
+    max_changed_rate: float = _limit(1.0, "per task: share of rescored products whose label changed against "
+                                          "the published state (1: no limit; a new model version may rightly "
+                                          "change many)")
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
@@ -36,6 +42,11 @@ class Limits:
 
     def to_dict(self) -> dict[str, float]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def meanings(cls) -> dict[str, str]:
+        """Each limit's meaning, for the CLI's help and the DAG's trigger form."""
+        return {f.name: f.metadata["meaning"] for f in dataclasses.fields(cls)}
 
 
 @dataclass(frozen=True)

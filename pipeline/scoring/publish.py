@@ -73,6 +73,7 @@ def _write_version(out: str, manifest: RunManifest, catalog: str | None, made: R
         storage.register_duckdb(con, out)
         rows = write_parquet(_query(con, "publish_latest", {"predictions": manifest.predictions}), latest,
                              versions.metadata(number))
+        _check_rows(manifest, rows)
         joined = _publish_catalog(con, catalog, latest, version_uri(out, number, "catalog"),
                                   versions.metadata(number)) if catalog else {}
     record = PublishedVersion(
@@ -85,6 +86,14 @@ def _write_version(out: str, manifest: RunManifest, catalog: str | None, made: R
         created_at=datetime.now(timezone.utc).isoformat())
     record.write(version_uri(out, number, "version"))
     return record
+
+
+def _check_rows(manifest: RunManifest, rows: int) -> None:
+    """Every row of the run's files is in the state: none was one product's second prediction."""
+    expected = sum(storage.parquet_file(f).metadata.num_rows for f in manifest.predictions)
+    if rows != expected:
+        raise RuntimeError(f"run {manifest.run_id}: its prediction files hold {expected} rows but "
+                           f"{rows} products; a product_id has several predictions, nothing was published")
 
 
 def _summary(out: str, record: PublishedVersion, verdict: Verdict | None, removed: dict) -> dict[str, Any]:

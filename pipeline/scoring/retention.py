@@ -39,7 +39,8 @@ class Retention:
     def from_env(cls, versions: int | None = None) -> "Retention":
         """The settings from the environment; `versions` (a caller's `keep`) overrides its variable."""
         env = os.environ.get
-        return cls(versions=versions or int(env("CMACLIP_PUBLISH_KEEP") or cls.versions),
+        keep = versions if versions is not None else int(env("CMACLIP_PUBLISH_KEEP") or cls.versions)
+        return cls(versions=keep,
                    runs=int(env("CMACLIP_KEEP_RUNS") or cls.runs),
                    orphan_days=float(env("CMACLIP_ORPHAN_DAYS") or cls.orphan_days))
 
