@@ -230,7 +230,8 @@ class TaskReport(Record):
     abstention_rate: float
     classes: dict[str, int]          # label -> products; every class the model knows, 0 included
     mean_image_weight: float | None  # mean λ (`<task>_image_weight`)
-    psi: float | None                # population stability index of `classes` against the previous state's
+    psi: float | None                # population stability index of the values (classes, abstention) against
+                                     # the previous state's; None when either state is empty
     rescored: int                    # products this run scored (the others were carried over)
     compared: int                    # rescored products the previous state has too
     changed: int                     # of which the label differs from the previous state's

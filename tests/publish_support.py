@@ -10,6 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline import contracts
+from pipeline.io import storage
+from pipeline.io.parquet_writer import AtomicParquetWriter
 from pipeline.manifests import RunManifest
 from pipeline.scoring.layout import manifest_uri, marker_uri, output_uris
 
@@ -32,17 +34,17 @@ def prediction(product_id: str, run_id: str, night: int = 0, **values) -> dict:
 
 def finalized_run(out: Path | str, run_id: str, rows: list[dict], night: int = 0, quarantined: int = 0,
                   shards: int = 2) -> RunManifest:
-    """Write `rows` as the run's prediction files (in `shards` files, unsorted) and its manifest."""
+    """Write `rows` as the run's prediction files (in `shards` files, unsorted), placeholder done markers and
+    its manifest, under `out` (any URI)."""
     out = str(out)
     schema = contracts.prediction_schema(list(LABELS)).with_metadata(
         {"cmaclip": json.dumps({"labels": LABELS, "run_id": run_id})})
     files = []
     for shard in range(shards):
         uri = output_uris(out, f"{shard:05d}", "cmaclip", "1", run_id)["predictions"]
-        Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(rows[shard::shards], schema=schema), uri)
-        Path(marker_uri(out, run_id, f"{shard:05d}")).parent.mkdir(parents=True, exist_ok=True)
-        Path(marker_uri(out, run_id, f"{shard:05d}")).write_text("{}")
+        with AtomicParquetWriter(uri, schema) as writer:
+            writer.write(pa.Table.from_pylist(rows[shard::shards], schema=schema))
+        storage.write_text(marker_uri(out, run_id, f"{shard:05d}"), "{}")
         files.append(uri)
     manifest = RunManifest(
         contract=contracts.CONTRACT, run_id=run_id, plan_id=f"plan-{run_id}", catalog="catalog.parquet",

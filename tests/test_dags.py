@@ -113,7 +113,8 @@ def test_scoring_dag_shape(dagbag):
     assert dag.params["explain"] is False  # the contribution columns only when asked for
     assert dag.params["publish_anyway"] is False  # only an explicit trigger publishes past the gate
     assert {name: dag.params[name] for name in Limits().to_dict()} == Limits().to_dict()
-    for name, bad in {"explain": "yes", "publish_anyway": "yes", "max_psi": -0.1, "max_quarantine_rate": "high"}.items():
+    bad_values = {"explain": "yes", "publish_anyway": "yes", "max_psi": -0.1, "max_quarantine_rate": "high"}
+    for name, bad in bad_values.items():
         with pytest.raises(ParamValidationError):
             dag.params.get_param(name).resolve(bad)
 

@@ -51,7 +51,8 @@ def test_the_gate_blocks_a_shifted_class_distribution_and_passes_a_normal_night(
     assert cli.main(["publish", "--out", str(out), "--force"]) == 0
     forced = json.loads(capsys.readouterr().out)
     assert forced["forced"] and not forced["verdict"]["passed"] and forced["run_id"] == "night-3"
-    assert versions.current(str(out)).forced and versions.current(str(out)).gate_exceeded == forced["verdict"]["exceeded"]
+    current = versions.current(str(out))
+    assert current.forced and current.gate_exceeded == forced["verdict"]["exceeded"]
 
 
 def test_the_abstention_and_quarantine_limits(tmp_path):
@@ -62,11 +63,22 @@ def test_the_abstention_and_quarantine_limits(tmp_path):
     made = report.build(str(out), manifest)
     verdict = check(made, manifest, Limits())
     assert not verdict.passed
-    assert verdict.exceeded == ["quarantine rate 0.333 > 0.1 (5 of 15 rows)"]  # 90% abstained: at the limit
+    assert verdict.exceeded == ["quarantine rate 0.333 > 0.1 (5 of 15 rows)"]  # abstention: no limit by default
     assert check(made, manifest, Limits(max_quarantine_rate=0.4, max_abstention_rate=0.85)).exceeded == \
         ["style: abstention rate 0.900 > 0.85"]
-    assert check(made, manifest, Limits(max_quarantine_rate=0.4)).passed
+    assert check(made, manifest, Limits(max_quarantine_rate=0.4, max_abstention_rate=0.9)).passed  # at the limit
     assert Limits.from_mapping({"max_psi": "0.5", "max_abstention_rate": None, "publish_anyway": True}) == \
         Limits(max_psi=0.5)
     with pytest.raises(ValueError, match="max_psi must be >= 0"):
         Limits(max_psi=-1)
+
+
+def test_a_task_that_starts_abstaining_on_everything_drifts(tmp_path):
+    """No absolute abstention limit by default, but abstention is one of the values the PSI compares."""
+    out = tmp_path / "out"
+    _night(out, 1, [COLORS[i % 3] for i in range(60)])
+    publish.publish(str(out), limits=Limits())
+    _night(out, 2, [None] * 60)
+    with pytest.raises(GateFailed, match=r"color: PSI \d+\.\d+ > 0\.25") as failed:
+        publish.publish(str(out), limits=Limits())
+    assert len(failed.value.verdict.exceeded) == 1

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import uuid
 from pathlib import Path
 
 import pyarrow as pa
@@ -144,6 +145,20 @@ def test_retention_keeps_the_last_versions_and_the_runs_they_need(tmp_path, monk
     assert versions.rollback(str(out))["run_id"] == "night-3"  # what rollback needs was kept
 
 
+def test_versions_rollback_and_retention_on_an_object_store():
+    """memory:// stands in for s3:// (objects put whole, listed by prefix, no real folders)."""
+    out = f"memory://publish-state-{uuid.uuid4().hex}/out"
+    for night, colour in enumerate(["blue", "green", "red"], start=1):
+        run_id = f"night-{night}"
+        finalized_run(out, run_id, [prediction(p, run_id, night=night, color=colour) for p in "ab"], night=night)
+        summary = publish.publish(out, keep=2)
+    assert summary["removed"]["runs"] == ["night-1"] and versions.numbers(out) == [2, 3]
+    assert storage.glob(storage.join(out, "predictions", "*", "*", "run=night-1")) == []
+    assert versions.rollback(out)["run_id"] == "night-2"
+    assert storage.read_bytes(summary["latest"]) == storage.read_bytes(f"{out}/published/versions/v=2/latest.parquet")
+    assert set(pq.read_table(storage.open_input(summary["latest"])).column("color").to_pylist()) == {"green"}
+
+
 # --- the report ---------------------------------------------------------------------------------------------
 
 def test_the_report_per_task_abstention_classes_lambda_and_drift(tmp_path):
@@ -165,7 +180,8 @@ def test_the_report_per_task_abstention_classes_lambda_and_drift(tmp_path):
     assert color.classes == {"blue": 1, "green": 1, "red": 2}
     assert color.mean_image_weight == pytest.approx(0.6)
     assert (color.rescored, color.compared, color.changed) == (4, 3, 2) and color.changed_rate == pytest.approx(2 / 3)
-    by_hand = 2 * (0.25 - 0.5) * math.log(0.25 / 0.5) + (0.5 - 1e-4) * math.log(0.5 / 1e-4)
+    # Shares of blue, green, red and abstained: 1/5, 1/5, 2/5, 1/5 now; 2/4, 2/4, 0, 0 before (0 -> 1e-4).
+    by_hand = 2 * (0.2 - 0.5) * math.log(0.2 / 0.5) + sum((p - 1e-4) * math.log(p / 1e-4) for p in (0.4, 0.2))
     assert color.psi == pytest.approx(by_hand) and (color.filled, color.disagreements) == (None, None)
     style = {t.task: t for t in made.tasks}["style"]
     assert style.classes == {"casual": 5, "formal": 0} and style.psi == pytest.approx(0.0)

@@ -21,9 +21,10 @@ def _limit(default: float, meaning: str) -> Any:
 @dataclass(frozen=True)
 class Limits:
     """What a run may reach and still be published. Rates are shares in [0, 1]."""
-    max_psi: float = _limit(0.25, "per task: population stability index of the classes against the published "
-                                  "state (above 0.25 is the usual mark of a major shift)")
-    max_abstention_rate: float = _limit(0.9, "per task: share of products below the task's threshold")
+    max_psi: float = _limit(0.25, "per task: population stability index of the published values (each class, "
+                                  "and abstention) against the published state (above 0.25: a major shift)")
+    max_abstention_rate: float = _limit(1.0, "per task: share of products below the task's threshold (1: no "
+                                             "limit; calibrated thresholds decide it, and a jump shows in the PSI)")
     max_quarantine_rate: float = _limit(0.1, "share of the run's input rows quarantined")
     max_changed_rate: float = _limit(1.0, "per task: share of rescored products whose label changed against "
                                           "the published state (1: no limit; a new model version may rightly "
@@ -85,8 +86,8 @@ def _task_exceeded(task: "TaskReport", limits: Limits) -> list[str]:
     if task.abstention_rate > limits.max_abstention_rate:
         found.append(f"{task.task}: abstention rate {task.abstention_rate:.3f} > {limits.max_abstention_rate:g}")
     if task.psi is not None and task.psi > limits.max_psi:
-        found.append(f"{task.task}: PSI {task.psi:.3f} > {limits.max_psi:g} (class distribution against "
-                     f"the published state)")
+        found.append(f"{task.task}: PSI {task.psi:.3f} > {limits.max_psi:g} (classes and abstention "
+                     f"against the published state)")
     if task.changed_rate is not None and task.changed_rate > limits.max_changed_rate:
         found.append(f"{task.task}: changed {task.changed_rate:.3f} of rescored products > "
                      f"{limits.max_changed_rate:g}")

@@ -59,13 +59,13 @@ def publish(out: str, catalog: str | None = None, *, run_id: str | None = None, 
     verdict = check(made, manifest, limits) if limits is not None else None
     if verdict is not None and not verdict.passed and not force:
         raise GateFailed(verdict)
-    record = _write_version(out, manifest, catalog, made, verdict, now)
+    record = _write_version(out, manifest, catalog, verdict, now)
     versions.point(out, record)
     return _summary(out, record, verdict, prune(out, retention))
 
 
-def _write_version(out: str, manifest: RunManifest, catalog: str | None, made: RunReport,
-                   verdict: Verdict | None, previous: PublishedVersion | None) -> PublishedVersion:
+def _write_version(out: str, manifest: RunManifest, catalog: str | None, verdict: Verdict | None,
+                   previous: PublishedVersion | None) -> PublishedVersion:
     """Write the version's tables, then its record (the version exists once the record does)."""
     number = versions.next_number(out)
     latest = version_uri(out, number, "latest")

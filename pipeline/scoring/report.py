@@ -173,15 +173,16 @@ def _task_report(row: Mapping[str, Any], reviewed: Mapping[str, Mapping[str, int
 
 def _with_classes(con: Any, stats: list[TaskReport], vocabulary: Mapping[str, list[str]]) -> list[TaskReport]:
     """Each task's class distribution (every class the model knows, 0 included) and its PSI against the
-    previous state's."""
-    counts: dict[tuple[str, str], dict[str, int]] = {}
+    previous state's, over the published values: each class, and abstention (None), so a task that starts
+    abstaining on everything drifts too."""
+    counts: dict[tuple[str, str], dict[str | None, int]] = {}
     for row in _query(con, "report_classes").to_pylist():
         counts.setdefault((row["state"], row["task"]), {})[row["label"]] = row["products"]
     out = []
     for task in stats:
         new, previous = counts.get(("new", task.task), {}), counts.get(("previous", task.task), {})
         known = vocabulary.get(task.task, [])
-        names = known + sorted((set(new) | set(previous)) - set(known))
+        names = known + sorted((set(new) | set(previous)) - set(known) - {None})
         out.append(dataclasses.replace(task, classes={c: new.get(c, 0) for c in names}, psi=psi(new, previous)))
     return out
 
@@ -194,9 +195,9 @@ def _vocabulary(files: Sequence[str]) -> dict[str, list[str]]:
     return json.loads(meta.get(b"cmaclip", b"{}")).get("labels", {})
 
 
-def psi(new: Mapping[str, int], previous: Mapping[str, int], epsilon: float = PSI_EPSILON) -> float | None:
-    """Population stability index of class counts: sum over classes of (p - q) ln(p / q), shares p (new) and
-    q (previous) raised to `epsilon` where a class is empty. None when either side has no label at all."""
+def psi(new: Mapping[Any, int], previous: Mapping[Any, int], epsilon: float = PSI_EPSILON) -> float | None:
+    """Population stability index of counts per value: sum over values of (p - q) ln(p / q), shares p (new)
+    and q (previous) raised to `epsilon` where a value is absent. None when either side is empty."""
     n, m = sum(new.values()), sum(previous.values())
     if not n or not m:
         return None
