@@ -4,6 +4,7 @@ Predictions: the key, per task the columns below, the lineage. From this spec co
 writes (`prediction_schema`), the Predictor's output columns (`task_columns`), the MLflow signature of the
 pyfunc (pipeline.tracking.pyfunc) and the tables in docs/contracts.md (`python -m pipeline.contracts` prints them; a
 test checks the page holds them). Quarantine: four string columns, written by ingest and scoring alike.
+Report: the fill and disagreements files catalog teams act on (pipeline.scoring.report).
 
 No torch here (cmaclip.config is torch-free): whatever only needs the contract reads it cheaply.
 """
