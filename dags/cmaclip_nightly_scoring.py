@@ -1,6 +1,6 @@
 """Score the whole catalog with the champion model: every night, and whenever a new champion is promoted.
 
-    plan -> score (one mapped task per group of shards) -> finalize -> publish
+    plan -> score (one mapped task per group of shards) -> finalize -> report -> gate -> publish
 
 The schedule is a cron (`CMACLIP_SCORING_SCHEDULE`, default "0 2 * * *", UTC) OR an event on the champion
 Asset that `cmaclip_retrain` emits, whichever comes first (AssetOrTimeSchedule). `plan` pins the champion's
@@ -8,11 +8,15 @@ version (an alias may move mid-run; every shard must be scored by one version), 
 finds the products whose published prediction carries over (same title, image and model: only new and changed
 products are scored, unless the `full` param is on) and groups the shards so the map stays far below
 Airflow's max_map_length. Each shard is committed atomically with a done marker, so a retried task or a
-rerun of the DAG skips committed shards and redoes the rest. `publish` emits the predictions Asset.
+rerun of the DAG skips committed shards and redoes the rest. `report` writes what catalog teams act on (fill,
+disagreements, per-task drift against the published state) and shows its summary in the task log; `gate`
+fails the run, without a retry, when a limit is exceeded, naming each one (trigger again with
+`publish_anyway` to publish it nonetheless); `publish` writes the run as a new version of the published state and emits the predictions Asset.
 """
 from __future__ import annotations
 
 from airflow.sdk import Asset, AssetOrTimeSchedule, CronTriggerTimetable, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline.orchestration import airflow_tasks as orch
 
@@ -32,6 +36,10 @@ PARAMS = {
     "full": Param(False, type="boolean", title="Full rescore",
                   description="Score every product. Off: a product whose title, image and model are those of its "
                               "published prediction carries it over; only new and changed ones are scored."),
+    "publish_anyway": Param(False, type="boolean", title="Publish anyway",
+                            description="Publish even if the quality gate fails (set it on a manual trigger)."),
+    **{name: Param(default, type="number", minimum=0, title=name, description=f"Quality gate: {meaning}.")
+       for name, (default, meaning) in orch.gate_params().items()},
 }
 
 
@@ -62,16 +70,34 @@ def cmaclip_nightly_scoring():
     def finalize(run: dict, scored: list[dict], params=None):
         return orch.finalize_scoring(run, params["predictions_uri"])
 
+    @task
+    def report(finalized: dict, params=None):
+        return orch.report_run(finalized, params["predictions_uri"], params["catalog_uri"])
+
+    # A failed gate is a verdict, not an accident: AirflowFailException fails the task without a retry.
+    @task
+    def gate(reported: dict, params=None):
+        verdict = orch.check_gate(reported, params["predictions_uri"], params)
+        if not verdict["passed"] and not params["publish_anyway"]:
+            raise AirflowFailException("quality gate failed, not published: " + "; ".join(verdict["exceeded"])
+                                       + " (trigger again with publish_anyway to publish this run)")
+        return verdict
+
+    # `verdict` orders publish after the gate, which publish applies again (forced with publish_anyway).
     @task(outlets=[PREDICTIONS])
-    def publish(finalized: dict, params=None, outlet_events=None):
-        published = orch.publish_predictions(params["predictions_uri"], params["catalog_uri"])
+    def publish(finalized: dict, verdict: dict, params=None, outlet_events=None):
+        published = orch.publish_predictions(params["predictions_uri"], params["catalog_uri"],
+                                             run_id=finalized["run_id"], limits=params,
+                                             force=params["publish_anyway"])
         outlet_events[PREDICTIONS].extra = {"uri": published["latest"], "run_id": finalized["run_id"],
-                                            "model_version": finalized["model_version"]}
+                                            "model_version": finalized["model_version"],
+                                            "version": published["version"]}
         return published
 
     groups = plan()
     scored = score.partial(run=groups["run"]).expand(group=groups)
-    publish(finalize(groups["run"], scored))
+    finalized = finalize(groups["run"], scored)
+    publish(finalized, gate(report(finalized)))
 
 
 cmaclip_nightly_scoring()

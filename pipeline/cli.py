@@ -178,13 +178,30 @@ def _score(args: argparse.Namespace) -> Any:
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:
+    from .scoring.gate import Limits
+
     p.add_argument("--out", required=True, help="scoring output root URI")
-    p.add_argument("--catalog", help="also write the catalog joined with its latest attributes")
+    p.add_argument("--catalog", help="also write the catalog joined with the predictions, and the report's "
+                   "fill and disagreements against it")
+    p.add_argument("--run-id", help="the finalized run to publish (default: the newest)")
+    p.add_argument("--force", action="store_true", help="publish even if the quality gate fails")
+    p.add_argument("--keep", type=int, help="published versions to keep (default: $CMACLIP_PUBLISH_KEEP, else 7)")
+    p.add_argument("--rollback", action="store_true",
+                   help="make the version before the current one current again (nothing else is done)")
+    for name, default in Limits().to_dict().items():
+        p.add_argument(f"--{name.replace('_', '-')}", type=float, default=default,
+                       help=f"quality gate: {Limits.meanings()[name]} (default {default:g})".replace("%", "%%"))
 
 
 def _publish(args: argparse.Namespace) -> Any:
+    from .scoring import versions
+    from .scoring.gate import Limits
     from .scoring.publish import publish
-    return publish(args.out, catalog=args.catalog)
+
+    if args.rollback:
+        return versions.rollback(args.out)
+    return publish(args.out, catalog=args.catalog, run_id=args.run_id, limits=Limits.from_mapping(vars(args)),
+                   force=args.force, keep=args.keep)
 
 
 COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
@@ -195,7 +212,8 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "registry": ("the model registry: list | compare | promote", _registry_args, _registry),
     # scoring
     "score": ("score a catalog in shards (resumable), then finalize the run", _score_args, _score),
-    "publish": ("latest prediction per product, and the catalog joined with it", _publish_args, _publish),
+    "publish": ("publish the newest finalized run as a new version, past the quality gate (or roll back)",
+                _publish_args, _publish),
 }
 
 

@@ -4,6 +4,7 @@ Predictions: the key, the content hash, per task the columns below, the lineage.
 Arrow schema scoring writes (`prediction_schema`), the Predictor's output columns (`task_columns`), the MLflow signature of the
 pyfunc (pipeline.tracking.pyfunc) and the tables in docs/contracts.md (`python -m pipeline.contracts` prints them; a
 test checks the page holds them). Quarantine: four string columns, written by ingest and scoring alike.
+Report: the fill and disagreements files catalog teams act on (pipeline.scoring.report).
 
 No torch here (cmaclip.config is torch-free): whatever only needs the contract reads it cheaply.
 """
@@ -69,6 +70,16 @@ QUARANTINE = (Column("product_id", "string", "as normalised; null when the row h
 QUARANTINE_COLUMNS = [c.name for c in QUARANTINE]
 QUARANTINE_SCHEMA = pa.schema([c.field() for c in QUARANTINE])
 
+# What catalog teams act on (pipeline.scoring.report): one row per product and task.
+_REVIEWED = (Column("product_id", "string", "the catalog key (normalised)", nullable=False),
+             Column("task", "string", "the attribute, a prediction column's name (`color`)", nullable=False))
+_CATALOG_VALUE = Column("catalog_value", "string", "the catalog's value in the column named like the task, "
+                        "cleaned as ingest cleans labels")
+_PREDICTED = Column("predicted", "string", "the prediction: above the task's threshold (`<task>` is not null)")
+_CONFIDENCE = Column("confidence", "float32", "its softmax probability (`<task>_confidence`)")
+FILL = (*_REVIEWED, _PREDICTED, _CONFIDENCE)
+DISAGREEMENTS = (*_REVIEWED, _CATALOG_VALUE, _PREDICTED, _CONFIDENCE)
+
 
 def per_task(explain: bool = False) -> tuple[Column, ...]:
     return TASK_COLUMNS + (tuple(CONTRIBUTIONS.values()) if explain else ())
@@ -78,6 +89,17 @@ def prediction_columns(tasks: Sequence[str], explain: bool = False) -> list[Colu
     """Every column of a predictions file, named for `tasks`, in file order."""
     named = [dataclasses.replace(c, name=c.named(t)) for t in tasks for c in per_task(explain)]
     return [KEY, CONTENT_HASH, *named, *LINEAGE]
+
+
+def tasks_in(names: Sequence[str]) -> list[str]:
+    """The tasks of a predictions or published file, from its column names: the names that have every
+    per-task column of the contract next to them."""
+    present = set(names)
+    return [n for n in names if all(c.named(n) in present for c in TASK_COLUMNS)]
+
+
+def schema_of(columns: Sequence[Column]) -> pa.Schema:
+    return pa.schema([c.field() for c in columns])
 
 
 def task_columns(tasks: Sequence[str], explain: bool = False) -> list[tuple[str, str]]:
@@ -122,7 +144,10 @@ def docs_tables() -> dict[str, str]:
     """The contract tables of docs/contracts.md, by name."""
     predictions = [KEY, CONTENT_HASH, *per_task(explain=True), *LINEAGE]
     return {"predictions": markdown_table("column (`pipeline.contracts`)", predictions),
-            "quarantine": markdown_table("column (`pipeline.contracts.QUARANTINE`)", QUARANTINE)}
+            "quarantine": markdown_table("column (`pipeline.contracts.QUARANTINE`)", QUARANTINE),
+            "fill": markdown_table("`fill.parquet` (`pipeline.contracts.FILL`)", FILL),
+            "disagreements": markdown_table("`disagreements.parquet` (`pipeline.contracts.DISAGREEMENTS`)",
+                                            DISAGREEMENTS)}
 
 
 if __name__ == "__main__":

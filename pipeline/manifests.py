@@ -1,5 +1,5 @@
 """The JSON documents the pipeline writes and reads back, as typed records: the dataset manifest (ingest),
-a shard's done marker and the run manifest (scoring).
+a shard's done marker and the run manifest (scoring), a run's report and a published version (publish).
 
 Writers build the record and `write` it; readers `read` it, which checks every field the record declares
 (present, of its type) and fails naming the file and the field: a malformed marker is a `ManifestError`,
@@ -223,3 +223,59 @@ class RunManifest(Record):
     quarantine: list[str]
     scoring_seconds: float
     finalized_at: str
+
+
+# --- publish: a run's report and a published version (pipeline.scoring.report, .publish, .versions) -------
+
+@dataclass(frozen=True, kw_only=True)
+class TaskReport(Record):
+    """One task of a run's report: what the new state says and how far it moved from the published one."""
+    task: str
+    products: int                    # products of the new state
+    abstained: int                   # of which the label is null (top-1 below the task's threshold)
+    abstention_rate: float
+    classes: dict[str, int]          # label -> products; every class the model knows, 0 included
+    mean_image_weight: float | None  # mean λ (`<task>_image_weight`)
+    psi: float | None                # population stability index of the values (classes, abstention) against
+                                     # the previous state's; None when either state is empty
+    rescored: int                    # products this run scored (the others were carried over)
+    compared: int                    # rescored products the previous state has too
+    changed: int                     # of which the label differs from the previous state's
+    changed_rate: float | None       # changed / compared
+    filled: int | None               # fill rows; None without a catalog
+    disagreements: int | None        # disagreement rows; None without a catalog
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunReport(Record):
+    """Written before the gate decides: a run against the published state it would replace."""
+    run_id: str
+    model_name: str
+    model_version: str
+    products: int
+    baseline_version: int | None     # the published version compared against (None: none, or unversioned)
+    baseline_products: int           # rows of that previous state (0: nothing was published)
+    catalog: str | None              # the catalog fill and disagreements read; None when not given
+    tasks: list[TaskReport]
+    files: dict[str, str]            # summary, fill, disagreements -> URI
+    created_at: str
+
+
+@dataclass(frozen=True, kw_only=True)
+class PublishedVersion(Record):
+    """`published/versions/v=<n>/version.json`, written last: the version exists once this does."""
+    version: int
+    run_id: str
+    model_name: str
+    model_version: str
+    rows: int                        # products in latest.parquet
+    files: list[str]                 # the published tables this version has: latest, and catalog when given
+    catalog: str | None              # the catalog catalog.parquet joined
+    catalog_rows: int | None
+    renamed: dict[str, str] = dataclasses.field(default_factory=dict)  # catalog columns renamed in catalog.parquet
+    previous: int | None             # the version that was current when this one was published
+    report: str                      # the run's report.json
+    gate_passed: bool | None         # None: published without the gate
+    gate_exceeded: list[str]
+    forced: bool                     # published although the gate failed
+    created_at: str

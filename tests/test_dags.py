@@ -102,13 +102,22 @@ def test_scoring_dag_shape(dagbag):
     score = dag.get_task("score")
     assert score.map_index_template and score.max_active_tis_per_dagrun == airflow_tasks.SCORING_PARALLELISM
     assert [o.uri for o in dag.get_task("publish").outlets] == [airflow_tasks.PREDICTIONS_ASSET_URI]
+    order = ["plan", "score", "finalize", "report", "gate", "publish"]
+    for upstream, downstream in zip(order, order[1:]):
+        assert downstream in dag.get_task(upstream).downstream_task_ids
     assert airflow_tasks.MAX_SCORING_TASKS < 1024  # far below Airflow's default max_map_length
     from airflow.sdk.exceptions import ParamValidationError
 
+    from pipeline.scoring.gate import Limits
+
     assert dag.params["explain"] is False  # the contribution columns only when asked for
+    assert dag.params["publish_anyway"] is False  # only an explicit trigger publishes past the gate
     assert dag.params["full"] is False  # incremental: only new and changed products are scored
-    with pytest.raises(ParamValidationError):
-        dag.params.get_param("explain").resolve("yes")
+    assert {name: dag.params[name] for name in Limits().to_dict()} == Limits().to_dict()
+    bad_values = {"explain": "yes", "publish_anyway": "yes", "full": "no", "max_psi": -0.1, "max_quarantine_rate": "high"}
+    for name, bad in bad_values.items():
+        with pytest.raises(ParamValidationError):
+            dag.params.get_param(name).resolve(bad)
 
 
 def test_shard_groups_stay_below_the_map_limit():
@@ -282,3 +291,25 @@ def test_scoring_dag_runs_end_to_end_and_a_rerun_skips_committed_shards(retraine
     assert storage.exists(storage.join(predictions, "published", "latest.parquet"))
     assert {ti.rendered_map_index for ti in second.get_task_instances() if ti.task_id == "score"} == \
         {"00000", "00001", "00002", "00003"}
+    assert storage.exists(storage.join(predictions, "_reports", f"run={manifest['run_id']}", "summary.md"))
+
+    # The next night, ten products fewer, and a limit the run exceeds: the gate fails at once (no retry),
+    # naming it, and nothing is published...
+    import pyarrow.parquet as pq
+
+    from pipeline.scoring import versions
+
+    published = storage.read_bytes(storage.join(predictions, "published", "latest.parquet"))
+    smaller = str(airflow_env["home"] / "catalog" / "smaller.parquet")
+    pq.write_table(pq.read_table(catalog).slice(10), smaller)
+    strict = {**conf, "catalog_uri": smaller, "max_quarantine_rate": 0.0}
+    blocked = _states(dag.test(run_conf=strict))
+    assert blocked[("gate", -1)] == ("failed", 1) and blocked[("publish", -1)][0] == "upstream_failed"
+    assert storage.read_bytes(storage.join(predictions, "published", "latest.parquet")) == published
+    # ...unless a trigger says to publish anyway.
+    forced = dag.test(run_conf={**strict, "publish_anyway": True})
+    assert forced.state == "success" and _states(forced)[("publish", -1)][0] == "success"
+    current = versions.current(predictions)
+    assert (current.version, current.previous, current.forced) == (2, 1, True)
+    assert current.gate_exceeded and current.gate_exceeded[0].startswith("quarantine rate")
+    assert current.rows == manifest["predicted"] - 10  # the ten products left the catalog, and the state

@@ -407,12 +407,12 @@ def test_explain_adds_each_modalitys_contribution_in_a_run_of_its_own(checkpoint
     plan = planner.plan_shards(tmp_catalog, rows_per_shard=250, out=out)
     with pytest.raises(ValueError, match="explain False.*explain True.*use another run id"):
         runner.score_shard(plan.shards[0], checkpoint, out, run_id=plain["run_id"], workers=0, explain=True)
-    # publish reads both runs; the newest (explained) predictions carry their contributions.
+    # publish reads the newest run, the explained one: its predictions carry their contributions.
     latest = pq.read_table(publish.publish(out)["latest"])
     assert contributions <= set(latest.column_names) and latest.column("color_image_contribution").null_count == 0
 
 
-def test_publish_latest_per_product_and_catalog_view(checkpoint, tmp_catalog, tmp_path):
+def test_publish_the_newest_run_and_the_catalog_view(checkpoint, tmp_catalog, tmp_path):
     out = str(tmp_path / "out")
     first = distributor.score(tmp_catalog, checkpoint, out, rows_per_shard=200, workers=0, progress=False)
     subset = str(tmp_path / "subset.parquet")
@@ -423,15 +423,15 @@ def test_publish_latest_per_product_and_catalog_view(checkpoint, tmp_catalog, tm
     unfinished = planner.plan_shards(subset, rows_per_shard=20)
     runner.score_shard(unfinished.shards[0], Predictor.from_checkpoint(checkpoint, version="3"), out, workers=0)
 
-    summary = publish.publish(out, catalog=tmp_catalog)
-    assert summary["runs"] == sorted([first["run_id"], second["run_id"]]) and summary["products"] == 400
-    latest = pq.read_table(summary["latest"]).to_pylist()
-    assert len({r["product_id"] for r in latest}) == 400
-    subset_ids = set(pq.read_table(subset).column("product_id").to_pylist())
-    for row in latest:
-        assert row["run_id"] == (second["run_id"] if row["product_id"] in subset_ids else first["run_id"])
+    older = publish.publish(out, catalog=tmp_catalog, run_id=first["run_id"])  # a run named: that one
+    assert (older["version"], older["products"], older["catalog_rows"]) == (1, 400, 400)
+    summary = publish.publish(out, catalog=subset)  # else the newest finalized run: the catalog shrank to 50
+    assert (summary["version"], summary["previous"], summary["run_id"]) == (2, 1, second["run_id"])
+    latest = pq.read_table(summary["latest"])
+    assert latest.column("product_id").to_pylist() == sorted(pq.read_table(subset).column("product_id").to_pylist())
+    assert set(latest.column("run_id").to_pylist()) == {second["run_id"]}
     view = pq.read_table(summary["catalog"])
-    assert view.num_rows == 400 and "image" not in view.column_names
+    assert view.num_rows == 50 and "image" not in view.column_names
     assert {"title", "color", "predicted_color", "predicted_color_top", "predicted_run_id"} <= set(view.column_names)
 
 
@@ -480,7 +480,8 @@ def _write(path: Path, rows: list[dict], row_group_size: int = 7) -> None:
 def test_duplicate_ids_never_publish_another_rows_prediction(checkpoint, tmp_path):
     """Ids on several rows (differing copies, exact copies, ids that differ only by surrounding whitespace),
     across two files and two shards: every such row is quarantined, and in the published catalog each row
-    holds its own prediction or nulls, even where an older run predicted the id while it was unique."""
+    holds its own prediction or nulls, even where an older run predicted the id while it was unique (publish
+    reads the newest run only)."""
     row = lambda i, pid, **kw: synthetic.make_row(31, i) | {"product_id": pid, **kw}  # noqa: E731
     dress, skirt = row(0, "red-dress", title="Red Dress"), row(1, "red-dress", title="Navy Skirt")
     a = [row(i, f"a{i}") for i in range(2, 20)]
@@ -516,8 +517,11 @@ def test_duplicate_ids_never_publish_another_rows_prediction(checkpoint, tmp_pat
 
     published = publish.publish(out, catalog=catalog)
     latest = {r["product_id"]: r for r in pq.read_table(published["latest"]).to_pylist()}
-    assert latest["red-dress"]["run_id"] == older["run_id"]   # its newest prediction: made while it was unique
-    assert "exact" not in latest and "padded" not in latest and latest["lonely"]["run_id"] == summary["run_id"]
+    # The older run predicted red-dress while it was unique; the newest quarantined it: not published.
+    older_files = json.loads(Path(older["manifest"]).read_text())["predictions"]
+    assert "red-dress" in pq.read_table(older_files, partitioning=None).column("product_id").to_pylist()
+    assert not {"red-dress", "exact", "padded"} & set(latest)
+    assert latest["lonely"]["run_id"] == summary["run_id"]
     view = pq.read_table(published["catalog"])
     assert view.num_rows == 30 and len(set(view.column_names)) == len(view.column_names)
     for r in view.to_pylist():

@@ -3,14 +3,20 @@ Parquet. One statement per file; values are always bound as `$name` parameters, 
 text."""
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Iterator
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 
 from .parquet_writer import AtomicParquetWriter
 
 SQL_DIR = Path(__file__).resolve().parent / "queries"
+MEMORY_LIMIT = "1GB"    # a query over a whole catalog spills to a temporary folder beyond this
 
 
 @lru_cache(maxsize=None)
@@ -23,10 +29,25 @@ def load_sql(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
-def write_parquet(reader: pa.RecordBatchReader, uri: str) -> int:
+@contextlib.contextmanager
+def connect(memory_limit: str = MEMORY_LIMIT) -> Iterator[Any]:
+    """A DuckDB connection whose sorts, joins and groupings spill to a temporary folder beyond
+    `memory_limit`, so memory stays bounded for any catalog size; closed, and the folder removed, after."""
+    import duckdb
+
+    with tempfile.TemporaryDirectory(prefix="cmaclip-duckdb-") as tmp:
+        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": os.path.join(tmp, "spill")})
+        try:
+            yield con
+        finally:
+            con.close()
+
+
+def write_parquet(reader: pa.RecordBatchReader, uri: str, metadata: dict[str, str] | None = None) -> int:
     """Stream a query's result (`relation.to_arrow_reader(rows)`: one row group per batch) into a Parquet
-    file committed atomically; its row count."""
-    with AtomicParquetWriter(uri, reader.schema) as writer:
+    file committed atomically, with `metadata` in its schema; its row count."""
+    schema = reader.schema.with_metadata(metadata) if metadata else reader.schema
+    with AtomicParquetWriter(uri, schema) as writer:
         for batch in reader:
             writer.write(batch)
     return writer.rows

@@ -16,6 +16,7 @@ import stat
 import tempfile
 import uuid
 from collections.abc import Iterator
+from datetime import datetime
 from typing import IO, Any
 
 import fsspec
@@ -217,6 +218,43 @@ def remove(uri: str, recursive: bool = False) -> None:
     fs, path = filesystem(uri)
     if fs.exists(path):
         fs.rm(path, recursive=recursive)
+
+
+def glob(pattern: str) -> list[str]:
+    """Files and folders matching a glob pattern, as sorted URIs (none: an empty list)."""
+    fs, path = filesystem(pattern)
+    return sorted(to_uri(fs, p) for p in fs.glob(path))
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy a file byte for byte; `dst` appears whole or not at all (`atomic_output`)."""
+    with open_input(src) as f, atomic_output(dst) as out:
+        shutil.copyfileobj(f, out, 8 << 20)
+
+
+def newest_modification(uri: str) -> float | None:
+    """When a file, or the newest file under a folder, was last written (seconds since the epoch), as the
+    store reports it in one listing; None when there is nothing there or the store reports no time."""
+    fs, path = filesystem(uri)
+    if not fs.exists(path):
+        return None
+    found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    times = [t for t in map(_modified, found.values()) if t is not None]
+    return max(times, default=None)
+
+
+def _modified(info: dict[str, Any]) -> float | None:
+    """The modification time in an fsspec `info`: local `mtime`, S3 `LastModified`, GCS `updated`, memory
+    `created` (a float, a datetime or an ISO string)."""
+    for key in ("mtime", "LastModified", "updated", "created"):
+        value = info.get(key)
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    return None
 
 
 def _visible(path: str) -> bool:

@@ -101,3 +101,24 @@ def normalize_label(value: str | bytes | None, synonyms: dict[str, str] | None =
     if label is not None and synonyms:
         label = clean(synonyms.get(label, label))
     return label
+
+
+def normalize_labels(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """`normalize_label` (no synonyms) over a column of any text type, computed once per distinct value:
+    a column of labels holds few. A cell that is not UTF-8, or not text at all, becomes null."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if pa.types.is_null(values.type):
+        return pa.nulls(len(values), pa.large_string())
+    encoded = values if pa.types.is_dictionary(values.type) else pc.dictionary_encode(values)
+    labels = [_label_or_none(v) for v in encoded.dictionary.to_pylist()]
+    return pc.take(pa.array(labels, pa.large_string()), encoded.indices)
+
+
+def _label_or_none(value: object) -> str | None:
+    if not isinstance(value, (str, bytes)):
+        return None
+    try:
+        return normalize_label(value)
+    except NotText:
+        return None

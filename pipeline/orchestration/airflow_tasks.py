@@ -308,10 +308,51 @@ def finalize_scoring(run: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
                                         "scoring_seconds")}}
 
 
-def publish_predictions(out_uri: str, catalog_uri: str) -> dict[str, Any]:
-    """Latest attributes per product, and the catalog joined with them, under `out_uri/published/`."""
-    from ..scoring import publish
+def report_run(finalized: Mapping[str, Any], out_uri: str, catalog_uri: str) -> dict[str, Any]:
+    """The run's report against the published state (fill, disagreements, per-task drift), its Markdown
+    summary logged here for the task log: {"run_id", "report", "summary"} (URIs)."""
+    from ..io import storage
+    from ..scoring import publish, report
+    from ..scoring.layout import report_uri
 
     check_storage_uri(out_uri, "predictions_uri")
     check_storage_uri(catalog_uri, "catalog_uri")
-    return publish.publish(out_uri, catalog_uri)
+    made = report.build(out_uri, publish.run_manifest(out_uri, finalized["run_id"]), catalog_uri)
+    log.info("report of scoring run %s:\n%s", made.run_id, storage.read_text(made.files["summary"]))
+    return {"run_id": made.run_id, "report": report_uri(out_uri, made.run_id, "report.json"),
+            "summary": made.files["summary"]}
+
+
+def gate_params() -> dict[str, tuple[float, str]]:
+    """The quality gate's limits as DAG params: name -> (default, meaning). Import-light (gate.py is)."""
+    from ..scoring.gate import Limits
+
+    return {name: (default, Limits.meanings()[name]) for name, default in Limits().to_dict().items()}
+
+
+def check_gate(reported: Mapping[str, Any], out_uri: str, limits: Mapping[str, Any]) -> dict[str, Any]:
+    """The quality gate's verdict on the reported run: {"passed", "exceeded"} (logged either way)."""
+    from ..manifests import RunReport
+    from ..scoring import gate, publish
+    from ..scoring.layout import report_uri
+
+    check_storage_uri(out_uri, "predictions_uri")
+    manifest = publish.run_manifest(out_uri, reported["run_id"])
+    run_id = manifest.run_id
+    made = RunReport.read(report_uri(out_uri, run_id, "report.json"))
+    verdict = gate.check(made, manifest, gate.Limits.from_mapping(limits))
+    log.info("quality gate on run %s: %s", run_id, "passed" if verdict.passed else "; ".join(verdict.exceeded))
+    return verdict.to_dict()
+
+
+def publish_predictions(out_uri: str, catalog_uri: str, run_id: str | None = None,
+                        limits: Mapping[str, Any] | None = None, force: bool = False) -> dict[str, Any]:
+    """Publish the run as the new version of `out_uri/published/` (the gate checked again, unless `force`),
+    then retention; the version, its files and what was removed."""
+    from ..scoring import publish
+    from ..scoring.gate import Limits
+
+    check_storage_uri(out_uri, "predictions_uri")
+    check_storage_uri(catalog_uri, "catalog_uri")
+    return publish.publish(out_uri, catalog_uri, run_id=run_id, limits=Limits.from_mapping(limits or {}),
+                           force=force)

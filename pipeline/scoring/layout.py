@@ -8,7 +8,9 @@ version, run), so a rerun finds what an earlier attempt committed:
     _manifests/run=<id>.json                                           (finalize: the run is complete)
     _plans/plan=<id>/duplicates.parquet                                (plan: rows of duplicated product_ids)
     _plans/plan=<id>/carry.parquet                                     (plan: rows carried over, incremental)
-    published/latest.parquet, published/catalog.parquet                (publish: `published_uri`)
+    _reports/run=<id>/report.json, summary.md, fill.parquet, disagreements.parquet   (report: `report_uri`)
+    published/versions/v=<n>/latest.parquet, catalog.parquet, version.json          (publish: `version_uri`)
+    published/latest.parquet, published/catalog.parquet                (the current version: `published_uri`)
 """
 from __future__ import annotations
 
@@ -36,6 +38,20 @@ def marker_uri(out: str, run_id: str, shard_id: str) -> str:
     return storage.join(out, "_markers", f"run={run_id}", f"shard-{shard_id}.json")
 
 
+def run_places(out: str, run_id: str) -> list[str]:
+    """Everything a run writes, as glob patterns (a run_id of `*` matches every run): its manifest first,
+    so a run being removed stops counting as finalized before any of its files go."""
+    return [manifest_uri(out, run_id), report_uri(out, run_id), storage.join(out, "_markers", f"run={run_id}"),
+            storage.join(out, "predictions", "*", "*", f"run={run_id}"),
+            storage.join(out, "quarantine", "*", "*", f"run={run_id}")]
+
+
+def run_id_of(uri: str) -> str:
+    """The run a path of `run_places` belongs to."""
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return name.removeprefix("run=").removesuffix(".json")
+
+
 def manifest_uri(out: str, run_id: str) -> str:
     return storage.join(out, "_manifests", f"run={run_id}.json")
 
@@ -51,9 +67,37 @@ def published_uri(out: str, name: str) -> str:
     return storage.join(out, "published", f"{name}.parquet")
 
 
+def versions_uri(out: str) -> str:
+    """The folder of the published versions, one `v=<n>` folder each."""
+    return storage.join(out, "published", "versions")
+
+
+def version_folder(out: str, version: int | str) -> str:
+    """The folder of published version `version` (`*` matches every version)."""
+    return storage.join(versions_uri(out), f"v={version}")
+
+
+def version_uri(out: str, version: int, name: str) -> str:
+    """A file of published version `version`: `latest`, `catalog` (Parquet) or `version` (its record)."""
+    suffix = "json" if name == "version" else "parquet"
+    return storage.join(version_folder(out, version), f"{name}.{suffix}")
+
+
+def report_uri(out: str, run_id: str, name: str = "") -> str:
+    """A file of a run's report (`report.json`, `summary.md`, `fill.parquet`, `disagreements.parquet`), or
+    with no name its folder."""
+    folder = storage.join(out, "_reports", f"run={run_id}")
+    return storage.join(folder, name) if name else folder
+
+
+def plan_uri(out: str, plan_id: str) -> str:
+    """The folder of a plan's side files (`*` matches every plan)."""
+    return storage.join(out, "_plans", f"plan={plan_id}")
+
+
 def duplicates_uri(out: str, plan_id: str) -> str:
-    return storage.join(out, "_plans", f"plan={plan_id}", "duplicates.parquet")
+    return storage.join(plan_uri(out, plan_id), "duplicates.parquet")
 
 
 def carry_uri(out: str, plan_id: str) -> str:
-    return storage.join(out, "_plans", f"plan={plan_id}", "carry.parquet")
+    return storage.join(plan_uri(out, plan_id), "carry.parquet")
