@@ -22,7 +22,8 @@ START = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def prediction(product_id: str, run_id: str, night: int = 0, **values) -> dict:
     """One predictions row: every task confident in its first class unless `values` say otherwise
     (`color="red"`, `color_confidence=0.4`, `color=None` with `color_top="red"` for an abstention)."""
-    row = {"product_id": product_id, "model_name": "cmaclip", "model_version": "1", "run_id": run_id,
+    row = {"product_id": product_id, "content_hash": values.get("content_hash", f"hash-{product_id}"),
+           "model_name": "cmaclip", "model_version": "1", "run_id": run_id,
            "scored_at": START + timedelta(days=night)}
     for task, classes in LABELS.items():
         label = values.get(task, classes[0])
