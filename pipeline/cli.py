@@ -12,8 +12,6 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .io.catalog import CatalogError
-
 AddArgs = Callable[[argparse.ArgumentParser], None]
 Run = Callable[[argparse.Namespace], Any]
 
@@ -101,20 +99,29 @@ def _train(args: argparse.Namespace) -> Any:
     return result if args.json else None
 
 
+REGISTRY_ACTIONS = {
+    "list": "versions, aliases and verdicts",
+    "compare": "champion vs challenger on the test split",
+    "promote": "move champion to the challenger if the gate passes",
+    "rollback": "make previous_champion the champion again",
+}
+
+
 def _registry_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", required=True)
-    for action, help_text in (("list", "versions, aliases and why"), ("compare", "champion vs challenger on "
-                              "the test split"), ("promote", "move champion to the challenger if the gate passes")):
+    for action, help_text in REGISTRY_ACTIONS.items():
         a = sub.add_parser(action, help=help_text, description=help_text)
         a.add_argument("--name", default="cmaclip", help="registered model name")
         a.add_argument("--json", action="store_true", help="print the result as JSON")
         if action in ("compare", "promote"):
             a.add_argument("--tolerance", type=float, default=0.01, help="per task and metric, absolute")
         if action == "compare":
-            a.add_argument("--data", required=True, help="ingested dataset URI; its test split is used")
+            a.add_argument("--data", help="ingested dataset URI whose test split is used (default: the "
+                                          "dataset the challenger was trained on)")
         if action == "promote":
-            source = a.add_mutually_exclusive_group(required=True)
-            source.add_argument("--data", help="compare on this dataset's test split first")
+            source = a.add_mutually_exclusive_group()
+            source.add_argument("--data", help="compare on this dataset's test split first (default: compare on "
+                                               "the challenger's own dataset)")
             source.add_argument("--comparison", help="run id of a recorded comparison (registry compare)")
             a.add_argument("--force", action="store_true", help="promote even if the gate fails")
 
@@ -124,7 +131,11 @@ def _registry(args: argparse.Namespace) -> Any:
     if args.action == "list":
         rows = registry.list_versions(args.name)
         return rows if args.json else print(registry.format_versions(rows))
-    if args.action == "compare" or args.data:
+    if args.action == "rollback":
+        done = registry.rollback(args.name)
+        return done if args.json else print(f"{args.name}: champion is v{done['champion']} again "
+                                            f"(rolled back from v{done['rolled_back_from']})")
+    if args.action == "compare" or not args.comparison:
         comparison = registry.compare(args.name, args.data, tolerance=args.tolerance)
         if args.action == "compare":
             return comparison.as_dict() if args.json else print(comparison.table)
@@ -209,7 +220,7 @@ COMMANDS: dict[str, tuple[str, AddArgs, Run]] = {
     "ingest": ("validate a catalog into a dataset + quarantine + manifest", _ingest_args, _ingest),
     # training and the model registry
     "train": ("train the stages over a dataset, logged to MLflow, then register", _train_args, _train),
-    "registry": ("the model registry: list | compare | promote", _registry_args, _registry),
+    "registry": ("the model registry: list | compare | promote | rollback", _registry_args, _registry),
     # scoring
     "score": ("score a catalog in shards (resumable), then finalize the run", _score_args, _score),
     "publish": ("publish the newest finalized run as a new version, past the quality gate (or roll back)",
@@ -234,7 +245,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         result = args.run(args)
-    except (CatalogError, ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError) as exc:  # a bad catalog's CatalogError is a ValueError
         print(f"cmaclip {args.command}: error: {exc}", file=sys.stderr)
         return 2
     if result is not None:

@@ -65,13 +65,13 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
     import mlflow
 
     from .ingest import dataset
-    from .tracking import tracker
+    from .tracking import registry, tracker
 
     settings.configure()
     c = tracker.client()
     experiment = c.get_experiment_by_name(tracker.TRAINING_EXPERIMENT)
     wanted = tracker.search_filter({f"tags.`{tracker.KIND_TAG}`": "training",
-                                    f"tags.`{airflow_tasks.AIRFLOW_DAG_TAG}`": "cmaclip_retrain"})
+                                    f"tags.`{tracker.AIRFLOW_DAG_TAG}`": "cmaclip_retrain"})
     runs = c.search_runs([experiment.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
                          filter_string=f"{wanted} and attributes.start_time >= {int(since * 1000)}")
     if not runs:
@@ -83,13 +83,13 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
     aliases = c.get_registered_model(model_name).aliases
     version = versions[0] if versions else None
     tags = version.tags if version else {}
-    compared = tags.get("cmaclip.comparison_run")
+    compared = tags.get(f"{registry.TAG}comparison_run")
+    comparison = mlflow.artifacts.load_dict(f"runs:/{compared}/comparison.json") if compared else {}
     dataset_uri = run.data.params.get("dataset.uri", "")
     return {"run_id": run.info.run_id, "stages": {s: r["metrics"] for s, r in stages.items()},
             "target_precision": float(run.data.params.get("config.train.target_precision", 0.9)),
-            "version": version.version if version else None, "promotion": tags.get("cmaclip.promotion", ""),
-            "gate": mlflow.artifacts.load_dict(f"runs:/{compared}/comparison.json")["gate"] if compared else None,
-            "compared_with": tags.get("cmaclip.compared_with"),
+            "version": version.version if version else None, "verdict": tags.get(registry.VERDICT, ""),
+            "gate": comparison.get("gate"), "compared_with": comparison.get("champion"),
             "champion": aliases.get("champion"), "dataset_uri": dataset_uri,
             "ingest": dataset.read_manifest(dataset_uri).counts.to_dict() if dataset_uri else {}}
 
@@ -127,10 +127,10 @@ def _reasons(reasons: Mapping[str, int]) -> str:
 
 
 def registry_outcome(training: Mapping[str, Any]) -> str:
-    """What the registry made of the new version: its promotion note, else the gate's verdict."""
+    """What the registry made of the new version: its promotion, else the gate's verdict."""
     gate = training["gate"]
-    if training["promotion"]:
-        outcome = training["promotion"]
+    if training["verdict"].startswith("promoted"):
+        outcome = training["verdict"]
     elif gate is None:
         outcome = "not compared"
     elif gate["passed"]:

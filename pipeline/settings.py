@@ -26,6 +26,11 @@ REPO_ROOT = IMPORT_ROOT if (IMPORT_ROOT / "pyproject.toml").is_file() else None
 # Creating the schema takes seconds; a holder past this is hung (a dead one releases the lock with its fd).
 SCHEMA_LOCK_TIMEOUT_S = 300.0
 _prepared: set[str] = set()  # SQLite files this process has already prepared
+# MLflow 3 files an experiment as GenAI or model training by this tag (its `mlflow.experimentKind`); every
+# cmaclip experiment is model training. MLflow 3.17's UI picks its view from a per-browser switch (or the
+# link's `?workflowType=machine_learning`, which pipeline.tracking.links adds) and other MLflow tools read
+# the tag.
+EXPERIMENT_TAGS = {"mlflow.experimentKind": "custom_model_development"}
 
 
 def home() -> Path:
@@ -129,8 +134,9 @@ def _prepare_sqlite(uri: str) -> None:
 
 
 def experiment_id(name: str, retries: int = 5) -> str:
-    """The id of experiment `name`, created if missing. Two processes may race to create it: the
-    loser's create fails on the unique name, and it reads the winner's experiment instead."""
+    """The id of experiment `name`, created if missing and tagged as model training
+    (`EXPERIMENT_TAGS`). Two processes may race to create it: the loser's create fails on the unique
+    name, and it reads the winner's experiment instead."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -139,12 +145,22 @@ def experiment_id(name: str, retries: int = 5) -> str:
     for attempt in range(retries):
         found = mlflow.get_experiment_by_name(name)
         if found is not None:
-            return found.experiment_id
+            return _tagged(found)
         try:
-            return mlflow.create_experiment(name, artifact_location=location)
+            return mlflow.create_experiment(name, artifact_location=location, tags=EXPERIMENT_TAGS)
         except MlflowException:
             time.sleep(0.2 * (attempt + 1))
     found = mlflow.get_experiment_by_name(name)
     if found is None:
         raise RuntimeError(f"could not create or find MLflow experiment {name!r} at {uri}")
-    return found.experiment_id
+    return _tagged(found)
+
+
+def _tagged(experiment) -> str:
+    """An experiment made before cmaclip tagged them gets the tags on first use."""
+    import mlflow
+
+    for key, value in EXPERIMENT_TAGS.items():
+        if experiment.tags.get(key) is None:
+            mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, key, value)
+    return experiment.experiment_id

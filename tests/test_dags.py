@@ -237,9 +237,11 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
     settings.configure()
     versions = registry.list_versions(airflow_tasks.MODEL_NAME)
     assert [v["aliases"] for v in versions] == [["champion"]]
-    # The MLflow training run names the Airflow run that made it.
+    # The MLflow training run names the Airflow run that made it, and the version links to both.
     run = tracker.client().get_run(versions[0]["run_id"])
-    assert run.data.tags[airflow_tasks.AIRFLOW_RUN_TAG] == retrained["dag_run"].run_id
+    assert run.data.tags[tracker.AIRFLOW_RUN_TAG] == retrained["dag_run"].run_id
+    assert run.info.run_name.startswith("retrain ") and run.info.run_name.endswith("→ v1")
+    assert retrained["dag_run"].run_id in registry.description(airflow_tasks.MODEL_NAME, "1")
     # ...and register announced the new champion on the Asset the scoring DAG listens to.
     with create_session() as session:
         events = [e for e in session.query(AssetEvent).all() if e.uri == airflow_tasks.champion_asset_uri()]

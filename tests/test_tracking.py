@@ -2,7 +2,9 @@
 artifacts, the pyfunc model (same predictions in a fresh process), and SQLite under parallel writers."""
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -17,7 +19,7 @@ from cmaclip.checkpoint import is_checkpoint
 from cmaclip.config import STAGES
 from mlflow_support import EPOCHS, REPO_ROOT, fresh_process_predict, home, mlflow_home, sample_frame, trained  # noqa: F401,E501
 from pipeline import reasons, settings
-from pipeline.tracking import registry, tracker
+from pipeline.tracking import registry, stage_logging, tracker
 from pipeline.training import trainer
 
 pytestmark = pytest.mark.slow
@@ -106,7 +108,28 @@ def test_first_registered_version_is_champion(trained, home):
     assert trained["result"]["registered"] == {"name": "cmaclip", "version": "1", "alias": "champion",
                                                "run_id": trained["result"]["run_id"]}
     mv = tracker.client().get_model_version_by_alias("cmaclip", "champion")
-    assert mv.run_id == trained["result"]["run_id"] and mv.tags["cmaclip.promotion"].startswith("first version")
+    assert mv.run_id == trained["result"]["run_id"] and mv.tags[registry.VERDICT] == registry.FIRST_VERSION
+    assert "**promoted**" in mv.description and trained["result"]["run_id"] in mv.description
+
+
+def test_mlflow_opens_on_model_training_with_named_runs_the_dataset_and_one_curve(trained, home, tmp_path):
+    c = tracker.client()
+    experiment = c.get_experiment_by_name(tracker.TRAINING_EXPERIMENT)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    parent = c.get_run(trained["result"]["run_id"])
+    assert re.fullmatch(r"train \d{4}-\d\d-\d\d \d\d:\d\d → v1", parent.info.run_name), parent.info.run_name
+    assert {r.info.run_name for r in _runs(c, {tracker.PARENT_TAG: parent.info.run_id})} == set(STAGES)
+    [dataset_input] = parent.inputs.dataset_inputs
+    assert dataset_input.dataset.digest == trained["result"]["training"]["dataset_fingerprint"]
+    assert json.loads(dataset_input.dataset.source) == {"uri": trained["dataset"]}
+    assert {(t.key, t.value) for t in dataset_input.tags} == {("mlflow.data.context", "training")}
+    # One curve over the three stages: the epochs continue from stage to stage.
+    total = sum(EPOCHS[s] for s in STAGES)
+    for key in tracker.CURVE_METRICS:
+        steps = sorted(m.step for m in c.get_metric_history(parent.info.run_id, tracker.CURVE_PREFIX + key))
+        assert steps == list(range(total)), (key, steps)
+    curve = c.download_artifacts(parent.info.run_id, "learning_curve.png", str(tmp_path))
+    assert Path(curve).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_pyfunc_from_the_registry_predicts_the_same_in_a_fresh_process(trained, home, tmp_path):
@@ -216,7 +239,7 @@ def test_more_params_and_metrics_than_one_request_takes_and_plots_as_figures(tmp
                                   {t: rng.random(20).astype(np.float32) for t in ("color", "style")})
         titles = {f"id{i}": "red cotton shirt" for i in range(20)}
         labels = {t: ["red", "blue", "green"] for t in ("color", "style")}
-        tracker.log_plots(c, run_id, predictions, titles, labels, 0.9)
+        stage_logging.log_plots(c, run_id, predictions, titles, labels, 0.9)
         assert _artifacts(c, run_id) == {f"plots/color/{p}.png" for p in ("precision_recall", "confusion", "lambda")}
         plot = c.download_artifacts(run_id, "plots/color/confusion.png", str(tmp_path))
         assert Path(plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

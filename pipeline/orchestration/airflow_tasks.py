@@ -44,8 +44,6 @@ TRAINING_QUEUE = os.environ.get("CMACLIP_TRAINING_QUEUE", "default")
 # Assets are logical names, not storage paths: a champion changes in the registry, predictions may be
 # published to any URI; each event's `extra` says which version, or where.
 PREDICTIONS_ASSET_URI = "cmaclip://predictions/published"
-# MLflow tags that link a training run to the Airflow run that made it.
-AIRFLOW_DAG_TAG, AIRFLOW_RUN_TAG = "airflow.dag_id", "airflow.run_id"
 
 
 def champion_asset_uri(model_name: str = MODEL_NAME) -> str:
@@ -150,6 +148,7 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
     (align only when it has epochs). Returns the state the stage tasks pass along:
     {"training": handle, "results": []}."""
     from ..io import storage
+    from ..tracking import tracker
     from ..training import trainer
 
     check_storage_uri(run_folder, "run folder (work_uri)")
@@ -158,8 +157,8 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
         chosen["train"]["target_precision"] = float(target_precision)
     handle = trainer.start_training(chosen, dataset["dataset_uri"], storage.join(run_folder, "training"),
                                     epochs={s: int(n) for s, n in (epochs or {}).items()} or None,
-                                    model_name=model_name, run_name=f"{dag_id} {run_id}".strip() or None,
-                                    tags={AIRFLOW_DAG_TAG: dag_id, AIRFLOW_RUN_TAG: run_id})
+                                    model_name=model_name, run_name=tracker.timestamped_name("retrain"),
+                                    tags={tracker.AIRFLOW_DAG_TAG: dag_id, tracker.AIRFLOW_RUN_TAG: run_id})
     return {"training": handle, "results": []}
 
 

@@ -1,11 +1,12 @@
-"""Per-task diagnostic plots logged with each stage: precision-recall, confusion, and the modality weight.
+"""The plots logged with a training: per task and stage, precision-recall, confusion and the modality
+weight; per training, the learning curve across its stages.
 
 Inputs are plain arrays, so the plots can be drawn from any evaluation. The Agg backend renders without a
 display (Airflow workers, CI).
 """
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import matplotlib
 
@@ -87,3 +88,25 @@ def lambda_histogram(image_weight: np.ndarray, title_mentions_label: np.ndarray,
 def close(fig) -> None:
     """Free a figure once it is logged: pyplot keeps every open figure alive."""
     plt.close(fig)
+
+
+def learning_curve(series: Mapping[str, Sequence[tuple[int, float]]], stages: Sequence[tuple[str, int, int]]):
+    """A training's curves over its epochs counted across stages: losses on the left, validation metrics on
+    the right, each stage's span shaded and named. `series`: metric -> [(epoch, value)]; `stages`: (stage,
+    first epoch, epochs run)."""
+    groups = [[k for k in series if k.endswith("loss")], [k for k in series if not k.endswith("loss")]]
+    groups = [g for g in groups if g]
+    fig, axes = plt.subplots(1, len(groups), figsize=(5.5 * len(groups), 4.4), squeeze=False)
+    for ax, keys in zip(axes[0], groups):
+        for i, (stage, first, count) in enumerate(stages):
+            ax.axvspan(first - 0.5, first + max(count, 1) - 0.5, color="grey", alpha=0.14 if i % 2 else 0.05, lw=0)
+            ax.text(first - 0.4, 0.98, stage, transform=ax.get_xaxis_transform(), va="top", fontsize=8)
+        for key in keys:
+            steps, values = zip(*series[key])
+            ax.plot(steps, values, marker="o", ms=3, lw=1.5, label=key)
+        ax.set(xlabel="epoch (all stages)", title="loss" if keys[0].endswith("loss") else "validation")
+        ax.margins(y=0.15)  # room for the stage names above the curves
+        # Below the axes, where it hides neither a curve nor a stage name.
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
+    fig.tight_layout()
+    return fig

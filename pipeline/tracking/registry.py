@@ -1,10 +1,19 @@
-"""The model registry: register a finished training, compare champion and challenger, promote by gate.
+"""The model registry: register a finished training, compare champion and challenger, promote by gate,
+roll back.
 
 Aliases carry the roles: every new version becomes `challenger`, except the very first, which becomes
-`champion` directly. `compare` scores both on the same frozen test split (the ingested dataset's `test`
-split) and records the result three ways: a run in the evaluation experiment, tags on both versions, and
-a printed table. `promote` moves `champion` only when the gate passes, or when forced; a tag on the
-version says why, either way.
+`champion` directly. `compare` scores both on the same frozen test split (by default the challenger's own
+dataset's `test` split) and records the result three ways: a run in the evaluation experiment, the
+challenger's tags and description, and a printed table. `promote` moves `champion` only when the gate
+passes, or when forced, and the champion it replaces becomes `previous_champion`; `rollback` makes
+`previous_champion` the champion again and clears that alias (one step back, not a stack: a second
+rollback has nowhere recorded to go).
+
+Every version explains itself: the tag `cmaclip.verdict` (`pending: ...`, `promoted: <how>` or
+`refused: <why>`) whether it passed or not, and a Markdown description (`descriptions`): the verdict, the
+comparison table against the champion, links to the training run, the comparison run and the Airflow run
+that made it (`links`), and its dated history. Few tags, so MLflow's versions table shows them whole:
+verdict, test.mean_accuracy, comparison_run, and rolled_back on a version rolled back from.
 
 The gate, per task and per gate metric (accuracy and recall at the target precision): the challenger may
 not be worse than the champion by more than `tolerance`; and the mean improvement over all tasks and
@@ -25,13 +34,18 @@ import numpy as np
 from tabulate import tabulate
 
 from .. import settings
-from . import tracker
+from . import descriptions, links, tracker
 
 DEFAULT_NAME = "cmaclip"
-CHAMPION, CHALLENGER = "champion", "challenger"
+CHAMPION, CHALLENGER, PREVIOUS_CHAMPION = "champion", "challenger", "previous_champion"
 EVALUATION_EXPERIMENT = "cmaclip-evaluation"
 GATE_METRICS = ("accuracy", "recall_at_precision")
 TAG = "cmaclip."
+VERDICT = f"{TAG}verdict"
+MAX_TAG_VALUE = 500  # the rest of a long verdict is in the description
+FIRST_VERSION = "promoted: first version, champion without a comparison"
+NOT_COMPARED = "pending: not compared with the champion yet"
+PASSED_NOT_PROMOTED = "pending: passed the gate, not promoted yet (registry promote --comparison <run>)"
 
 
 @dataclass(frozen=True)
@@ -49,7 +63,8 @@ class ResolvedModel:
 def register(training_run_id: str, name: str = DEFAULT_NAME, model_uri: str | None = None) -> dict[str, Any]:
     """Register the pyfunc model of a finished training as a new version of `name`. Idempotent: a retry
     finds the version already made from this run. Alias: `champion` if the model has none yet, else
-    `challenger`. Returns {"name", "version", "alias", "run_id"}."""
+    `challenger`. The version gets its verdict and description, the training run its version in its
+    name (`retrain 2026-12-01 11:34 → v3`). Returns {"name", "version", "alias", "run_id"}."""
     import mlflow
 
     c = tracker.client()
@@ -58,18 +73,18 @@ def register(training_run_id: str, name: str = DEFAULT_NAME, model_uri: str | No
     if existing:
         version = existing[0]
     else:
-        run = c.get_run(training_run_id)
-        tags = {f"{TAG}training_run": training_run_id,
-                f"{TAG}dataset.fingerprint": run.data.params.get("dataset.fingerprint", ""),
-                f"{TAG}dataset.uri": run.data.params.get("dataset.uri", ""),
-                f"{TAG}code.version": run.data.params.get("code.version", "")}
         from .pyfunc import logged_model_uri
         source = model_uri or logged_model_uri(training_run_id)
         if source is None:
             raise ValueError(f"run {training_run_id} has no logged cmaclip model; finish the training first")
-        version = mlflow.register_model(source, name, tags=tags)
-    alias = _first_alias(c, name, version.version)
-    return {"name": name, "version": str(version.version), "alias": alias, "run_id": training_run_id}
+        version = mlflow.register_model(source, name)
+    number = str(version.version)
+    alias = _first_alias(c, name, number)
+    if not version.description:  # a new version, or a retry whose first attempt stopped before this
+        tracker.name_registered(c, training_run_id, number)
+        _describe(c, name, number, FIRST_VERSION if alias == CHAMPION else NOT_COMPARED,
+                  {descriptions.LINEAGE: _lineage(c, training_run_id)}, f"registered as {alias}")
+    return {"name": name, "version": number, "alias": alias, "run_id": training_run_id}
 
 
 def _aliases(c, name: str) -> dict[str, str]:
@@ -92,10 +107,45 @@ def _first_alias(c, name: str, version: str) -> str:
             return alias
     if CHAMPION not in current:
         c.set_registered_model_alias(name, CHAMPION, version)
-        c.set_model_version_tag(name, version, f"{TAG}promotion", "first version: champion without a comparison")
         return CHAMPION
     c.set_registered_model_alias(name, CHALLENGER, version)
     return CHALLENGER
+
+
+# --- what a version says about itself ----------------------------------------------------------------
+
+def _describe(c, name: str, version: str, verdict: str | None = None, sections: dict[str, str] | None = None,
+              event: str | None = None) -> None:
+    """Set the verdict tag (when given) and update the description: the verdict section, `sections`, and
+    `event` appended to the history."""
+    sections = dict(sections or {})
+    if verdict is not None:
+        c.set_model_version_tag(name, version, VERDICT, _short(verdict))
+        sections[descriptions.VERDICT] = descriptions.verdict_section(verdict)
+    current = c.get_model_version(name, version).description
+    c.update_model_version(name, version, descriptions.update(current, sections, event))
+
+
+def _short(text: str) -> str:
+    return text if len(text) <= MAX_TAG_VALUE else text[:MAX_TAG_VALUE - 1] + "…"
+
+
+def _lineage(c, run_id: str) -> str:
+    """The training run, its dataset and code, and the Airflow run that made it (when one did)."""
+    run = c.get_run(run_id)
+    params, tags = run.data.params, run.data.tags
+    lines = [f"- Training run: {links.mlflow_run(run_id, run.info.experiment_id, run.info.run_name)}",
+             f"- Dataset: `{params.get('dataset.uri', '?')}` (fingerprint `{params.get('dataset.fingerprint', '?')}`)",
+             f"- Code: `{params.get('code.version', '?')}`, config `{params.get('config.name', '?')}`"]
+    dag_id, dag_run = tags.get(tracker.AIRFLOW_DAG_TAG), tags.get(tracker.AIRFLOW_RUN_TAG, "")
+    if dag_id:
+        lines.append(f"- Airflow run: {links.airflow_run(dag_id, dag_run)}")
+    return "\n".join(lines)
+
+
+def description(name: str, version: str) -> str:
+    """A version's Markdown description, as the registry keeps it."""
+    return tracker.client().get_model_version(name, version).description or ""
 
 
 # --- resolve -----------------------------------------------------------------------------------------
@@ -203,11 +253,12 @@ class Comparison:
         return cls(**d)
 
 
-def compare(name: str, dataset_uri: str, *, champion: str = CHAMPION,
+def compare(name: str, dataset_uri: str | None = None, *, champion: str = CHAMPION,
             challenger: str = CHALLENGER, tolerance: float = 0.01, batch_size: int = 64,
             experiment: str = EVALUATION_EXPERIMENT) -> Comparison:
-    """Evaluate the two aliased versions on the dataset's test split; record and return the comparison
-    (with the gate's verdict at `tolerance`, which `promote` re-checks)."""
+    """Evaluate the two aliased versions on the test split of `dataset_uri` (default: the dataset the
+    challenger was trained on); record and return the comparison (with the gate's verdict at `tolerance`,
+    which `promote` re-checks)."""
     from cmaclip.checkpoint import load_checkpoint
     from cmaclip.evaluate import evaluate
 
@@ -218,6 +269,7 @@ def compare(name: str, dataset_uri: str, *, champion: str = CHAMPION,
                 ((CHAMPION, champion), (CHALLENGER, challenger))}
     if versions[CHAMPION] == versions[CHALLENGER]:
         raise ValueError(f"{name}: {champion} and {challenger} are the same version {versions[CHAMPION]}")
+    dataset_uri = dataset_uri or training_dataset(name, versions[CHALLENGER])
     metrics, top1, n = {}, {}, 0
     for role, version in versions.items():
         model, ckpt = load_checkpoint(resolve_checkpoint(f"models:/{name}/{version}").checkpoint)
@@ -233,6 +285,17 @@ def compare(name: str, dataset_uri: str, *, champion: str = CHAMPION,
     comparison.table = format_comparison(comparison)
     comparison.run_id = _record(c, comparison, experiment)
     return comparison
+
+
+def training_dataset(name: str, version: str) -> str:
+    """The dataset URI a version was trained on, from its training run's params."""
+    c = tracker.client()
+    run_id = c.get_model_version(name, version).run_id
+    uri = c.get_run(run_id).data.params.get("dataset.uri") if run_id else None
+    if not uri:
+        raise ValueError(f"{name} v{version}: its training run records no dataset (param dataset.uri); "
+                         "name the dataset to compare on")
+    return uri
 
 
 def load_comparison(run_id: str) -> Comparison:
@@ -251,7 +314,8 @@ def _per_task(flat: dict[str, float], tasks: Sequence[str]) -> dict[str, dict[st
 
 
 def _record(c, comparison: Comparison, experiment: str) -> str:
-    """An evaluation run (params, metrics, the table) and tags on both versions pointing at it."""
+    """An evaluation run (params, metrics, the table, a Markdown note), and the challenger's verdict, tags
+    and description pointing at it."""
     run = c.create_run(settings.experiment_id(experiment),
                        run_name=f"{comparison.name} v{comparison.challenger} vs v{comparison.champion}",
                        tags={tracker.KIND_TAG: "comparison"})
@@ -266,14 +330,18 @@ def _record(c, comparison: Comparison, experiment: str) -> str:
     tracker.log_metrics(c, run_id, values, step=0)
     c.log_text(run_id, comparison.table, "comparison.txt")
     c.log_dict(run_id, {k: v for k, v in comparison.as_dict().items() if k != "table"}, "comparison.json")
+    c.set_tag(run_id, "mlflow.note.content", format_comparison(comparison, markdown=True))
     c.set_terminated(run_id)
-    for role, version in ((CHAMPION, comparison.champion), (CHALLENGER, comparison.challenger)):
-        other = comparison.challenger if role == CHAMPION else comparison.champion
-        for key, value in {"comparison_run": run_id, "compared_with": other, "compared_as": role,
-                           "test.mean_accuracy": _mean(comparison.metrics[role], "accuracy"),
-                           "test.mean_recall_at_precision": _mean(comparison.metrics[role], "recall_at_precision"),
-                           }.items():
-            c.set_model_version_tag(comparison.name, version, f"{TAG}{key}", str(value))
+    version = comparison.challenger
+    c.set_model_version_tag(comparison.name, version, f"{TAG}comparison_run", run_id)
+    c.set_model_version_tag(comparison.name, version, f"{TAG}test.mean_accuracy",
+                            str(_mean(comparison.metrics[CHALLENGER], "accuracy")))
+    passed = comparison.gate["passed"]
+    verdict = PASSED_NOT_PROMOTED if passed else "refused: " + "; ".join(comparison.gate["failures"])
+    section = (f"{format_comparison(comparison, markdown=True)}\n\n"
+               f"Comparison run: {links.mlflow_run(run_id, run.info.experiment_id)}")
+    _describe(c, comparison.name, version, verdict, {descriptions.COMPARISON: section},
+              f"compared with champion v{comparison.champion}: the gate {'passes' if passed else 'fails'}")
     return run_id
 
 
@@ -302,8 +370,9 @@ def gate(comparison: Comparison, tolerance: float = 0.01, metrics: Sequence[str]
 
 def promote(name: str, comparison: Comparison | dict[str, Any], tolerance: float = 0.01,
             force: bool = False) -> dict[str, Any]:
-    """Move `champion` to the compared challenger if the gate passes at `tolerance` (or `force`). Refuses
-    a stale comparison: one whose champion is no longer the champion. Returns the decision."""
+    """Move `champion` to the compared challenger if the gate passes at `tolerance` (or `force`); the
+    champion it replaces becomes `previous_champion`. Refuses a stale comparison: one whose champion is no
+    longer the champion. Either way the challenger's verdict and description say why. Returns the decision."""
     if isinstance(comparison, dict):
         comparison = Comparison.from_dict(comparison)
     c = tracker.client()
@@ -315,24 +384,47 @@ def promote(name: str, comparison: Comparison | dict[str, Any], tolerance: float
     elif verdict["passed"] or force:
         reason = ("forced" + ("" if verdict["passed"] else f" despite: {'; '.join(verdict['failures'])}")
                   if force else f"gate passed: mean change {verdict['mean_delta']:+.4f}, tolerance {tolerance}")
-        _move_champion(c, name, comparison.challenger, current, reason, comparison.run_id)
+        _move_champion(c, name, comparison.challenger, current, reason)
         return _decision(True, reason, name, comparison, verdict)
     else:
         reason = "refused: " + "; ".join(verdict["failures"])
-    c.set_model_version_tag(name, comparison.challenger, f"{TAG}promotion", reason)
+    _describe(c, name, comparison.challenger, reason, event=f"not promoted: {reason.removeprefix('refused: ')}")
     return _decision(False, reason, name, comparison, verdict)
 
 
-def _move_champion(c, name: str, version: str, previous: str | None, reason: str, comparison_run: str) -> None:
+def _move_champion(c, name: str, version: str, previous: str | None, reason: str) -> None:
     c.set_registered_model_alias(name, CHAMPION, version)
-    if _aliases(c, name).get(CHALLENGER) == str(version):
+    aliases = _aliases(c, name)
+    if aliases.get(CHALLENGER) == str(version):
         c.delete_registered_model_alias(name, CHALLENGER)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    for key, value in {"promotion": reason, "promoted_at": stamp, "replaced": previous or "",
-                       "promotion_comparison_run": comparison_run}.items():
-        c.set_model_version_tag(name, version, f"{TAG}{key}", value)
-    if previous:
-        c.set_model_version_tag(name, previous, f"{TAG}replaced_by", version)
+    if previous and previous != str(version):
+        c.set_registered_model_alias(name, PREVIOUS_CHAMPION, previous)
+        _describe(c, name, previous, event=f"replaced as champion by v{version}, now {PREVIOUS_CHAMPION}")
+    elif aliases.get(PREVIOUS_CHAMPION) == str(version):
+        c.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    replacing = f", replacing v{previous}" if previous and previous != str(version) else ""
+    _describe(c, name, version, f"promoted: {reason}", event=f"promoted to champion{replacing}: {reason}")
+
+
+def rollback(name: str = DEFAULT_NAME) -> dict[str, Any]:
+    """Make `previous_champion` the champion again and clear that alias: an undo of the last promotion,
+    one step deep (a second rollback refuses; promote sets the alias again). The version rolled back from
+    gets the tag `rolled_back`; both versions' histories say what happened. Returns {"name", "champion",
+    "rolled_back_from"}."""
+    c = tracker.client()
+    aliases = _aliases(c, name)
+    previous, current = aliases.get(PREVIOUS_CHAMPION), aliases.get(CHAMPION)
+    if previous is None:
+        raise ValueError(f"{name} has no {PREVIOUS_CHAMPION} to roll back to: promoting a challenger sets it, "
+                         "a rollback clears it")
+    c.set_registered_model_alias(name, CHAMPION, previous)
+    c.delete_registered_model_alias(name, PREVIOUS_CHAMPION)
+    if current and current != previous:  # else a retry after the aliases had already moved
+        stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+        c.set_model_version_tag(name, current, f"{TAG}rolled_back", f"{stamp}: champion returned to v{previous}")
+        _describe(c, name, current, event=f"rolled back: v{previous} is the champion again")
+        _describe(c, name, previous, event=f"champion again: rolled back from v{current}")
+    return {"name": name, "champion": previous, "rolled_back_from": current}
 
 
 def _decision(promoted: bool, reason: str, name: str, comparison: Comparison, verdict: dict) -> dict[str, Any]:
@@ -343,7 +435,8 @@ def _decision(promoted: bool, reason: str, name: str, comparison: Comparison, ve
 # --- listing and tables ------------------------------------------------------------------------------
 
 def list_versions(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
-    """Every version, newest first: version, aliases, run, creation time and the `cmaclip.*` tags."""
+    """Every version, newest first: version, aliases, run, creation time and the `cmaclip.*` tags. Two
+    store calls whatever the number of versions (the model for its aliases, one search for the versions)."""
     c = tracker.client()
     aliases: dict[str, list[str]] = {}
     for alias, version in _aliases(c, name).items():
@@ -358,15 +451,21 @@ def list_versions(name: str = DEFAULT_NAME) -> list[dict[str, Any]]:
     return rows
 
 
-def format_versions(rows: list[dict[str, Any]]) -> str:
-    header = ["version", "aliases", "created", "run_id", "test mean acc", "promotion"]
+def format_versions(rows: list[dict[str, Any]], width: int = 72) -> str:
+    header = ["version", "aliases", "created", "run_id", "test mean acc", "verdict"]
     body = [[r["version"], ",".join(r["aliases"]) or "-", r["created"], r["run_id"] or "-",
-             r["tags"].get(f"{TAG}test.mean_accuracy", "-"), r["tags"].get(f"{TAG}promotion", "-")] for r in rows]
+             r["tags"].get(f"{TAG}test.mean_accuracy", "-"), _cut(r["tags"].get(VERDICT, "-"), width)]
+            for r in rows]
     # Every cell is a string as MLflow stores it (ids, tag values): shown as stored, never re-read as numbers.
     return tabulate(body, header, disable_numparse=True)
 
 
-def format_comparison(comparison: Comparison) -> str:
+def _cut(text: str, width: int) -> str:
+    return text if len(text) <= width else text[:width - 1] + "…"
+
+
+def format_comparison(comparison: Comparison, markdown: bool = False) -> str:
+    """The comparison as a plain-text table, or as Markdown (a version's description, the run's note)."""
     champ, chall = comparison.metrics[CHAMPION], comparison.metrics[CHALLENGER]
     header = ["task", f"acc v{comparison.champion}", f"acc v{comparison.challenger}",
               f"R@P v{comparison.champion}", f"R@P v{comparison.challenger}", "agreement"]
@@ -376,10 +475,13 @@ def format_comparison(comparison: Comparison) -> str:
                  _mean(chall, "recall_at_precision"),
                  np.mean(list(comparison.agreement.values())) if comparison.agreement else float("nan")])
     verdict = comparison.gate
+    quote = "`" if markdown else ""
     lines = [f"{comparison.name}: champion v{comparison.champion} vs challenger v{comparison.challenger} "
-             f"on {comparison.n} test products of {comparison.dataset_uri} (R@P = recall at the target precision)",
-             tabulate(body, header, floatfmt=".4f", disable_numparse=[0])]  # a task name stays a name
+             f"on {comparison.n} test products of {quote}{comparison.dataset_uri}{quote} "
+             "(R@P = recall at the target precision)",
+             tabulate(body, header, floatfmt=".4f", disable_numparse=[0],  # a task name stays a name
+                      tablefmt="github" if markdown else "simple")]
     if verdict:
         lines.append(f"gate (tolerance {verdict['tolerance']}): "
                      + ("passes" if verdict["passed"] else "fails: " + "; ".join(verdict["failures"])))
-    return "\n".join(lines)
+    return ("\n\n" if markdown else "\n").join(lines)

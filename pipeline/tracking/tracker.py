@@ -5,14 +5,20 @@ with Airflow the parent is created in one task and each stage runs in another pr
 task finds its stage run again (tag `cmaclip.stage` under the parent) and continues it, so a training
 always has exactly one run per stage, whose epoch metrics continue where the failed attempt stopped.
 
-Parent run: params = the config flattened (`config.*`), the dataset (`dataset.*`: URI, fingerprints, rows
-per split), the code version and package versions; artifacts = config.json, labels.json.
-Stage run: per-epoch metrics (step = epoch): `train/loss`, `train/loss/<task>`, `val/<task>/{accuracy,
-macro_f1,recall_at_precision,threshold,image_weight}`, `val/mean_*`, `val/loss`, `lr/<group>`; throttled
-step metrics `step/*`; MLflow system metrics; artifacts = the best checkpoint, config.json, labels.json,
-thresholds.json, plots/<task>/{precision_recall,confusion,lambda}.png, best_metrics.json. The align stage
-run logs `val/image_to_title_recall_at_{1,5}`, `val/loss` (contrastive), `val/logit_scale`, `val/n` instead
-of the per-task metrics, and no plots.
+Parent run, named `<verb> <UTC date time>` (`retrain 2026-12-01 11:34`), then ` → v<n>` once registered:
+params = the config flattened (`config.*`), the dataset (`dataset.*`: URI, fingerprints, rows per split),
+the code version and package versions; the dataset as an MLflow input (its URI, digest = its fingerprint);
+the learning curve over every stage, epochs counted across stages (`all_stages/*`, and the figure
+`learning_curve.png`); artifacts = config.json, labels.json.
+Stage run, named after its stage: per-epoch metrics (step = epoch): `train/loss`, `train/loss/<task>`,
+`val/<task>/{accuracy,macro_f1,recall_at_precision,threshold,image_weight}`, `val/mean_*`, `val/loss`,
+`lr/<group>`; throttled step metrics `step/*`; MLflow system metrics; artifacts = the best checkpoint,
+config.json, labels.json, thresholds.json, plots/<task>/{precision_recall,confusion,lambda}.png,
+best_metrics.json. The align stage run logs `val/image_to_title_recall_at_{1,5}`, `val/loss` (contrastive),
+`val/logit_scale`, `val/n` instead of the per-task metrics, and no plots. What a stage logs is
+`stage_logging`'s; this module stays free of torch, so the registry commands start quickly.
+
+Every experiment cmaclip creates is tagged as model training (`pipeline.settings.experiment_id`).
 """
 from __future__ import annotations
 
@@ -22,25 +28,27 @@ import importlib.metadata
 import json
 import math
 import platform
+import re
 import subprocess
 import time
-from collections import defaultdict
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from mlflow import MlflowClient
 from mlflow.entities import Metric, Param
 
 from cmaclip.config import CMACLIPConfig
-from cmaclip.corruption import names_label
-from cmaclip.evaluate import Predictions
-from cmaclip.train import Callback, StageResult
 
 from .. import settings
-from . import plots
 
 TRAINING_EXPERIMENT = "cmaclip-training"
 STAGE_TAG, KIND_TAG, PARENT_TAG = "cmaclip.stage", "cmaclip.kind", "mlflow.parentRunId"
+RUN_NAME_TAG = "mlflow.runName"
+# The Airflow run that made a training (set by pipeline.orchestration; the registry links to it).
+AIRFLOW_DAG_TAG, AIRFLOW_RUN_TAG = "airflow.dag_id", "airflow.run_id"
+# The per-epoch metrics the parent run also gets, with the epoch counted across stages.
+CURVE_METRICS = ("train/loss", "val/loss", "val/mean_accuracy", "val/mean_recall_at_precision")
+CURVE_PREFIX = "all_stages/"
 PACKAGES = ("torch", "open_clip_torch", "mlflow", "numpy", "pyarrow")
 MAX_PARAM_LENGTH = 6000  # MLflow's limit on a param value
 
@@ -108,10 +116,10 @@ def training_params(config: CMACLIPConfig, dataset_uri: str, manifest: Mapping[s
         "code.version": code_version(),
         **{f"versions.{k}": v for k, v in package_versions().items()},
     })
-    return {k: _param_value(v) for k, v in params.items()}
+    return {k: param_value(v) for k, v in params.items()}
 
 
-def _param_value(value: Any) -> str:
+def param_value(value: Any) -> str:
     text = value if isinstance(value, str) else json.dumps(value, sort_keys=True, default=str)
     return text[:MAX_PARAM_LENGTH]
 
@@ -155,10 +163,10 @@ def log_params(c: MlflowClient, run_id: str, params: Mapping[str, str]) -> None:
 def log_metrics(c: MlflowClient, run_id: str, metrics: Mapping[str, float], step: int) -> None:
     """Finite numbers only: an abstaining threshold is +inf, which no metric store keeps faithfully."""
     now = _now_ms()
-    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if _loggable(v)])
+    c.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items() if loggable(v)])
 
 
-def _loggable(value: Any) -> bool:
+def loggable(value: Any) -> bool:
     return isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(float(value))
 
 
@@ -166,18 +174,50 @@ def _now_ms() -> int:
     return int(time.time() * 1000)
 
 
+def timestamped_name(verb: str) -> str:
+    """`retrain 2026-12-01 11:34` (UTC): a run name a person can tell apart in a list."""
+    return f"{verb} {time.strftime('%Y-%m-%d %H:%M', time.gmtime())}"
+
+
 def start_training_run(config: CMACLIPConfig, dataset_uri: str, manifest: Mapping[str, Any], *,
                        experiment: str = TRAINING_EXPERIMENT, run_name: str | None = None,
                        tags: Mapping[str, str] | None = None) -> str:
-    """Create the parent run (status RUNNING until `end_run`) with its params; returns its id."""
+    """Create the parent run (status RUNNING until `end_run`) with its params and its dataset input;
+    returns its id. `run_name` defaults to `train <date time>`."""
     c = client()
-    run = c.create_run(settings.experiment_id(experiment), run_name=run_name,
+    run = c.create_run(settings.experiment_id(experiment), run_name=run_name or timestamped_name("train"),
                        tags={KIND_TAG: "training", "mlflow.source.name": "pipeline.training", **(tags or {})})
     run_id = run.info.run_id
     log_params(c, run_id, training_params(config, dataset_uri, manifest))
+    log_dataset_input(c, run_id, dataset_uri, dataset_fingerprint(manifest), manifest["counts"]["rows_by_split"])
     c.log_dict(run_id, config.to_dict(), "config.json")
     c.log_dict(run_id, manifest["vocabularies"], "labels.json")
     return run_id
+
+
+def log_dataset_input(c: MlflowClient, run_id: str, dataset_uri: str, fingerprint: str,
+                      rows_by_split: Mapping[str, int], context: str = "training") -> None:
+    """The dataset as the run's MLflow input, described, not read: its URI as the source, its fingerprint
+    as the digest (the same dataset logged twice is one dataset), its rows per split as the profile."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+
+    scheme = dataset_uri.split("://", 1)[0] if "://" in dataset_uri else "local"
+    dataset = Dataset(name=dataset_uri.rstrip("/").rsplit("/", 1)[-1] or dataset_uri, digest=fingerprint,
+                      source_type="local" if scheme == "file" else scheme,
+                      source=json.dumps({"uri": dataset_uri}),
+                      profile=json.dumps({"rows_by_split": dict(rows_by_split)}))
+    c.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag("mlflow.data.context", context)])])
+
+
+def name_registered(c: MlflowClient, run_id: str, version: str) -> str:
+    """Append ` → v<version>` to a training run's name (replacing an earlier such suffix); returns the
+    name. Only the parent runs cmaclip made are renamed: another run keeps the name it was given."""
+    run = c.get_run(run_id)
+    name = run.info.run_name or ""
+    if run.data.tags.get(KIND_TAG) == "training":
+        name = f"{re.sub(r' → v[0-9]+$', '', name)} → v{version}".strip()
+        c.update_run(run_id, name=name)
+    return name
 
 
 def stage_run(parent_run_id: str, stage: str) -> str:
@@ -203,93 +243,32 @@ def system_metrics_available() -> bool:
     return _installed("psutil")
 
 
-# --- the training callback ---------------------------------------------------------------------------
-
-class MLflowCallback(Callback):
-    """Logs a stage's metrics into its run: per epoch (step = epoch) everything in the epoch entry plus the
-    per-task training loss averaged over the epoch's optimizer steps; every `step_every` optimizer steps the
-    step metrics under `step/`."""
-
-    def __init__(self, run_id: str, step_every: int = 10):
-        self.run_id, self.step_every = run_id, step_every
-        self.client = client()
-        self._task_loss: dict[str, list[float]] = defaultdict(list)
-
-    def on_stage_start(self, stage: str, info: dict[str, Any]) -> None:
-        # Only what is fixed for the stage: a resumed attempt logs the same values again, which MLflow allows.
-        fixed = {"stage": stage, "frozen": info["frozen"], "precision": info["precision"],
-                 "accumulation": info["accumulation"], "world_size": info["world_size"],
-                 "trainable_parameters": info["trainable_parameters"], "epochs": info["epochs"],
-                 **{f"lr.{g}": lr for g, lr in info["lr"].items()}}
-        log_params(self.client, self.run_id, {f"stage.{k}": _param_value(v) for k, v in fixed.items()})
-        self.client.set_tag(self.run_id, "cmaclip.start_epoch", str(info["start_epoch"]))
-        self._task_loss.clear()
-
-    def on_step(self, stage: str, step: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            if key.startswith("loss/"):
-                self._task_loss[key.removeprefix("loss/")].append(float(value))
-        if self.step_every and step % self.step_every == 0:
-            log_metrics(self.client, self.run_id, {f"step/{k}": v for k, v in metrics.items()}, step)
-
-    def on_epoch_end(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
-        values = {k: float(v) for k, v in metrics.items() if k != "epoch" and _loggable(v)}
-        values.update({f"train/loss/{t}": float(np.mean(v)) for t, v in self._task_loss.items() if v})
-        log_metrics(self.client, self.run_id, values, epoch)
-        self._task_loss.clear()
-
-    def on_stage_end(self, stage: str, result: StageResult) -> None:
-        self.client.set_tag(self.run_id, "cmaclip.best_epoch", str(result.best_epoch))
 
 
-# --- stage artifacts ---------------------------------------------------------------------------------
+# --- the learning curve across stages ----------------------------------------------------------------
 
-def log_stage_artifacts(run_id: str, result: StageResult, predictions: Predictions | None,
-                        titles: Mapping[str, str | None], labels: Mapping[str, list[str]],
-                        target_precision: float) -> None:
-    """The stage's outputs: best checkpoint, its config, vocabularies, thresholds and metrics, and the
-    per-task plots of the best checkpoint's `predictions` on the validation split (none without them: the
-    align stage trains no classifier). Idempotent (same artifact paths)."""
-    from cmaclip.checkpoint import read_checkpoint_meta
-
-    c = client()
-    ckpt = read_checkpoint_meta(result.best_checkpoint)
-    c.log_artifacts(run_id, str(result.best_checkpoint), "checkpoint")
-    c.log_dict(run_id, ckpt.config.to_dict(), "config.json")
-    c.log_dict(run_id, ckpt.labels, "labels.json")
-    c.log_dict(run_id, {t: (v if math.isfinite(v) else "inf") for t, v in ckpt.thresholds.items()},
-               "thresholds.json")
-    c.log_dict(run_id, {"best_epoch": result.best_epoch, "epochs_run": result.epochs_run,
-                        "metrics": result.best_metrics}, "best_metrics.json")
-    log_metrics(c, run_id, {f"best/{k}": v for k, v in result.best_metrics.items()}, result.best_epoch)
-    if predictions is not None:
-        log_plots(c, run_id, predictions, titles, labels, target_precision)
+def log_curve_point(c: MlflowClient, parent_run_id: str, values: Mapping[str, float], epoch: int) -> None:
+    """One epoch of a stage on the parent run's curve: `all_stages/<metric>` at the epoch counted across
+    stages (the stage's first epoch in the training + its own epoch)."""
+    log_metrics(c, parent_run_id, {CURVE_PREFIX + k: values[k] for k in CURVE_METRICS if k in values}, epoch)
 
 
-def log_plots(c: MlflowClient, run_id: str, predictions: Predictions, titles: Mapping[str, str | None],
-              labels: Mapping[str, list[str]], target_precision: float) -> None:
-    for path, fig in stage_plots(predictions, titles, labels, target_precision):
-        try:
-            c.log_figure(run_id, fig, path, save_kwargs={"dpi": 100})
-        finally:
-            plots.close(fig)
+def log_learning_curve(c: MlflowClient, run_id: str, stages: Sequence[tuple[str, int, int]]) -> bool:
+    """The parent's `learning_curve.png`: its `all_stages/*` histories, every stage's span marked.
+    `stages`: (stage, first epoch in the training, epochs run). False when there is nothing to draw."""
+    from . import plots
 
-
-def stage_plots(predictions: Predictions, titles: Mapping[str, str | None], labels: Mapping[str, list[str]],
-                target_precision: float) -> Iterator[tuple[str, Any]]:
-    """(plots/<task>/{precision_recall,confusion,lambda}.png, figure) for every task with labelled samples,
-    one figure at a time."""
-    title_list = [titles.get(pid) for pid in predictions.product_id]
-    for task in predictions.tasks:
-        y = predictions.labels.get(task)
-        if y is None or not (y >= 0).any():
-            continue
-        keep = y >= 0
-        probs, y = predictions.probs[task][keep], y[keep]
-        pred, conf = probs.argmax(axis=1), probs.max(axis=1)
-        names = np.asarray(labels[task], dtype=object)
-        mentioned = names_label([t for t, k in zip(title_list, keep) if k], list(names[y]))
-        lam = predictions.image_weight[task][keep]
-        yield f"plots/{task}/precision_recall.png", plots.precision_recall(pred == y, conf, target_precision, task)
-        yield f"plots/{task}/confusion.png", plots.confusion(y, pred, list(names), task)
-        yield f"plots/{task}/lambda.png", plots.lambda_histogram(lam, mentioned, task)
+    series = {}
+    for key in CURVE_METRICS:
+        # A retried epoch is logged again: its latest value stands.
+        history = sorted(c.get_metric_history(run_id, CURVE_PREFIX + key), key=lambda m: m.timestamp)
+        if history:
+            series[key] = sorted({m.step: m.value for m in history}.items())
+    if not series:
+        return False
+    fig = plots.learning_curve(series, stages)
+    try:
+        c.log_figure(run_id, fig, "learning_curve.png", save_kwargs={"dpi": 100})
+    finally:
+        plots.close(fig)
+    return True

@@ -40,7 +40,7 @@ from cmaclip.train import SUMMARY_KEYS, Callback, PrintCallback, StageResult, tr
 from .. import settings
 from ..ingest.dataset import dataset_files, read_manifest, vocabularies
 from ..io import storage
-from ..tracking import tracker
+from ..tracking import stage_logging, tracker
 from .data import dist_rank_world, set_epoch, split_batches
 
 TRAINING_FILE = "training.json"
@@ -277,11 +277,20 @@ def run_stage(training: Mapping[str, Any], stage: str, epochs: int | None = None
             result = _train(training, stage, config, folder, device, hooks)
             return {"stage": stage, "rank": rank, "epochs_run": result.epochs_run}
     run_id = tracker.stage_run(training["run_id"], stage)
+    logger = stage_logging.MLflowCallback(run_id, parent_run_id=training["run_id"],
+                                          first_epoch=first_epoch(training, stage))
     with mlflow.start_run(run_id=run_id, log_system_metrics=tracker.system_metrics_available()):
-        result = _train(training, stage, config, folder, device, [tracker.MLflowCallback(run_id), *hooks])
+        result = _train(training, stage, config, folder, device, [logger, *hooks])
         _log_stage(training, run_id, result, config, device)
     return {"stage": stage, "run_id": run_id, "checkpoint": _checkpoint_uri(training, stage),
             "metrics": _finite(result.best_metrics), "epochs_run": result.epochs_run, "best_epoch": result.best_epoch}
+
+
+def first_epoch(training: Mapping[str, Any], stage: str) -> int:
+    """Where `stage` starts on the training's epoch count across stages: the configured epochs of the
+    stages before it (fixed, so a retried stage logs at the same steps)."""
+    stages, config = training["stages"], as_config(training["config"])
+    return sum(config.train.stages[s].epochs for s in stages[:stages.index(stage)])
 
 
 def _train(training: Mapping[str, Any], stage: str, config: CMACLIPConfig, folder: Path, device: str,
@@ -321,13 +330,13 @@ def _log_stage(training: Mapping[str, Any], run_id: str, result: StageResult, co
                device: str) -> None:
     """Artifacts of the stage, from its best checkpoint's predictions on the validation split."""
     if result.stage == ALIGN:  # no classifier trained yet: its predictions would say nothing
-        tracker.log_stage_artifacts(run_id, result, None, {}, {}, config.train.target_precision)
+        stage_logging.log_stage_artifacts(run_id, result, None, {}, {}, config.train.target_precision)
         return
     model, ckpt = load_checkpoint(result.best_checkpoint, device=device)
     loader = split_batches(training["dataset_uri"], "validation", ckpt.config, 2 * config.train.micro_batch_size,
                            rank=0, world_size=1)  # the whole split, also on rank 0 of a DDP run
     predictions = predict(model, loader, device=device, precision="fp32")
-    tracker.log_stage_artifacts(run_id, result, predictions, _titles(training["dataset_uri"], "validation"),
+    stage_logging.log_stage_artifacts(run_id, result, predictions, _titles(training["dataset_uri"], "validation"),
                                 ckpt.labels, config.train.target_precision)
 
 
@@ -361,6 +370,8 @@ def finish_training(training: Mapping[str, Any], stage_results: Sequence[Mapping
                                         if v is not None}, step=0)
         mlflow.log_text(stage_table(results), "stages.txt")
         mlflow.log_dict({s: dict(r) for s, r in results.items()}, "stages.json")
+        tracker.log_learning_curve(c, run_id, [(s, first_epoch(training, s), results[s]["epochs_run"])
+                                               for s in training["stages"] if s in results])
     registered = registry.register(run_id, training["model_name"]) if register else None
     return {"run_id": run_id, "model_uri": pyfunc.logged_model_uri(run_id), "checkpoint": str(checkpoint),
             "stages": {s: results[s]["metrics"] for s in training["stages"] if s in results},
