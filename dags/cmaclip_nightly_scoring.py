@@ -29,7 +29,7 @@ def fail_fast(task_function):
     return orch.fail_fast(task_function, AirflowFailException)
 
 
-# plan's groups are passed on to the mapped tasks, not shown: it logs a summary line instead.
+# What a task passes on but logs its own summary of (validate's checks, plan's groups), not shown twice.
 QUIET = {"show_return_value_in_logs": False}
 CHAMPION = Asset(orch.champion_asset_uri())
 PREDICTIONS = Asset(orch.PREDICTIONS_ASSET_URI)
@@ -60,7 +60,7 @@ PARAMS = {
      default_args=orch.retry_policy(), doc_md=__doc__)
 def cmaclip_nightly_scoring():
 
-    @task(retries=0)
+    @task(retries=0, **QUIET)
     @fail_fast
     def validate(params=None):
         """Check every param before anything runs: no name the DAG does not take, the model reference

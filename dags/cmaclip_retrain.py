@@ -77,8 +77,8 @@ def fail_fast(task_function):
     return orch.fail_fast(task_function, AirflowFailException)
 
 
-# The training state (the handle and every stage's metrics) is passed on, not shown: each task logs its
-# own summary instead of Airflow's "Returned value was: ..." of several KB.
+# What a task passes on but logs its own summary of (validate's checks; the training state, the handle and
+# every stage's metrics) is not shown again as Airflow's "Returned value was: ..." of several KB.
 QUIET = {"show_return_value_in_logs": False}
 TRAINING = {"pool": GPU_POOL, "queue": orch.TRAINING_QUEUE, "on_failure_callback": _training_failed, **QUIET}
 
@@ -87,7 +87,7 @@ TRAINING = {"pool": GPU_POOL, "queue": orch.TRAINING_QUEUE, "on_failure_callback
      default_args=orch.retry_policy(), doc_md=__doc__)
 def cmaclip_retrain():
 
-    @task(retries=0)
+    @task(retries=0, **QUIET)
     @fail_fast
     def validate(params=None):
         """Check every param before anything runs: no name the DAG does not take, the config found and

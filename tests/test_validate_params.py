@@ -8,7 +8,7 @@ import pytest
 
 from pipeline.io.catalog import CatalogError
 from pipeline.orchestration import airflow_tasks as orch
-from tests.mlflow_support import mlflow_home
+from mlflow_support import mlflow_home
 
 RETRAIN_NAMES = ("catalog_uri", "tasks", "config", "epochs", "target_precision", "model_name", "promote",
                  "training_processes", "work_uri")

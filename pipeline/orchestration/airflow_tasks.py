@@ -231,8 +231,10 @@ def _found_model(model_ref: str) -> str:
     try:
         if model_ref.startswith("runs:/"):
             return f"run {client.get_run(model_ref.removeprefix('runs:/').split('/', 1)[0]).info.run_id}"
-        name, version = get_model_name_and_version(client, model_ref)
-        return f"models:/{name}/{client.get_model_version(name, version).version}"
+        resolved = get_model_name_and_version(client, model_ref)
+        if len(resolved) != 2:  # a logged model's id: scoring takes a registered version
+            raise ValueError(f"model {model_ref!r}: expected models:/name@alias or models:/name/<version>")
+        return f"models:/{resolved[0]}/{client.get_model_version(*resolved).version}"
     except MlflowException as exc:
         if exc.error_code not in _MLFLOW_NOT_FOUND:
             raise
