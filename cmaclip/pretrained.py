@@ -2,13 +2,17 @@
 
 A URI (s3://..., any fsspec URI) is fetched to a local file by `pipeline` first (`pipeline.training.trainer` calls
 `pipeline.io.storage.fetch_to_cache`), so this module stays free of fsspec. Offline, a tag fails within
-seconds with a message that says what to do, not after a long retry.
+seconds with a message that says what to do, not after a long retry. open_clip's own lines while it builds a
+model or a tokenizer go to this module's debug log (`open_clip_lines_to_debug`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import open_clip
 from torch import nn
@@ -16,6 +20,9 @@ from torch import nn
 from .config import CLIPConfig
 
 HUB_HOST = ("huggingface.co", 443)
+OPEN_CLIP_DIR = os.path.dirname(open_clip.__file__)
+
+log = logging.getLogger(__name__)
 
 
 class PretrainedWeightsError(RuntimeError):
@@ -66,10 +73,34 @@ def resolve_pretrained(cfg: CLIPConfig) -> str | None:
     return ref
 
 
+class _OpenClipLinesToDebug(logging.Filter):
+    """open_clip logs through the root logger, at INFO and WARNING, what the config already decided: "No
+    pretrained weights loaded ... initialized randomly" is a random start the config asked for, or the
+    weights a checkpoint is about to replace; "Parsing tokenizer identifier" at every tokenizer. Its records
+    below ERROR go to this module's debug log instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.ERROR or not record.pathname.startswith(OPEN_CLIP_DIR):
+            return True
+        log.debug("open_clip: %s", record.getMessage())
+        return False
+
+
+@contextmanager
+def open_clip_lines_to_debug() -> Iterator[None]:
+    """While open_clip builds something: its log lines below ERROR to this module's debug log."""
+    quiet, root = _OpenClipLinesToDebug(), logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
 def create_clip(cfg: CLIPConfig, *, load_pretrained: bool = True) -> nn.Module:
     """The open_clip CLIP model named by the config, in train mode like open_clip builds it."""
     pretrained = resolve_pretrained(cfg) if load_pretrained else None
     kwargs = dict(cfg.overrides)
-    model = open_clip.create_model(cfg.model_name, pretrained=pretrained,
-                                   force_quick_gelu=cfg.force_quick_gelu, **kwargs)
-    return model
+    with open_clip_lines_to_debug():
+        return open_clip.create_model(cfg.model_name, pretrained=pretrained,
+                                      force_quick_gelu=cfg.force_quick_gelu, **kwargs)

@@ -642,7 +642,8 @@ SUMMARY_KEYS = ("mean_recall_at_precision", "mean_accuracy", "mean_macro_f1", AL
 
 
 class PrintCallback(Callback):
-    """One line per epoch, for the CLI."""
+    """One line per epoch (the CLI prints it, the Airflow training tasks log it): training loss, the
+    validation metrics, throughput and time."""
 
     def __init__(self, print_fn: Callable[[str], None] = print, keys: Sequence[str] = SUMMARY_KEYS):
         self.print, self.keys = print_fn, keys
@@ -650,7 +651,8 @@ class PrintCallback(Callback):
     def on_epoch_end(self, stage: str, epoch: int, metrics: dict[str, Any]) -> None:
         vals = " ".join(f"{k}={metrics[f'val/{k}']:.4f}" for k in self.keys if f"val/{k}" in metrics)
         self.print(f"{stage} epoch {epoch}: train/loss={metrics['train/loss']:.4f} {vals} "
-                   f"({metrics['train/samples_per_s']:.1f} samples/s){' *' if metrics['improved'] else ''}")
+                   f"({metrics['train/samples_per_s']:.1f} samples/s, {metrics['train/seconds']:.1f} s)"
+                   f"{' *' if metrics['improved'] else ''}")
 
 
 def stage_table(results: dict[str, StageResult], keys: Sequence[str] = SUMMARY_KEYS) -> str:

@@ -17,6 +17,7 @@ from torchvision.transforms import Compose, Normalize, ToTensor
 from torchvision.transforms import functional as F
 
 from .config import CMACLIPConfig, StageConfig
+from .pretrained import open_clip_lines_to_debug
 
 
 def image_size(config: CMACLIPConfig) -> int:
@@ -115,7 +116,8 @@ def tokenizer(config: CMACLIPConfig) -> Callable[[Sequence[str]], torch.Tensor]:
 
     Titles are cut to `max_title_chars` first: the tokenizer cleans and BPE-encodes the whole string in
     Python before truncating to the context, so a 1 MiB title would cost seconds for tokens never read."""
-    tok = get_tokenizer(config.clip.model_name, context_length=config.clip.context_length)
+    with open_clip_lines_to_debug():
+        tok = get_tokenizer(config.clip.model_name, context_length=config.clip.context_length)
     limit = max_title_chars(config.clip.context_length)
 
     def tokenize(titles: Sequence[str]) -> torch.Tensor:

@@ -1,14 +1,20 @@
 """Retrain CMA-CLIP on demand; the registry decides whether the new model becomes the champion.
 
-    ingest -> align -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
+    validate -> ingest -> align -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
 
 Trigger it from the UI (the form shows the params below, validated by their JSON schema) or with
 `airflow dags trigger cmaclip_retrain -c '{"epochs": {"warmup": 2}}'`. Each task is one call into
 `pipeline.orchestration.airflow_tasks`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
 named after the run, so a retried training stage resumes after its last completed epoch.
 
+`validate` checks every param in seconds, without retries: a param the DAG does not take (Airflow accepts
+any key in a run's conf), the config, the catalog's files and columns, the storage. In any task, an error
+retrying cannot fix (a bad config, a missing catalog, a refused URI) fails it at once; crashes and storage
+errors are retried.
+
 `align` opens the training (its MLflow parent run) and runs the optional catalog pre-training when the
 config, or the `epochs` param (`{"align": 2}`), gives it epochs; otherwise it trains nothing and passes on.
+Each training task logs a line per epoch and the table of the stages trained so far.
 
 `compare` is a short-circuit: when the gate fails (or `promote` is off, or there is no champion to
 compare with) `promote` shows as skipped. A new champion, promoted here or registered as the very first
@@ -17,6 +23,7 @@ version, emits the champion Asset, which schedules `cmaclip_nightly_scoring` to 
 from __future__ import annotations
 
 from airflow.sdk import Asset, AssetAlias, Param, dag, get_current_context, task
+from airflow.sdk.exceptions import AirflowFailException
 
 from pipeline.orchestration import airflow_tasks as orch
 from pipeline.orchestration.airflow_home import GPU_POOL
@@ -65,42 +72,78 @@ def _training_failed(context) -> None:
     orch.mark_training_failed(orch.run_uri(context["params"]["work_uri"], context["dag"].dag_id, context["run_id"]))
 
 
-TRAINING = {"pool": GPU_POOL, "queue": orch.TRAINING_QUEUE, "on_failure_callback": _training_failed}
+def fail_fast(task_function):
+    """An input mistake fails the task at once (AirflowFailException); crashes keep their retries."""
+    return orch.fail_fast(task_function, AirflowFailException)
+
+
+# What a task passes on but logs its own summary of (validate's checks; the training state, the handle and
+# every stage's metrics) is not shown again as Airflow's "Returned value was: ..." of several KB.
+QUIET = {"show_return_value_in_logs": False}
+TRAINING = {"pool": GPU_POOL, "queue": orch.TRAINING_QUEUE, "on_failure_callback": _training_failed, **QUIET}
 
 
 @dag(schedule=None, catchup=False, max_active_runs=1, params=PARAMS, tags=["cmaclip", "training"],
      default_args=orch.retry_policy(), doc_md=__doc__)
 def cmaclip_retrain():
 
+    @task(retries=0, **QUIET)
+    @fail_fast
+    def validate(params=None):
+        """Check every param before anything runs: no name the DAG does not take, the config found and
+        loading, the catalog's Parquet files listed with every column of `tasks`, storage within
+        `CMACLIP_STORAGE_PREFIXES`. No retries: it fails in seconds, naming what to fix."""
+        return orch.validate_retrain(params, known=PARAMS)
+
     @task
+    @fail_fast
     def ingest(params=None):
+        """Catalog -> dataset with splits, vocabularies and quarantine, under this run's folder."""
         return orch.ingest_catalog(params["catalog_uri"], params["tasks"], _run_folder())
 
     @task(**TRAINING)
+    @fail_fast
     def align(dataset: dict, params=None, dag=None, run_id=None):
+        """Open the training (its MLflow parent run), then the optional catalog pre-training of CLIP: only
+        when the config or the `epochs` param gives `align` epochs, else it passes on."""
         state = orch.open_training(dataset, _run_folder(), params["config"], epochs=params["epochs"],
                                    target_precision=params["target_precision"], model_name=params["model_name"],
                                    dag_id=dag.dag_id, run_id=run_id)
         return orch.train_stage(state, orch.ALIGN, params["training_processes"])
 
     @task(**TRAINING)
+    @fail_fast
     def warmup(state: dict, params=None):
+        """Algorithm 1, stage 1: CLIP frozen; the sequence and modality attention and the heads train.
+        Resumes after its last completed epoch."""
         return orch.train_stage(state, "warmup", params["training_processes"])
 
     @task(**TRAINING)
+    @fail_fast
     def end_to_end(state: dict, params=None):
+        """Algorithm 1, stage 2: everything trains, from warmup's best checkpoint. Resumes after its last
+        completed epoch."""
         return orch.train_stage(state, "end_to_end", params["training_processes"])
 
     @task(**TRAINING)
+    @fail_fast
     def tuning(state: dict, params=None):
+        """Algorithm 1, stage 3: CLIP and the sequence attention frozen; the modality attention and the heads
+        train. Resumes after its last completed epoch."""
         return orch.train_stage(state, "tuning", params["training_processes"])
 
-    @task(on_failure_callback=_training_failed)
+    @task(on_failure_callback=_training_failed, **QUIET)
+    @fail_fast
     def evaluate(state: dict):
+        """Log the last stage's best checkpoint as the training's MLflow model, with each stage's validation
+        metrics, and close the training run."""
         return orch.evaluate(state)
 
     @task(outlets=[CHAMPION_CHANGES])
+    @fail_fast
     def register(evaluated: dict, outlet_events=None):
+        """A new version in the MLflow registry; the very first version becomes champion at once (and emits
+        the champion Asset)."""
         registered = orch.register(evaluated)
         if registered["new_champion"]:
             outlet_events[CHAMPION_CHANGES].add(Asset(orch.champion_asset_uri(registered["name"])),
@@ -108,20 +151,28 @@ def cmaclip_retrain():
         return registered
 
     @task.short_circuit
+    @fail_fast
     def compare(registered: dict, params=None, ti=None) -> bool:
+        """Champion against the new version on the dataset's test split, through the registry's gate; the
+        table in the log. `promote` is skipped unless the gate passes and the `promote` param is on."""
         decision = orch.compare(registered)
         ti.xcom_push(key="decision", value=decision)
         return decision["passed"] and params["promote"]
 
     @task(outlets=[CHAMPION_CHANGES])
+    @fail_fast
     def promote(registered: dict, decision: dict, outlet_events=None):
+        """Move the `champion` alias to the new version (the gate checked again) and emit the champion Asset,
+        which starts `cmaclip_nightly_scoring`."""
         promoted = orch.promote(registered, decision)
         if promoted["promoted"]:
             outlet_events[CHAMPION_CHANGES].add(Asset(orch.champion_asset_uri(promoted["name"])),
                                                 extra={"version": promoted["challenger"]})
         return promoted
 
-    registered = register(evaluate(tuning(end_to_end(warmup(align(ingest()))))))
+    dataset = ingest()
+    validate() >> dataset
+    registered = register(evaluate(tuning(end_to_end(warmup(align(dataset))))))
     gate = compare(registered)
     gate >> promote(registered, gate["decision"])
 

@@ -215,6 +215,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     timings["scoring"] = run_dag("cmaclip_nightly_scoring", {"catalog_uri": catalog_uri, "predictions_uri": predictions_uri,
                                                              "rows_per_shard": args.rows_per_shard}, env, logs[1])
     print(f"  scoring DAG succeeded in {timings['scoring']:.0f} s", flush=True)
+    # The runs above were `dags test` runs: leave no champion event for the scheduler to start a run from.
+    airflow_home.clear_queued_asset_events(env)
 
     training = training_report(started, airflow_tasks.MODEL_NAME)
     scoring = scoring_report(predictions_uri)

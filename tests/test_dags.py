@@ -61,11 +61,13 @@ def test_dagbag_loads_both_dags_without_errors(dagbag):
 def test_retrain_dag_shape(dagbag):
     dag = dagbag.dags["cmaclip_retrain"]
     order = ["ingest", "align", "warmup", "end_to_end", "tuning", "evaluate", "register", "compare", "promote"]
-    for upstream, downstream in zip(order, order[1:]):
+    for upstream, downstream in zip(["validate", *order], order):
         assert downstream in dag.get_task(upstream).downstream_task_ids
     assert not dag.timetable.can_be_scheduled  # manual trigger only
     assert {dag.get_task(t).pool for t in ("align", "warmup", "end_to_end", "tuning")} == {airflow_home.GPU_POOL}
-    assert all(dag.get_task(t).retries >= 1 for t in order)
+    assert all(dag.get_task(t).retries >= 1 for t in order) and dag.get_task("validate").retries == 0
+    # The training state is passed on, not logged: each stage logs its epochs and a table instead.
+    assert not any(dag.get_task(t).show_return_value_in_logs for t in ("align", "warmup", "end_to_end", "tuning"))
     assert dag.get_task("warmup").retry_exponential_backoff > 1
     assert {"catalog_uri", "tasks", "config", "epochs", "target_precision", "model_name", "promote",
             "training_processes"} <= set(dag.params)
@@ -86,12 +88,42 @@ def test_a_stage_outside_the_training_passes_the_state_on(monkeypatch):
     from pipeline.training import launch
 
     calls = []
-    monkeypatch.setattr(launch, "run_stage_distributed", lambda t, s, n: calls.append(s) or {"stage": s})
+
+    def fake_stage(training, stage, processes, callbacks=()):
+        calls.append(stage)
+        return {"stage": stage, "run_id": "r1", "metrics": {}, "epochs_run": 1, "best_epoch": 0}
+
+    monkeypatch.setattr(launch, "run_stage_distributed", fake_stage)
     state = {"training": {"stages": ["warmup", "end_to_end", "tuning"]}, "results": []}
     assert airflow_tasks.train_stage(state, airflow_tasks.ALIGN) == state and calls == []   # align off: no-op
     state["training"]["stages"] = [airflow_tasks.ALIGN, *airflow_tasks.STAGES]
-    assert airflow_tasks.train_stage(state, airflow_tasks.ALIGN, 2)["results"] == [{"stage": "align"}]
+    assert [r["stage"] for r in airflow_tasks.train_stage(state, airflow_tasks.ALIGN, 2)["results"]] == ["align"]
     assert calls == ["align"]
+
+
+def test_a_training_task_logs_a_line_per_epoch_and_the_stage_table(monkeypatch, caplog):
+    from pipeline.training import launch
+
+    epoch = {"train/loss": 0.9, "train/samples_per_s": 120.0, "train/seconds": 2.5, "improved": True,
+             "val/mean_accuracy": 0.75, "val/mean_recall_at_precision": 0.5}
+
+    def two_epochs(training, stage, processes, callbacks=()):
+        for i in range(2):
+            for callback in callbacks:
+                callback.on_epoch_end(stage, i, epoch)
+        return {"stage": stage, "run_id": "run-w", "metrics": {"mean_accuracy": 0.75}, "epochs_run": 2,
+                "best_epoch": 1}
+
+    monkeypatch.setattr(launch, "run_stage_distributed", two_epochs)
+    state = {"training": {"stages": list(airflow_tasks.STAGES)}, "results": []}
+    with caplog.at_level("INFO", logger=airflow_tasks.log.name):
+        airflow_tasks.train_stage(state, "warmup")
+    lines = [r.getMessage() for r in caplog.records if r.name == airflow_tasks.log.name]
+    epochs = [line for line in lines if line.startswith("warmup epoch")]
+    assert len(epochs) == 2 and epochs[1].startswith("warmup epoch 1: train/loss=0.9000")
+    assert all(f in epochs[0] for f in ("mean_recall_at_precision=0.5000", "mean_accuracy=0.7500",
+                                          "120.0 samples/s", "2.5 s"))
+    assert "run-w" in lines[-1] and "mean_accuracy" in lines[-1]   # the summary: the stage table
 
 
 def test_scoring_dag_shape(dagbag):
@@ -102,9 +134,10 @@ def test_scoring_dag_shape(dagbag):
     score = dag.get_task("score")
     assert score.map_index_template and score.max_active_tis_per_dagrun == airflow_tasks.SCORING_PARALLELISM
     assert [o.uri for o in dag.get_task("publish").outlets] == [airflow_tasks.PREDICTIONS_ASSET_URI]
-    order = ["plan", "score", "finalize", "report", "gate", "publish"]
+    order = ["validate", "plan", "score", "finalize", "report", "gate", "publish"]
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.get_task(upstream).downstream_task_ids
+    assert dag.get_task("validate").retries == 0
     assert airflow_tasks.MAX_SCORING_TASKS < 1024  # far below Airflow's default max_map_length
     from airflow.sdk.exceptions import ParamValidationError
 
@@ -120,12 +153,41 @@ def test_scoring_dag_shape(dagbag):
             dag.params.get_param(name).resolve(bad)
 
 
+@pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
+def test_every_task_fails_at_once_on_an_input_mistake(dagbag, dag_id):
+    """Each task function is wrapped by `airflow_tasks.fail_fast` (what it does: tests/test_validate_params.py)."""
+    code = airflow_tasks.fail_fast(lambda: None, RuntimeError).__code__
+    assert [t.task_id for t in dagbag.dags[dag_id].tasks
+            if getattr(t, "python_callable", None) is None or t.python_callable.__code__ is not code] == []
+
+
+@pytest.mark.parametrize("dag_id", sorted(DAG_IDS))
+def test_every_task_says_what_it_does(dagbag, dag_id):
+    dag = dagbag.dags[dag_id]
+    undocumented = [t.task_id for t in dag.tasks if len((t.doc_md or "").split()) < 8]
+    assert undocumented == []
+    assert all(t.task_id in dag.doc_md for t in dag.tasks)   # the DAG's own doc names each of them
+
+
+def test_the_embedded_airflow_is_sized_for_this_machine_and_quiet(tmp_path):
+    env = airflow_home.environment(tmp_path, base={})
+    # LocalExecutor forks `parallelism` workers at start: not Airflow's 32 on a 2-core machine.
+    assert int(env["AIRFLOW__CORE__PARALLELISM"]) == max(2, airflow_home.cpu_count())
+    assert env["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] == "false"   # progress bars show as ERROR in task logs
+    chosen = airflow_home.environment(tmp_path, base={"AIRFLOW__CORE__PARALLELISM": "8"})
+    assert chosen["AIRFLOW__CORE__PARALLELISM"] == "8"   # a deployment's own setting wins
+    Path(env["AIRFLOW_HOME"]).mkdir()
+    written = airflow_home.write_env_file(env).read_text().splitlines()   # what `airflow standalone` starts with
+    assert f"AIRFLOW__CORE__PARALLELISM={env['AIRFLOW__CORE__PARALLELISM']}" in written
+    assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false" in written
+
+
 def test_shard_groups_stay_below_the_map_limit():
     ids = [f"{i:05d}" for i in range(5000)]
     groups = airflow_tasks.group_shards(ids, 64)
     assert len(groups) <= 64 and [s for g in groups for s in g["shards"]] == ids
-    assert groups[0]["label"] == "00000-00078"
-    assert airflow_tasks.group_shards(ids[:3], 64) == [{"label": i, "shards": [i]} for i in ids[:3]]
+    assert groups[0]["label"] == "shards 00000-00078"
+    assert airflow_tasks.group_shards(ids[:3], 64) == [{"label": f"shard {i}", "shards": [i]} for i in ids[:3]]
 
 
 # What would make a DAG file slow to parse (Airflow re-parses every file every few seconds, with a timeout):
@@ -176,6 +238,35 @@ def _states(dag_run) -> dict[tuple[str, int], tuple[str, int]]:
     return {(ti.task_id, ti.map_index): (str(ti.state), ti.try_number) for ti in dag_run.get_task_instances()}
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("conf, message", [
+    ({"config": "nope"}, "config 'nope' is neither a config in cmaclip/configs/"),
+    ({"catalog_uri": "{home}/catalog/gone.parquet"}, "no Parquet files found"),
+    ({"epoch": {"warmup": 1}}, "unknown param 'epoch' (did you mean 'epochs'?)"),   # Airflow takes any key
+], ids=["bad-config", "missing-catalog", "unknown-param"])
+def test_a_bad_param_fails_validate_on_its_first_try_and_nothing_runs_after_it(
+        dagbag, airflow_db, airflow_env, catalog, conf, message):
+    conf = {k: v.format(home=airflow_env["home"]) if isinstance(v, str) else v for k, v in conf.items()}
+    real_validate, raised = airflow_tasks.validate_retrain, []
+
+    def recording(*args, **kwargs):
+        try:
+            return real_validate(*args, **kwargs)
+        except Exception as exc:
+            raised.append(exc)
+            raise
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(airflow_tasks, "validate_retrain", recording)
+        # Every param the cases change is given: dag.test runs tasks in this process, where a run's conf
+        # stays in the DAG object's params for the next run.
+        dag_run = dagbag.dags["cmaclip_retrain"].test(run_conf={"catalog_uri": catalog, "config": "tiny", **conf})
+    states = _states(dag_run)
+    assert dag_run.state == "failed" and states[("validate", -1)] == ("failed", 1)
+    assert {state for (task_id, _), (state, _) in states.items() if task_id != "validate"} == {"upstream_failed"}
+    assert len(raised) == 1 and message in str(raised[0])   # the message the task fails with (fail_fast)
+
+
 class _Interrupt(Exception):
     """A simulated preemption of a worker in the middle of a stage."""
 
@@ -197,9 +288,10 @@ def retrained(dagbag, airflow_db, catalog):
         def on_epoch_end(self, stage, epoch, metrics):
             self.epochs.append(epoch)
 
-    real_run_stage, attempts = trainer.run_stage, []
+    real_run_stage, attempts, hooked = trainer.run_stage, [], {}
 
     def flaky_run_stage(handle, stage, epochs=None, callbacks=()):
+        hooked[stage] = [type(c).__name__ for c in callbacks]
         if stage != "end_to_end":
             return real_run_stage(handle, stage, epochs, callbacks)
         recorder = RecordEpochs()
@@ -211,7 +303,8 @@ def retrained(dagbag, airflow_db, catalog):
         mp.setattr(trainer, "run_stage", flaky_run_stage)
         dag_run = dagbag.dags["cmaclip_retrain"].test(
             run_conf={"catalog_uri": catalog, "epochs": EPOCHS, "config": "tiny"})
-    return {"dag_run": dag_run, "states": _states(dag_run), "attempts": [r.epochs for r in attempts]}
+    return {"dag_run": dag_run, "states": _states(dag_run), "attempts": [r.epochs for r in attempts],
+            "callbacks": hooked}
 
 
 @pytest.mark.slow
@@ -246,6 +339,18 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
     with create_session() as session:
         events = [e for e in session.query(AssetEvent).all() if e.uri == airflow_tasks.champion_asset_uri()]
     assert [e.extra for e in events] == [{"version": "1"}]
+    # Each stage logged its epochs (cmaclip.train.PrintCallback into the task log).
+    assert retrained["callbacks"] == {s: ["PrintCallback"] for s in airflow_tasks.STAGES}
+    # dag.test runs no scheduler: the event waits in the queue for the scoring DAG, which the first start of
+    # `airflow standalone` would run. The demo clears it; the event stays in the Asset's history.
+    from airflow.models.asset import AssetDagRunQueue
+
+    def queued():
+        with create_session() as session:
+            return session.query(AssetDagRunQueue).filter_by(target_dag_id="cmaclip_nightly_scoring").count()
+
+    assert queued() == 1
+    assert airflow_home.clear_queued_asset_events(airflow_env["env"]) == 1 and queued() == 0
 
 
 @pytest.mark.slow
@@ -292,7 +397,7 @@ def test_scoring_dag_runs_end_to_end_and_a_rerun_skips_committed_shards(retraine
     assert manifest["model_version"] == "1"
     assert storage.exists(storage.join(predictions, "published", "latest.parquet"))
     assert {ti.rendered_map_index for ti in second.get_task_instances() if ti.task_id == "score"} == \
-        {"00000", "00001", "00002", "00003"}
+        {"shard 00000", "shard 00001", "shard 00002", "shard 00003"}
     assert storage.exists(storage.join(predictions, "_reports", f"run={manifest['run_id']}", "summary.md"))
 
     # The next night, ten products fewer, and a limit the run exceeds: the gate fails at once (no retry),

@@ -100,10 +100,11 @@ def test_torchrun_two_processes_reaches_single_process_quality(dataset, home, on
 def test_one_process_is_the_plain_in_process_call(monkeypatch):
     from pipeline.training import trainer
 
-    calls = []
-    monkeypatch.setattr(trainer, "run_stage", lambda t, s, epochs=None: calls.append((t, s, epochs)) or {"ok": 1})
-    assert launch.run_stage_distributed({"run_id": "r"}, "warmup", 1, epochs=2) == {"ok": 1}
-    assert calls == [({"run_id": "r"}, "warmup", 2)]
+    calls, hook = [], object()
+    monkeypatch.setattr(trainer, "run_stage", lambda t, s, epochs=None, callbacks=():
+                        calls.append((t, s, epochs, list(callbacks))) or {"ok": 1})
+    assert launch.run_stage_distributed({"run_id": "r"}, "warmup", 1, epochs=2, callbacks=[hook]) == {"ok": 1}
+    assert calls == [({"run_id": "r"}, "warmup", 2, [hook])]
 
 
 def test_torchrun_command_and_process_counts():

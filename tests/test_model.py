@@ -273,3 +273,16 @@ def test_config_round_trip(config):
 def test_unknown_config_names_the_known_ones():
     with pytest.raises(FileNotFoundError, match="tiny"):
         load_config("nope")
+
+
+def test_open_clip_building_lines_go_to_debug(config, caplog):
+    """open_clip logs on the root logger while it builds a model or a tokenizer ("No pretrained weights
+    loaded" for the random start a config asks for): those lines belong in a debug log, not a task log."""
+    from cmaclip.pretrained import OPEN_CLIP_DIR
+
+    with caplog.at_level("DEBUG"):
+        cmaclip.create_model(config, load_pretrained=False)
+        tokenizer(config)
+    assert [r.getMessage() for r in caplog.records if r.pathname.startswith(OPEN_CLIP_DIR)] == []
+    moved = [r.getMessage() for r in caplog.records if r.name == "cmaclip.pretrained" and r.levelname == "DEBUG"]
+    assert any("No pretrained weights loaded" in m for m in moved) and any("tokenizer" in m for m in moved)

@@ -102,23 +102,30 @@ def _relative_names(uris: list[str]) -> list[str]:
     return [posixpath.relpath(u.split("://", 1)[-1], root) for u in uris]
 
 
-def scan(catalog_uri: str, tasks: tuple[str, ...]) -> list[CatalogFile]:
-    """Resolve and check every file of the catalog (footers only); raise CatalogError on any problem."""
+def check(catalog_uri: str, tasks: tuple[str, ...]) -> list[tuple[str, int, str]]:
+    """Resolve and check every file of the catalog from its footer alone (no data read, no content
+    hashed): (uri, rows, image column) per file; CatalogError on any problem."""
     try:
         uris = storage.parquet_files(catalog_uri)
     except Exception as exc:
         raise CatalogError(catalog_uri, f"cannot list ({type(exc).__name__}: {exc})") from exc
     if not uris:
         raise CatalogError(catalog_uri, "no Parquet files found (give a file, a folder of .parquet files or a glob)")
-    files = []
-    for uri, name in zip(uris, _relative_names(uris)):
+    checked = []
+    for uri in uris:
         pf = open_parquet(uri)
-        column = check_schema(uri, pf.schema_arrow, tasks)
-        files.append(CatalogFile(uri, name, pf.metadata.num_rows, storage.size(uri),
-                                 storage.content_version(uri), column))
-    if sum(f.rows for f in files) == 0:
+        checked.append((uri, pf.metadata.num_rows, check_schema(uri, pf.schema_arrow, tasks)))
+    if sum(rows for _, rows, _ in checked) == 0:
         raise CatalogError(catalog_uri, "zero rows in the catalog: nothing to ingest")
-    return files
+    return checked
+
+
+def scan(catalog_uri: str, tasks: tuple[str, ...]) -> list[CatalogFile]:
+    """`check`, then each file's name, size and content version; raise CatalogError on any problem."""
+    checked = check(catalog_uri, tasks)
+    names = _relative_names([uri for uri, _, _ in checked])
+    return [CatalogFile(uri, name, rows, storage.size(uri), storage.content_version(uri), column)
+            for (uri, rows, column), name in zip(checked, names)]
 
 
 def fingerprint(files: list[CatalogFile]) -> str:

@@ -2,8 +2,10 @@
 
 `environment()` is the set of variables every Airflow process of the project gets (the demo's `airflow dags
 test`, the tests, `airflow standalone` for the UI): `AIRFLOW_HOME` under `CMACLIP_HOME`, the repo's `dags/`
-(in a checkout) as the dags folder, a SQLite metadata DB, LocalExecutor, no example DAGs. `prepare()`
-migrates that DB and creates the `gpu` pool the training tasks queue on.
+(in a checkout) as the dags folder, a SQLite metadata DB, LocalExecutor sized for this machine, no example
+DAGs, MLflow without progress bars. `prepare()` migrates that DB and creates the `gpu` pool the training
+tasks queue on; `clear_queued_asset_events()` drops the Asset events that wait for the scheduler (the
+demo's, whose runs were tests).
 
 At scale nothing here changes in the DAGs: point `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` at PostgreSQL and
 `AIRFLOW__CORE__EXECUTOR` at Celery or Kubernetes; an already-set `AIRFLOW__*` variable wins over these
@@ -33,10 +35,15 @@ ENV_FILE = "cmaclip.env"
 EXPORTED = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
             "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__LOAD_EXAMPLES",
             "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__API__HOST",
-            "PYTHONPATH", "HF_HUB_OFFLINE")
+            "AIRFLOW__CORE__PARALLELISM", "PYTHONPATH", "HF_HUB_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 # What locates state: pinned when a caller asks for a specific home (see `environment`).
 _STATE_KEYS = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
                "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "MLFLOW_TRACKING_URI", "CMACLIP_ARTIFACT_ROOT")
+
+
+def cpu_count() -> int:
+    """The CPUs this process may run on (a container's share, not the host's)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def airflow_home(home: Path | None = None) -> Path:
@@ -64,6 +71,9 @@ def environment(home: Path | None = None, base: Mapping[str, str] | None = None)
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{af_home / 'airflow.db'}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(af_home / "logs"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        # LocalExecutor forks `parallelism` workers up front (32 by default: ~6 GB of idle processes).
+        # Tasks beyond it wait their turn; the training pool and the scoring map are smaller anyway.
+        "AIRFLOW__CORE__PARALLELISM": str(max(2, cpu_count())),
         "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
         "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
         # New DAGs run when triggered: the nightly cron must not wait for someone to unpause it.
@@ -72,6 +82,8 @@ def environment(home: Path | None = None, base: Mapping[str, str] | None = None)
         "AIRFLOW__API__HOST": "127.0.0.1",
         # Pretrained weights are local files; a hub lookup would hang offline.
         "HF_HUB_OFFLINE": "1",
+        # MLflow draws its download progress bars on stderr, which a task log shows as ERROR lines.
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
     for key, value in defaults.items():
         env.setdefault(key, value)
@@ -110,6 +122,27 @@ def prepare(home: Path | None = None, pool_slots: int = GPU_POOL_SLOTS) -> dict[
     if env["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN"].startswith("sqlite:"):
         write_env_file(env)  # embedded only: a server connection string carries a password
     return env
+
+
+# Run by the Airflow of `env` (this module never imports airflow): the same rows the REST API's
+# DELETE /dags/{dag_id}/assets/queuedEvents removes.
+_CLEAR_QUEUED_EVENTS = """
+from airflow.models.asset import AssetDagRunQueue
+from airflow.utils.session import create_session
+with create_session() as session:
+    print(session.query(AssetDagRunQueue).delete())
+"""
+
+
+def clear_queued_asset_events(env: Mapping[str, str]) -> int:
+    """Drop every Asset event queued for a DAG run the scheduler has not started yet; how many. The demo
+    runs its DAGs with `airflow dags test`, so the champion event of its retrain run would otherwise start a
+    scoring run the first time someone starts `airflow standalone`. The events stay in the Asset's history."""
+    proc = subprocess.run([sys.executable, "-c", _CLEAR_QUEUED_EVENTS], env=dict(env), text=True,
+                          capture_output=True, cwd=settings.IMPORT_ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"clearing the queued Asset events failed:\n{proc.stderr[-4000:]}")
+    return int(proc.stdout.strip().splitlines()[-1])
 
 
 def write_env_file(env: Mapping[str, str]) -> Path:

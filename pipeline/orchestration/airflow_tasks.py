@@ -11,19 +11,24 @@ attempt left: a training stage resumes after its last completed epoch, scoring s
 
 Whoever triggers a DAG chooses its params, so every param that names storage (catalog, work folder,
 predictions folder, a config file, a checkpoint folder) is checked by `check_storage_uri`
-against `CMACLIP_STORAGE_PREFIXES` before anything is read or written.
+against `CMACLIP_STORAGE_PREFIXES` before anything is read or written. Each DAG's first task checks all
+its params at once (`validate_retrain`, `validate_scoring`), and an error retrying cannot fix fails a task
+at once, in any task (`fail_fast`).
 """
 from __future__ import annotations
 
+import difflib
+import functools
 import logging
 import math
 import os
 import re
+import sys
 from datetime import timedelta
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence, TypeVar
 
 # torch-free (cmaclip/__init__ loads torch lazily); the DAG files read the stage names from here
-from cmaclip.config import ALIGN, CONFIG_DIR, STAGES
+from cmaclip.config import ALIGN, CONFIG_DIR, STAGES, load_config
 
 from .. import settings
 
@@ -125,6 +130,126 @@ def _checked_model(model_ref: str) -> str:
     return check_storage_uri(model_ref, "model")
 
 
+# --- failing at once on what retrying cannot fix ----------------------------------------------------------
+
+Task = TypeVar("Task", bound=Callable[..., Any])
+# MLflow's codes for a reference to nothing: a registered model, version, alias or run that does not exist.
+_MLFLOW_NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
+def retrying_cannot_fix(exc: BaseException) -> bool:
+    """Whether `exc` is a mistake in what the task was given rather than an accident while it ran: a bad
+    config, a missing or malformed catalog, a refused storage URI (ValueError, CatalogError among them,
+    FileNotFoundError), a model that does not exist (MLflow's not-found codes). Other storage and network
+    errors (OSError, timeouts) and crashes may pass on a second try: they keep their retries."""
+    if isinstance(exc, (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError)):
+        return True
+    mlflow_exceptions = sys.modules.get("mlflow.exceptions")  # loaded if anything could have raised one
+    return (mlflow_exceptions is not None and isinstance(exc, mlflow_exceptions.MlflowException)
+            and exc.error_code in _MLFLOW_NOT_FOUND)
+
+
+def fail_fast(task: Task, fail: Callable[[str], BaseException]) -> Task:
+    """`task` (a DAG's task function) raising an error `retrying_cannot_fix` as `fail(message)` instead: the
+    DAG files pass Airflow's AirflowFailException, which fails the task without its retries (pipeline/
+    never imports airflow). The signature and docstring stay the task's, which Airflow reads."""
+    @functools.wraps(task)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return task(*args, **kwargs)
+        except Exception as exc:
+            if not retrying_cannot_fix(exc):
+                raise
+            raise fail(f"{type(exc).__name__}: {exc} (not retried: a retry would fail the same way)") from exc
+    return run  # type: ignore[return-value]
+
+
+# --- the first task of each DAG: every param checked in seconds, before anything runs -------------------
+
+def check_param_names(params: Collection[str], known: Collection[str]) -> None:
+    """A ValueError naming every param the DAG does not take (Airflow accepts any key in a run's conf and
+    would silently run on the defaults of the one that was meant), with the closest known name."""
+    unknown = sorted(set(params) - set(known))
+    if not unknown:
+        return
+    named = [f"{name!r}" + "".join(f" (did you mean {m!r}?)" for m in difflib.get_close_matches(name, known, 1))
+             for name in unknown]
+    raise ValueError(f"unknown param{'s' if len(named) > 1 else ''} {', '.join(named)}: "
+                     f"this DAG takes {', '.join(sorted(known))}")
+
+
+def _checked_catalog(catalog_uri: str, tasks: Sequence[str]) -> dict[str, Any]:
+    """The catalog's files listed and their footers checked against the columns a run needs (no data
+    read): {"catalog_files", "catalog_rows", "image_column"}; CatalogError otherwise."""
+    from ..io import catalog
+
+    check_storage_uri(catalog_uri, "catalog_uri")
+    checked = catalog.check(catalog_uri, tuple(tasks))
+    return {"catalog_files": len(checked), "catalog_rows": sum(rows for _, rows, _ in checked),
+            "image_column": ", ".join(sorted({column for _, _, column in checked}))}
+
+
+def _loaded_config(config: str, epochs: Mapping[str, int]) -> dict[str, Any]:
+    """The epochs per stage the training will run, once the config is found and loads (torch-free)."""
+    chosen = _checked_config(config)
+    try:
+        stages = load_config(chosen).train.stages
+    except (ValueError, TypeError, KeyError) as exc:
+        raise ValueError(f"config {config!r} does not load: {type(exc).__name__}: {exc}") from exc
+    wanted = {stage: int(epochs.get(stage, stages[stage].epochs)) for stage in stages}
+    return {"config": config, "epochs": {stage: n for stage, n in wanted.items() if n > 0}}
+
+
+def validate_retrain(params: Mapping[str, Any], known: Collection[str]) -> dict[str, Any]:
+    """The retrain DAG's params, checked before ingest: no unknown name, storage within the prefixes, the
+    config found and loading, the catalog's files readable with every column of the `tasks` param."""
+    check_param_names(params, known)
+    check_storage_uri(params["work_uri"], "work_uri")
+    checked = {**_loaded_config(params["config"], params["epochs"]),
+               **_checked_catalog(params["catalog_uri"], params["tasks"])}
+    log.info("params checked: %s", checked)
+    return checked
+
+
+def _found_model(model_ref: str) -> str:
+    """What `model_ref` names, looked up without downloading anything: `models:/<name>/<version>`, the run
+    or the checkpoint folder; ValueError when it names nothing."""
+    _checked_model(model_ref)
+    if not model_ref.startswith(("models:/", "runs:/")):
+        from ..io import storage
+        if not storage.exists(model_ref):
+            raise ValueError(f"model {model_ref!r}: no checkpoint folder there")
+        return model_ref
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    from ..tracking import tracker
+
+    client = tracker.client()
+    try:
+        if model_ref.startswith("runs:/"):
+            return f"run {client.get_run(model_ref.removeprefix('runs:/').split('/', 1)[0]).info.run_id}"
+        resolved = get_model_name_and_version(client, model_ref)
+        if len(resolved) != 2:  # a logged model's id: scoring takes a registered version
+            raise ValueError(f"model {model_ref!r}: expected models:/name@alias or models:/name/<version>")
+        return f"models:/{resolved[0]}/{client.get_model_version(*resolved).version}"
+    except MlflowException as exc:
+        if exc.error_code not in _MLFLOW_NOT_FOUND:
+            raise
+        raise ValueError(f"model {model_ref!r} names nothing in {settings.tracking_uri()}: {exc.message}") from exc
+
+
+def validate_scoring(params: Mapping[str, Any], known: Collection[str]) -> dict[str, Any]:
+    """The scoring DAG's params, checked before plan: no unknown name, storage within the prefixes, the
+    model reference resolving (a registry lookup, no download), the catalog's files readable with
+    product_id, title and image (or image_uri)."""
+    check_param_names(params, known)
+    check_storage_uri(params["predictions_uri"], "predictions_uri")
+    checked = {"model": _found_model(params["model"]), **_checked_catalog(params["catalog_uri"], ())}
+    log.info("params checked: %s", checked)
+    return checked
+
+
 # --- retrain -----------------------------------------------------------------------------------------
 
 def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> dict[str, Any]:
@@ -165,15 +290,21 @@ def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,
 def train_stage(state: Mapping[str, Any], stage: str, processes: int | str = 1) -> dict[str, Any]:
     """Train `stage` on `processes` processes (torchrun when more than one), resuming it after the last
     completed epoch on a retry; returns the state with the stage's result appended. A stage the training
-    does not include (align, unless its config gives it epochs) passes the state on unchanged."""
-    from ..training import launch
+    does not include (align, unless its config gives it epochs) passes the state on unchanged. The task log
+    gets a line per epoch and, at the end, the table of the stages trained so far."""
+    from cmaclip.train import PrintCallback
+
+    from ..training import launch, trainer
 
     if stage not in state["training"]["stages"]:
         log.info("stage %s is not in this training's stages %s: nothing to train", stage, state["training"]["stages"])
         return {"training": state["training"], "results": list(state["results"])}
 
-    result = launch.run_stage_distributed(state["training"], stage, processes)
-    return {"training": state["training"], "results": [*state["results"], result]}
+    result = launch.run_stage_distributed(state["training"], stage, processes, callbacks=[PrintCallback(log.info)])
+    results = [*state["results"], result]
+    log.info("stage %s done (MLflow run %s); best validation epoch of each stage so far:\n%s",
+             stage, result["run_id"], trainer.stage_table({r["stage"]: r for r in results}))
+    return {"training": state["training"], "results": results}
 
 
 def mark_training_failed(run_folder: str) -> None:
@@ -192,6 +323,7 @@ def evaluate(state: Mapping[str, Any]) -> dict[str, Any]:
     from ..training import trainer
 
     final = trainer.finish_training(state["training"], state["results"], register=False)
+    log.info("training run %s: model %s from %s", final["run_id"], final["model_uri"], final["checkpoint"])
     return {**{k: final[k] for k in ("run_id", "model_uri", "checkpoint", "stages")},
             "model_name": state["training"]["model_name"], "dataset_uri": state["training"]["dataset_uri"]}
 
@@ -229,10 +361,11 @@ def promote(registered: Mapping[str, Any], decision: Mapping[str, Any]) -> dict[
 # --- nightly scoring ---------------------------------------------------------------------------------
 
 def group_shards(shard_ids: Sequence[str], max_groups: int) -> list[dict[str, Any]]:
-    """Consecutive shards in at most `max_groups` groups of near-equal size: one mapped task per group."""
+    """Consecutive shards in at most `max_groups` groups of near-equal size: one mapped task per group,
+    labelled with its shard range in the Airflow UI ("shards 00000-00003", or "shard 00004")."""
     size = max(1, math.ceil(len(shard_ids) / max(1, max_groups)))
     chunks = [list(shard_ids[i:i + size]) for i in range(0, len(shard_ids), size)]
-    return [{"label": c[0] if len(c) == 1 else f"{c[0]}-{c[-1]}", "shards": c} for c in chunks]
+    return [{"label": f"shard {c[0]}" if len(c) == 1 else f"shards {c[0]}-{c[-1]}", "shards": c} for c in chunks]
 
 
 def _predictor(model_ref: str):
@@ -275,8 +408,10 @@ def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri:
     plan = planner.plan_shards(catalog_uri, rows_per_shard, out=out_uri, carry_from=carry_from)
     log.info("plan %s: %s", plan.id, plan.counts())
     run_id = runner.default_run_id(plan.id, predictor, explain)
+    groups = group_shards(plan.shard_ids, max_groups)
+    log.info("scoring run %s with %s: %d shards in %d mapped tasks", run_id, pinned, len(plan.shard_ids), len(groups))
     return {"run": {"plan": plan.to_dict(), "model": pinned, "run_id": run_id, "explain": explain},
-            "groups": group_shards(plan.shard_ids, max_groups)}
+            "groups": groups}
 
 
 def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) -> dict[str, Any]:

@@ -19,9 +19,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from .. import settings
+
+if TYPE_CHECKING:  # torch is imported only where a stage runs
+    from cmaclip.train import Callback
 
 WORKER_MODULE = "pipeline.training.stage_worker"
 
@@ -76,14 +79,16 @@ def _stream(command: Sequence[str], env: Mapping[str, str], tail: int = 200) -> 
 
 
 def run_stage_distributed(training: Mapping[str, Any], stage: str, nproc: int | str = 1, *,
-                          epochs: int | None = None, env: Mapping[str, str] | None = None) -> dict[str, Any]:
+                          epochs: int | None = None, env: Mapping[str, str] | None = None,
+                          callbacks: Sequence[Callback] = ()) -> dict[str, Any]:
     """Train `stage` of `training` (the handle from `pipeline.training.trainer.start_training`) on `nproc`
     processes and return what `pipeline.training.trainer.run_stage` returns. Resumable like run_stage: a retry
-    continues after the last completed epoch, also with another process count."""
+    continues after the last completed epoch, also with another process count. `callbacks` hook into the
+    training in this process (N = 1); under torchrun, rank 0 prints its epoch lines into this output instead."""
     n = resolve_nproc(nproc)
     if n == 1:
         from .trainer import run_stage
-        return run_stage(training, stage, epochs=epochs)
+        return run_stage(training, stage, epochs=epochs, callbacks=callbacks)
     with tempfile.TemporaryDirectory(prefix="cmaclip-launch-") as tmp:
         handle, result = Path(tmp) / "training.json", Path(tmp) / "result.json"
         handle.write_text(json.dumps(dict(training)))
