@@ -176,6 +176,9 @@ def resolve_checkpoint(model_uri: str, cache_dir: str | Path | None = None) -> R
     return ResolvedModel(checkpoint, name, str(version), run_id, model_uri)
 
 
+NOT_FOUND = ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE")
+
+
 def _model_version(c, ref: str) -> tuple[str, str]:
     from mlflow.exceptions import MlflowException
 
@@ -184,6 +187,8 @@ def _model_version(c, ref: str) -> tuple[str, str]:
         try:
             return name, str(c.get_model_version_by_alias(name, alias).version)
         except MlflowException as exc:
+            if exc.error_code not in NOT_FOUND:  # a registry outage is worth a retry; a missing alias is not
+                raise
             raise ValueError(f"registered model {name!r} has no version with alias {alias!r}") from exc
     name, _, version = ref.rpartition("/")
     if not name or not version.isdigit():
