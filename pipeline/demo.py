@@ -189,8 +189,11 @@ def night_lines(nights: Sequence[Mapping[str, Any]]) -> list[str]:
                   f"{'':17s}run {run['run_id']} with v{run['model_version']}, {run['shards']} shards: "
                   f"{run['rows_in']} rows in = {run['scored']} scored + {run['carried']} carried over + "
                   f"{run['quarantined']} quarantined ({_reasons(run['reasons'])})"]
-    verdicts = [f"night {n}: {gate_line(night['scoring']['verdict'])}" for n, night in enumerate(nights, start=1)]
-    return lines + ["Quality gate   " + "; ".join(verdicts)]
+    verdicts = [night["scoring"]["verdict"] for night in nights]
+    if all(v is None for v in verdicts):
+        return lines + ["Quality gate   " + gate_line(None)]
+    each = [f"night {n}: {gate_line(v)}" for n, v in enumerate(verdicts, start=1)]
+    return lines + ["Quality gate   " + "; ".join(each)]
 
 
 def summary(training: Mapping[str, Any], nights: Sequence[Mapping[str, Any]], env: Mapping[str, str],

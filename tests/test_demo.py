@@ -41,3 +41,5 @@ def test_the_summary_says_per_night_what_was_scored_and_carried_over_and_the_gat
     assert text.splitlines()[-1] == ("Quality gate   night 1: no verdict (this build publishes without a quality "
                                      "gate); night 2: failed: color drift 0.4 > 0.2")
     assert demo.gate_line({"passed": True, "exceeded": []}) == "passed"
+    without = demo.night_lines([_night(1204, "first", 1200, 0, None), _night(1204, "second", 7, 1193, None)])
+    assert without[-1] == "Quality gate   no verdict (this build publishes without a quality gate)"
