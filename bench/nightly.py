@@ -12,18 +12,23 @@ before the step's work (model load included) to its end, with the process's peak
   night 1     --change of the rows edited (half their titles, half their images: another product's bytes),
               --change / 2 products added and as many deleted (pipeline.catalog_edits); the incremental run:
               plan (hashes every row) -> score (reads every row, forwards the changed ones) -> finalize ->
-              publish. `incremental_over_full`: its seconds over night 0's (target <= 0.05).
+              publish. `incremental_over_full`: its seconds over the full run's (target <= 0.05), the
+              faster of night 0 and the rescore below (a busy machine slows one run down, not both).
   rescore     night 1's catalog scored in full (`full=True`) into another folder and published; its published
               state against the incremental one, row for row by product_id (the prediction columns and the
-              content hash; labels exact, floats to 1e-6): `published_equal`, the max float difference.
+              content hash; labels exact, floats to 1e-6): `published_equal`; rows whose labels differ and
+              the max float difference, apart for the rows night 1 scored and those it carried over. In
+              bf16 a row's floats move with the rows batched beside it, so two full runs over catalogs
+              that differ in a few rows differ too; `--precision fp32` compares the logic alone.
   nights      --nights more nights of --night-change each. The first and the last run step by step as above;
               those between run in one process (plan + score + finalize, then publish). `publish_*_ratio`:
               the last night's publish seconds and peak RSS over the first's (target <= 1.10).
 
 Catalog snapshots are written under the work folder (each ~78 MB for all of fashion-small; the one before is
-removed once the next is made, as nothing reads it again), never into the repository. With the defaults on
-2 CPU cores (tiny config) it takes about 15 minutes: each step's interpreter start (torch and the pipeline
-imported, 3-8 s on a busy machine) is paid outside the measured seconds and reported as `wall_s`.
+removed once the next is made, as nothing reads it again), never into the repository. Each step's
+interpreter start (torch and the pipeline imported: 3-8 s) is outside the measured seconds, reported as
+`wall_s`. Time: `--rows 4000 --nights 5` took 3-7 minutes on 2 busy CPU cores (tiny config, load 3-6); the
+defaults, 5x the rows and 6x the nights, should take about 15 minutes on 2 idle cores (an estimate).
 Ends with ONE JSON line with every figure.
 """
 from __future__ import annotations
@@ -325,9 +330,12 @@ def main() -> None:
     rescore = night(args, 1, rescore_out, full=True)
     states = [Path(published_uri(str(folder), "latest")) for folder in (out, rescore_out)]
     compared = compare_states(*states, list(tasks), incremental["run_id"], edited["deleted"])
-    ratio = incremental["s"] / full["s"]
-    print(f"incremental / full: {ratio:.3f} (target <= 0.05; {incremental['wall_s'] / full['wall_s']:.3f} with "
-          f"interpreter starts), {full['steps']['plan']['precision']}; edits {edits}\n"
+    # Over the faster of the two full runs (night 0, the rescore): on a busy machine one may be slowed down,
+    # and the faster one gives the higher, more cautious ratio.
+    ratio = incremental["s"] / min(full["s"], rescore["s"])
+    wall_ratio = incremental["wall_s"] / min(full["wall_s"], rescore["wall_s"])
+    print(f"incremental / full: {ratio:.3f} (target <= 0.05; {wall_ratio:.3f} with interpreter starts), "
+          f"{full['steps']['plan']['precision']}; edits {edits}\n"
           f"published states equal: {compared['equal']} {compared}", flush=True)
     later = simulated_nights(args, out) if args.nights else {}
     if later:
@@ -339,7 +347,7 @@ def main() -> None:
         "change": args.change, "edits": edits, "night_change": args.night_change, "nights": args.nights,
         "full": full, "incremental": incremental, "rescore": rescore,
         "incremental_over_full": round(ratio, 4),
-        "incremental_over_full_wall": round(incremental["wall_s"] / full["wall_s"], 4),
+        "incremental_over_full_wall": round(wall_ratio, 4),
         "published_equal": compared["equal"], "compare": compared, "later_nights": later,
         "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)],
     }
