@@ -5,12 +5,16 @@
 3. runs `airflow dags test cmaclip_retrain`: ingest, the three training stages (MLflow runs), evaluate,
    register, compare with the champion, promote by the gate;
 4. runs `airflow dags test cmaclip_nightly_scoring`: plan, score the shards, finalize, publish;
-5. prints what happened, read back from where it landed (the MLflow registry and runs, the ingest and
+5. a second night: a snapshot of the catalog with a few titles and images changed, products added and
+   deleted (written beside it once, the same on every rerun), scored by the same DAG: only the changed and
+   new products are scored, the rest carry their published prediction over;
+6. prints what happened, read back from where it landed (the MLflow registry and runs, the ingest and
    scoring manifests, the published Parquet), and how to open the MLflow and Airflow UIs.
 
-The Airflow output of each DAG goes to `$CMACLIP_HOME/demo/<dag>.log`. Running the demo again retrains
-(a new registry version, compared with the champion) and rescores only if the champion changed.
-Sized for a 2-core CPU machine: a few minutes for both DAGs with the `tiny` config.
+The Airflow output of each DAG run goes to `$CMACLIP_HOME/demo/<dag>.log`. Running the demo again retrains
+(a new registry version, compared with the champion); each night then scores what differs from the
+published state (everything if the champion changed). Sized for a 2-core CPU machine: a few minutes for
+the DAGs with the `tiny` config.
 """
 from __future__ import annotations
 
@@ -26,7 +30,9 @@ from typing import Any, Mapping, Sequence
 from tabulate import tabulate
 
 from . import settings
+from .catalog_edits import Edits, next_snapshot
 from .io import storage
+from .io.parquet_writer import AtomicParquetWriter
 from .orchestration import airflow_home, airflow_tasks
 from .scoring.layout import published_uri
 
@@ -34,6 +40,8 @@ ROWS = 1200
 EPOCHS = {"warmup": 3, "end_to_end": 1, "tuning": 2}
 ROWS_PER_SHARD = 400
 SEED = 7
+SECOND_NIGHT = Edits(titles=3, images=2, added=2, deleted=2)
+GOOD_ROW = "syn-"                     # the synthetic catalog's good rows; the second night changes only those
 
 
 # --- running -----------------------------------------------------------------------------------------
@@ -41,6 +49,20 @@ SEED = 7
 def make_catalog(uri: str, rows: int) -> dict[str, Any]:
     from .synthetic import make_catalog as write
     return write(rows, uri, seed=SEED, with_bad_rows=True)
+
+
+def second_night_catalog(first_uri: str) -> dict[str, Any]:
+    """The second night's snapshot, beside the first: SECOND_NIGHT's edits to its good rows. Written once;
+    the edits are seeded, so a rerun finds the same snapshot (the same file, so the same plan)."""
+    uri = first_uri.removesuffix(".parquet") + "-night-2.parquet"
+    first = storage.parquet_file(first_uri)
+    table = first.read()
+    pool = [i for i, pid in enumerate(table.column("product_id").to_pylist()) if (pid or "").startswith(GOOD_ROW)]
+    snapshot, changed = next_snapshot(table, 2, SECOND_NIGHT, seed=SEED, pool=pool)
+    if not storage.exists(uri):
+        with AtomicParquetWriter(uri, snapshot.schema, first.metadata.row_group(0).num_rows) as writer:
+            writer.write(snapshot)
+    return {"uri": uri, "rows": snapshot.num_rows, "changed": {kind: len(ids) for kind, ids in changed.items()}}
 
 
 def run_dag(dag_id: str, conf: Mapping[str, Any], env: Mapping[str, str], log_path: Path) -> float:
@@ -104,9 +126,22 @@ def scoring_report(predictions_uri: str) -> dict[str, Any]:
     latest = max(manifests, key=lambda m: m.finalized_at).to_dict()
     published = {name: published_uri(predictions_uri, name) for name in ("latest", "catalog")}
     rows = {name: storage.parquet_file(uri).metadata.num_rows for name, uri in published.items() if storage.exists(uri)}
-    return {**{k: latest[k] for k in ("run_id", "shards", "rows_in", "predicted", "quarantined", "reasons",
-                                     "model_name", "model_version", "scoring_seconds")},
-            "shard_files": latest["predictions"], "published": published, "published_rows": rows}
+    return {**{k: latest[k] for k in ("run_id", "shards", "rows_in", "predicted", "scored", "carried", "quarantined",
+                                     "reasons", "model_name", "model_version", "scoring_seconds")},
+            "shard_files": latest["predictions"], "published": published, "published_rows": rows,
+            "verdict": gate_verdict(predictions_uri, latest["run_id"])}
+
+
+def gate_verdict(predictions_uri: str, run_id: str) -> dict[str, Any] | None:
+    """The quality gate's verdict on run `run_id` as publish recorded it in the version it published,
+    {"passed": bool, "exceeded": [what, ...], "forced": bool}; None when no kept version came from it."""
+    from .scoring import versions
+
+    for number in reversed(versions.numbers(predictions_uri)):
+        record = versions.read(predictions_uri, number)
+        if record.run_id == run_id and record.gate_passed is not None:
+            return {"passed": record.gate_passed, "exceeded": list(record.gate_exceeded), "forced": record.forced}
+    return None
 
 
 # --- the summary -------------------------------------------------------------------------------------
@@ -142,14 +177,40 @@ def registry_outcome(training: Mapping[str, Any]) -> str:
     return f"{airflow_tasks.MODEL_NAME} v{training['version']}: {outcome}. Champion: v{training['champion']}"
 
 
-def summary(training: Mapping[str, Any], scoring: Mapping[str, Any], catalog: Mapping[str, Any],
-            env: Mapping[str, str], timings: Mapping[str, float], tasks: Sequence[str], logs: Sequence[Path]) -> str:
-    ingest = training["ingest"]
+def gate_line(verdict: Mapping[str, Any] | None) -> str:
+    """A verdict as `gate_verdict` reads it, in words."""
+    if verdict is None:
+        return "no verdict (not published)"
+    if verdict["passed"]:
+        return "passed"
+    return ("failed, published anyway: " if verdict.get("forced") else "failed: ") + "; ".join(verdict["exceeded"])
+
+
+def night_lines(nights: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per night: its catalog, then its run's rows: scored, carried over, quarantined."""
+    lines = []
+    for number, night in enumerate(nights, start=1):
+        run, catalog = night["scoring"], night["catalog"]
+        lines += [f"{'Scoring' if number == 1 else '':15s}night {number}: {catalog['uri']} "
+                  f"({catalog['rows']} rows, {catalog['note']})",
+                  f"{'':17s}run {run['run_id']} with v{run['model_version']}, {run['shards']} shards: "
+                  f"{run['rows_in']} rows in = {run['scored']} scored + {run['carried']} carried over + "
+                  f"{run['quarantined']} quarantined ({_reasons(run['reasons'])})"]
+    verdicts = [night["scoring"]["verdict"] for night in nights]
+    if all(v is None for v in verdicts):
+        return lines + ["Quality gate   " + gate_line(None)]
+    each = [f"night {n}: {gate_line(v)}" for n, v in enumerate(verdicts, start=1)]
+    return lines + ["Quality gate   " + "; ".join(each)]
+
+
+def summary(training: Mapping[str, Any], nights: Sequence[Mapping[str, Any]], env: Mapping[str, str],
+            timings: Mapping[str, float], tasks: Sequence[str], logs: Sequence[Path]) -> str:
+    ingest, catalog, scoring = training["ingest"], nights[0]["catalog"], nights[-1]["scoring"]
     shard_folder = str(Path(scoring["shard_files"][0]).parent) if scoring["shard_files"] else "-"
     lines = [
         "",
-        f"cmaclip demo: done in {timings['total']:.0f} s (retrain DAG {timings['retrain']:.0f} s, "
-        f"scoring DAG {timings['scoring']:.0f} s)",
+        f"cmaclip demo: done in {timings['total']:.0f} s (retrain DAG {timings['retrain']:.0f} s, scoring DAG "
+        + ", ".join(f"night {n} {night['seconds']:.0f} s" for n, night in enumerate(nights, start=1)) + ")",
         "",
         f"Catalog        {catalog['uri']}: {catalog['rows']} rows ({catalog['note']})",
         f"Ingest         {ingest.get('rows_in')} rows in = {ingest.get('rows_kept')} kept + "
@@ -157,9 +218,7 @@ def summary(training: Mapping[str, Any], scoring: Mapping[str, Any], catalog: Ma
         f"Training       MLflow run {training['run_id']}: best epoch of each stage on the validation split",
         metrics_table(training["stages"], tasks, training["target_precision"]),
         f"Registry       {registry_outcome(training)}",
-        f"Scoring        run {scoring['run_id']} with v{scoring['model_version']}: {scoring['shards']} shards written, "
-        f"{scoring['rows_in']} rows in = {scoring['predicted']} predicted + {scoring['quarantined']} quarantined "
-        f"({_reasons(scoring['reasons'])})",
+        *night_lines(nights),
         f"Predictions    {scoring['published']['latest']} ({scoring['published_rows'].get('latest', 0)} products, "
         "latest attributes per product)",
         f"               {scoring['published']['catalog']} (the catalog joined with its predicted attributes)",
@@ -172,6 +231,18 @@ def summary(training: Mapping[str, Any], scoring: Mapping[str, Any], catalog: Ma
         "Airflow logs   " + ", ".join(str(p) for p in logs),
     ]
     return "\n".join(lines)
+
+
+def score_night(number: int, catalog: Mapping[str, Any], predictions_uri: str, rows_per_shard: int,
+                env: Mapping[str, str], log_path: Path) -> dict[str, Any]:
+    """The scoring DAG over one night's catalog; its run's counts and the seconds it took."""
+    print(f"  scoring DAG, night {number}: plan -> score (mapped) -> finalize -> publish ...", flush=True)
+    seconds = run_dag("cmaclip_nightly_scoring", {"catalog_uri": catalog["uri"], "predictions_uri": predictions_uri,
+                                                  "rows_per_shard": rows_per_shard}, env, log_path)
+    scoring = scoring_report(predictions_uri)
+    print(f"  scoring DAG succeeded in {seconds:.0f} s: {scoring['scored']} rows scored, {scoring['carried']} "
+          "carried over", flush=True)
+    return {"catalog": catalog, "scoring": scoring, "seconds": seconds}
 
 
 # --- the command -------------------------------------------------------------------------------------
@@ -194,7 +265,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  Airflow ready ({env['AIRFLOW_HOME']})", flush=True)
 
     catalog_uri = airflow_tasks.default_catalog_uri()
-    if storage.exists(catalog_uri):  # a rerun keeps the snapshot, so unchanged shards are not rescored
+    if storage.exists(catalog_uri):  # a rerun keeps the snapshot: unchanged products are not rescored
         catalog = {"uri": catalog_uri, "rows": storage.parquet_file(catalog_uri).metadata.num_rows,
                    "note": "from an earlier run"}
     else:
@@ -203,25 +274,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  catalog: {catalog_uri} ({catalog['rows']} rows)", flush=True)
 
     tasks = list(airflow_tasks.TASKS)
-    logs = [home / "demo" / "retrain.log", home / "demo" / "scoring.log"]
+    logs = [home / "demo" / "retrain.log", home / "demo" / "scoring.log", home / "demo" / "scoring-night-2.log"]
     timings = {}
     print("  retrain DAG: ingest -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote ...",
           flush=True)
     timings["retrain"] = run_dag("cmaclip_retrain", {"catalog_uri": catalog_uri, "tasks": tasks, "config": args.config,
                                                      "epochs": args.epochs}, env, logs[0])
     print(f"  retrain DAG succeeded in {timings['retrain']:.0f} s", flush=True)
-    print("  scoring DAG: plan -> score (mapped) -> finalize -> publish ...", flush=True)
     predictions_uri = airflow_tasks.default_predictions_uri()
-    timings["scoring"] = run_dag("cmaclip_nightly_scoring", {"catalog_uri": catalog_uri, "predictions_uri": predictions_uri,
-                                                             "rows_per_shard": args.rows_per_shard}, env, logs[1])
-    print(f"  scoring DAG succeeded in {timings['scoring']:.0f} s", flush=True)
+    nights = [score_night(1, catalog, predictions_uri, args.rows_per_shard, env, logs[1])]
+    second = second_night_catalog(catalog_uri)
+    changed = second["changed"]
+    second["note"] = (f"{changed['titles']} titles and {changed['images']} images changed, {changed['added']} "
+                      f"products added, {changed['deleted']} deleted")
+    nights.append(score_night(2, second, predictions_uri, args.rows_per_shard, env, logs[2]))
     # The runs above were `dags test` runs: leave no champion event for the scheduler to start a run from.
     airflow_home.clear_queued_asset_events(env)
 
     training = training_report(started, airflow_tasks.MODEL_NAME)
-    scoring = scoring_report(predictions_uri)
     timings["total"] = time.time() - started
-    print(summary(training, scoring, catalog, env, timings, tasks, logs))
+    print(summary(training, nights, env, timings, tasks, logs))
     return 0
 
 
