@@ -35,6 +35,7 @@ from .io import storage
 from .io.parquet_writer import AtomicParquetWriter
 from .orchestration import airflow_home, airflow_tasks
 from .scoring.layout import published_uri
+from .tracking import links
 
 ROWS = 1200
 EPOCHS = {"warmup": 3, "end_to_end": 1, "tuning": 2}
@@ -108,7 +109,8 @@ def training_report(since: float, model_name: str) -> dict[str, Any]:
     compared = tags.get(f"{registry.TAG}comparison_run")
     comparison = mlflow.artifacts.load_dict(f"runs:/{compared}/comparison.json") if compared else {}
     dataset_uri = run.data.params.get("dataset.uri", "")
-    return {"run_id": run.info.run_id, "stages": {s: r["metrics"] for s, r in stages.items()},
+    return {"run_id": run.info.run_id, "experiment_id": experiment.experiment_id,
+            "stages": {s: r["metrics"] for s, r in stages.items()},
             "target_precision": float(run.data.params.get("config.train.target_precision", 0.9)),
             "version": version.version if version else None, "verdict": tags.get(registry.VERDICT, ""),
             "gate": comparison.get("gate"), "compared_with": comparison.get("champion"),
@@ -225,7 +227,9 @@ def summary(training: Mapping[str, Any], nights: Sequence[Mapping[str, Any]], en
         f"               per-shard files: {shard_folder}/",
         "",
         "MLflow UI      " + f"{Path(sys.executable).with_name('mlflow')} ui --backend-store-uri {settings.tracking_uri()} "
-        "--port 5000   -> http://127.0.0.1:5000",
+        f"--port 5000   -> http://127.0.0.1:5000/#/experiments/{training['experiment_id']}?{links.MODEL_TRAINING_VIEW}",
+        "               (MLflow 3 opens experiments in its GenAI view unless the link or the sidebar switch says "
+        "model training)",
         "Airflow UI     " + airflow_home.ui_hint(env) + "   -> http://127.0.0.1:8080",
         f"               (user admin; password in {Path(env['AIRFLOW_HOME']) / 'simple_auth_manager_passwords.json.generated'})",
         "Airflow logs   " + ", ".join(str(p) for p in logs),
