@@ -1,11 +1,13 @@
 """Retrain CMA-CLIP on demand; the registry decides whether the new model becomes the champion.
 
-    ingest -> align -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
+    plan_ingest -> stage_group (mapped) -> finish_ingest -> align -> warmup -> end_to_end -> tuning
+        -> evaluate -> register -> compare -> promote
 
 Trigger it from the UI (the form shows the params below, validated by their JSON schema) or with
 `airflow dags trigger cmaclip_retrain -c '{"epochs": {"warmup": 2}}'`. Each task is one call into
 `pipeline.orchestration.airflow_tasks`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
-named after the run, so a retried training stage resumes after its last completed epoch.
+named after the run, so a retried training stage resumes after its last completed epoch, and a retried
+ingest group restages only itself (the groups committed before are skipped).
 
 `align` opens the training (its MLflow parent run) and runs the optional catalog pre-training when the
 config, or the `epochs` param (`{"align": 2}`), gives it epochs; otherwise it trains nothing and passes on.
@@ -72,9 +74,24 @@ TRAINING = {"pool": GPU_POOL, "queue": orch.TRAINING_QUEUE, "on_failure_callback
      default_args=orch.retry_policy(), doc_md=__doc__)
 def cmaclip_retrain():
 
+    # Ingest: plan cuts the catalog into groups of row groups (its return value is what stage_group maps
+    # over; the plan goes to the XCom key "plan"), each group is staged and committed by its own task, so
+    # a failed group retries alone, and finish_ingest decides and writes the dataset.
     @task
-    def ingest(params=None):
-        return orch.ingest_catalog(params["catalog_uri"], params["tasks"], _run_folder())
+    def plan_ingest(params=None, ti=None):
+        planned = orch.plan_ingest(params["catalog_uri"], params["tasks"], _run_folder())
+        ti.xcom_push(key="plan", value=planned["plan"])
+        return planned["groups"]
+
+    @task(map_index_template="{{ group }}")
+    def stage_group(group: str, plan: dict):
+        get_current_context()["group"] = group
+        return orch.stage_ingest_group(plan, group, _run_folder())
+
+    # `staged` orders finish after every group; it reads the committed groups themselves.
+    @task
+    def finish_ingest(plan: dict, staged: list[dict]):
+        return orch.finish_ingest(plan, _run_folder())
 
     @task(**TRAINING)
     def align(dataset: dict, params=None, dag=None, run_id=None):
@@ -121,7 +138,9 @@ def cmaclip_retrain():
                                                 extra={"version": promoted["challenger"]})
         return promoted
 
-    registered = register(evaluate(tuning(end_to_end(warmup(align(ingest()))))))
+    groups = plan_ingest()
+    dataset = finish_ingest(groups["plan"], stage_group.partial(plan=groups["plan"]).expand(group=groups))
+    registered = register(evaluate(tuning(end_to_end(warmup(align(dataset))))))
     gate = compare(registered)
     gate >> promote(registered, gate["decision"])
 
