@@ -127,14 +127,15 @@ def finish(plan: IngestPlan, staging: str, out_uri: str, workers: int | None = N
     markers, n_workers = staged_groups(plan, staging), auto_workers(workers, plan.rows)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cmaclip-ingest-", dir=scratch_root()))
-        con = stack.enter_context(connect(os.path.join(tmp, "spill")))
-        storage.register_duckdb(con, staging)
-        decisions = decide(con, markers, plan.params)
-        counts = _counts(plan, markers, decisions)
-        _clear(out_uri)
-        write_quarantine(con, markers, storage.join(out_uri, QUARANTINE))
         order = os.path.join(tmp, "order.parquet")
-        write_order(con, plan.params.part_rows, order)
+        # The decisions end in files (order, quarantine): DuckDB's memory is given back before the parts.
+        with connect(os.path.join(tmp, "spill")) as con:
+            storage.register_duckdb(con, staging)
+            decisions = decide(con, markers, plan.params)
+            counts = _counts(plan, markers, decisions)
+            _clear(out_uri)
+            write_quarantine(con, markers, storage.join(out_uri, QUARANTINE))
+            write_order(con, plan.params.part_rows, order)
         pool = pool or stack.enter_context(_pool(n_workers, [out_uri, staging]))
         dataset = _write_parts(plan, markers, decisions, order, out_uri, pool)
     verify_counts(out_uri, dataset, decisions.by_split)

@@ -58,9 +58,10 @@ def write_part(job: PartJob) -> int:
     """Write the part and commit it; its rows."""
     sources = _read(storage.parquet_file(job.order), job.start, job.start + job.rows, ["split", "part", "grp", "row"])
     order = pa.concat_tables(pa.Table.from_batches([b]) for b in sources)
-    if order.num_rows != job.rows or pc.any(pc.not_equal(order["part"], job.index)).as_py() or \
-            pc.any(pc.not_equal(order["split"], job.split)).as_py():
-        raise RuntimeError(f"the order file does not hold part {job.index} of {job.split} at rows {job.start}+{job.rows}")
+    if order.num_rows != job.rows or order["part"].unique().to_pylist() != [job.index] or \
+            order["split"].unique().to_pylist() != [job.split]:
+        raise RuntimeError(f"the order file does not hold part {job.index} of {job.split} at its rows "
+                           f"{job.start}..{job.start + job.rows}")
     groups, rows = order["grp"].to_numpy(), order["row"].to_numpy()
     schema = dataset_schema(job.tasks, job.metadata)
     readers = {g: _GroupRows(job.groups[g], rows[groups == g], schema.names) for g in np.unique(groups)}

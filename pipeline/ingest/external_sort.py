@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-RUN_BYTES = 32 << 20          # rows sorted in memory at once
+RUN_BYTES = 16 << 20          # rows sorted in memory at once
 FAN_IN = 32                   # runs merged at once: the merge holds one batch of each
 BATCH_BYTES = RUN_BYTES // FAN_IN
 MAX_BATCH_ROWS = 256
@@ -32,7 +32,8 @@ def sorted_tables(tables: Iterable[pa.Table], keys: Sequence[str], folder: str,
     level = 0
     while len(runs) > FAN_IN:
         level += 1
-        runs = [_write_run(_merged(runs[i:i + FAN_IN], keys, out_rows), os.path.join(folder, f"merge-{level}-{i}.arrow"))
+        runs = [_write_run(_merged(runs[i:i + FAN_IN], keys, out_rows),
+                           os.path.join(folder, f"merge-{level}-{i:06d}.arrow"))
                 for i in range(0, len(runs), FAN_IN)]
     yield from _merged(runs, keys, out_rows)
 
@@ -64,7 +65,7 @@ def _write_run(tables: Iterator[pa.Table], path: str) -> str:
                 sink = stack.enter_context(pa.OSFile(path, "wb"))
                 writer = stack.enter_context(pa.ipc.new_file(sink, table.schema))
             rows = max(1, min(MAX_BATCH_ROWS, int(BATCH_BYTES * table.num_rows / max(1, table.nbytes))))
-            for batch in table.combine_chunks().to_batches(max_chunksize=rows):
+            for batch in table.to_batches(max_chunksize=rows):
                 writer.write_batch(batch)
     return path
 

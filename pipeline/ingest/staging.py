@@ -73,7 +73,8 @@ def committed(plan: IngestPlan, staging: str, group_id: str) -> StagedGroup | No
     if not storage.exists(files.marker):
         return None
     marker = StagedGroup.read(files.marker)
-    if marker.plan_id != plan.id or marker.rows_in != sum(u.rows for u in plan.group(group_id)):
+    if (marker.plan_id, marker.rows, marker.quarantine) != (plan.id, files.rows, files.quarantine) or \
+            marker.rows_in != sum(u.rows for u in plan.group(group_id)):
         return None
     try:
         found = tuple(storage.parquet_file(u).metadata.num_rows for u in (marker.rows, marker.quarantine))

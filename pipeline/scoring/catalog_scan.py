@@ -29,9 +29,9 @@ from ..io.content_hash import content_hashes
 from ..io.sql import connect, scratch_root
 from ..io.text import normalize_product_ids
 
-SCAN_ROWS = 65_536            # rows per Arrow batch when only product_ids are read
+SCAN_ROWS = 8_192             # rows per Arrow batch when only product_ids are read: a constant, not a file's worth
 HASH_ROWS = 1_024             # rows per Arrow batch when images are read too: they are most of a batch
-READ_BUFFER = 1 << 20         # images are read page by page through this buffer, not a column chunk at once
+READ_BUFFER = 1 << 20         # columns are read page by page through this buffer, not every row group's at once
 ROWS_SCHEMA = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("product_id", pa.large_string()),
                          ("content_hash", pa.string())])
 
@@ -62,13 +62,13 @@ def scan(files: Sequence[tuple[str, str]], rows_per_shard: int, shard_format: st
 def _stage(files: Sequence[tuple[str, str]], path: str, image_column: str | None) -> list[int]:
     """Every row with an id, to a local Parquet file in ROWS_SCHEMA; the rows of each file."""
     columns = ["product_id"] + (["title", image_column] if image_column else [])
-    batch_rows, buffer = (HASH_ROWS, READ_BUFFER) if image_column else (SCAN_ROWS, 0)
+    batch_rows = HASH_ROWS if image_column else SCAN_ROWS
     rows = []
     with pq.ParquetWriter(path, ROWS_SCHEMA, compression="none") as out:
         for index, (uri, _) in enumerate(files):
             start = 0
             try:
-                for batch in storage.parquet_file(uri, buffer).iter_batches(batch_size=batch_rows, columns=columns):
+                for batch in storage.parquet_file(uri, READ_BUFFER).iter_batches(batch_size=batch_rows, columns=columns):
                     out.write_table(_rows_table(index, start, batch))
                     start += batch.num_rows
             except (OSError, pa.ArrowException) as exc:
