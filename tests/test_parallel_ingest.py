@@ -190,3 +190,22 @@ def test_external_sort_merges_in_passes(tmp_path: Path, monkeypatch: pytest.Monk
     merged = pa.concat_tables(external_sort.sorted_tables(tables, ("key", "id", "seq"), str(tmp_path), out_rows=64))
     assert merged.to_pylist() == sorted(rows, key=lambda r: (r["key"], r["id"], r["seq"]))
     assert not any(tmp_path.iterdir())  # every run removed once merged
+
+
+def test_cli_groups_and_a_kept_staging_folder_that_a_rerun_reuses(catalog: str, tmp_path: Path, capsys) -> None:
+    from pipeline import cli
+
+    staging_folder, out = tmp_path / "staging", str(tmp_path / "out")
+    args = ["ingest", "--catalog", catalog, "--tasks", TASKS, "--out", out, "--min-class-count", "3",
+            "--workers", "1", "--groups", "3", "--staging", str(staging_folder)]
+    assert cli.main(args) == 0
+    assert json.loads(capsys.readouterr().out)["rows_in"] == 600 + len(BAD_ROWS) + 1 + 30
+    markers = {p.name: p.stat().st_mtime_ns for p in staging_folder.glob("group-*.json")}
+    assert len(markers) == 3
+    first = digest(out)
+    assert cli.main(args) == 0   # the committed groups are reused, the dataset written again the same
+    assert {p.name: p.stat().st_mtime_ns for p in staging_folder.glob("group-*.json")} == markers
+    assert digest(out) == first
+    single = str(tmp_path / "single")
+    ingest(catalog, TASKS, single, workers=1, groups=1, min_class_count=3)
+    assert digest(single) == first

@@ -42,7 +42,7 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import datetime, timezone
-from multiprocessing import get_context
+from multiprocessing import current_process, get_context
 from typing import Any, Callable
 
 from .. import reasons
@@ -81,9 +81,14 @@ def auto_workers(workers: int | None, rows: int) -> int:
 
 @contextlib.contextmanager
 def _pool(workers: int, uris: Sequence[str]) -> Iterator[Executor | None]:
-    """A process pool of `workers`, or None (run in this process) for one worker, or when a URI is in
-    `memory://`, which other processes cannot see."""
+    """A process pool of `workers`, or None (run in this process) for one worker, when a URI is in
+    `memory://`, which other processes cannot see, or in a daemonic process (a task forked from a Celery
+    prefork pool), which may not start children."""
     if workers <= 1 or any(storage.protocol(u) == "memory" for u in uris):
+        yield None
+        return
+    if current_process().daemon:
+        log.warning("daemonic process (Celery prefork worker?): ingest runs in this process, not on %d", workers)
         yield None
         return
     # spawn, not fork: the parent may hold s3fs/DuckDB threads, which do not survive a fork.
