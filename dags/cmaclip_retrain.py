@@ -1,11 +1,13 @@
 """Retrain CMA-CLIP on demand; the registry decides whether the new model becomes the champion.
 
-    validate -> ingest -> align -> warmup -> end_to_end -> tuning -> evaluate -> register -> compare -> promote
+    validate -> plan_ingest -> stage_group (mapped) -> finish_ingest -> align -> warmup -> end_to_end
+        -> tuning -> evaluate -> register -> compare -> promote
 
 Trigger it from the UI (the form shows the params below, validated by their JSON schema) or with
 `airflow dags trigger cmaclip_retrain -c '{"epochs": {"warmup": 2}}'`. Each task is one call into
 `pipeline.orchestration.airflow_tasks`; XCom carries URIs and small JSON. Everything a run writes lives under one folder
-named after the run, so a retried training stage resumes after its last completed epoch.
+named after the run, so a retried training stage resumes after its last completed epoch, and a retried
+ingest group restages only itself (the groups committed before are skipped).
 
 `validate` checks every param in seconds, without retries: a param the DAG does not take (Airflow accepts
 any key in a run's conf), the config, the catalog's files and columns, the storage. In any task, an error
@@ -95,11 +97,32 @@ def cmaclip_retrain():
         `CMACLIP_STORAGE_PREFIXES`. No retries: it fails in seconds, naming what to fix."""
         return orch.validate_retrain(params, known=PARAMS)
 
+    # Ingest: plan cuts the catalog into groups of row groups (its return value is what stage_group maps
+    # over; the plan goes to the XCom key "plan"), each group is staged and committed by its own task, so
+    # a failed group retries alone, and finish_ingest decides and writes the dataset.
+    @task(**QUIET)
+    @fail_fast
+    def plan_ingest(params=None, ti=None):
+        """Cut the catalog into groups of row groups, one mapped `stage_group` task each."""
+        planned = orch.plan_ingest(params["catalog_uri"], params["tasks"], _run_folder())
+        ti.xcom_push(key="plan", value=planned["plan"])
+        return planned["groups"]
+
+    @task(map_index_template="{{ group }}",
+          doc_md="Read, validate, hash and convert one group's rows into staging, committed with a done marker: "
+                 "a retry redoes only this group.")
+    @fail_fast
+    def stage_group(group: str, plan: dict):
+        get_current_context()["group"] = group
+        return orch.stage_ingest_group(plan, group, _run_folder())
+
+    # `staged` orders finish after every group; it reads the committed groups themselves.
     @task
     @fail_fast
-    def ingest(params=None):
-        """Catalog -> dataset with splits, vocabularies and quarantine, under this run's folder."""
-        return orch.ingest_catalog(params["catalog_uri"], params["tasks"], _run_folder())
+    def finish_ingest(plan: dict, staged: list[dict]):
+        """Dedup, split and label vocabularies over the staged metadata, then the dataset parts, quarantine
+        and manifest (last) under this run's folder."""
+        return orch.finish_ingest(plan, _run_folder())
 
     @task(**TRAINING)
     @fail_fast
@@ -170,8 +193,9 @@ def cmaclip_retrain():
                                                 extra={"version": promoted["challenger"]})
         return promoted
 
-    dataset = ingest()
-    validate() >> dataset
+    groups = plan_ingest()
+    validate() >> groups
+    dataset = finish_ingest(groups["plan"], stage_group.partial(plan=groups["plan"]).expand(group=groups))
     registered = register(evaluate(tuning(end_to_end(warmup(align(dataset))))))
     gate = compare(registered)
     gate >> promote(registered, gate["decision"])

@@ -51,7 +51,12 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
                    help="labels with fewer kept rows become missing (masked) for their task")
     p.add_argument("--splits", type=_floats, default=(0.8, 0.1, 0.1), help="train,validation,test fractions")
     p.add_argument("--label-map", help="JSON file: {task: {synonym: label}}")
-    p.add_argument("--workers", type=int, default=None, help="image-decoding processes (default: auto)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="processes: each stages a group of the catalog's row groups, then writes dataset parts "
+                        "(default: one per core, at most 8, for 5000+ rows; else 1)")
+    p.add_argument("--groups", type=int, default=None, help="groups the row pass is cut into (default: --workers)")
+    p.add_argument("--staging", help="where groups are staged (default: a temporary folder); given, a rerun "
+                                     "skips the groups already committed there")
     _image_source_args(p)
 
 
@@ -61,7 +66,8 @@ def _ingest(args: argparse.Namespace) -> Any:
     label_map = storage.read_json(args.label_map) if args.label_map else None
     manifest = ingest(args.catalog, args.tasks, args.out, splits=args.splits,
                       min_class_count=args.min_class_count, label_map=label_map, workers=args.workers,
-                      image_roots=args.image_roots, image_hosts=args.image_hosts)
+                      groups=args.groups, staging=args.staging, image_roots=args.image_roots,
+                      image_hosts=args.image_hosts)
     return {"out": args.out, "input_fingerprint": manifest["input"]["fingerprint"], **manifest["counts"]}
 
 

@@ -1,5 +1,6 @@
-"""The JSON documents the pipeline writes and reads back, as typed records: the dataset manifest (ingest),
-a shard's done marker and the run manifest (scoring), a run's report and a published version (publish).
+"""The JSON documents the pipeline writes and reads back, as typed records: a staged group's done marker
+and the dataset manifest (ingest), a shard's done marker and the run manifest (scoring), a run's report and
+a published version (publish).
 
 Writers build the record and `write` it; readers `read` it, which checks every field the record declares
 (present, of its type) and fails naming the file and the field: a malformed marker is a `ManifestError`,
@@ -135,6 +136,23 @@ class IngestRun(Record):
     seconds: float
     rows_per_s: float
     workers: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class StagedGroup(Record):
+    """A staged group of an ingest plan's row pass (pipeline.ingest.staging), written last: the group counts as
+    staged only once this exists, and a retry redoes only the groups without one. rows_in = staged +
+    quarantined."""
+    plan_id: str
+    group: str
+    rows_in: int
+    staged: int                      # rows that passed validation (duplicates are decided later)
+    quarantined: int
+    reasons: dict[str, int]          # quarantine reason code -> rows
+    images_converted: int
+    rows: str                        # URI: the staged rows, in dataset order
+    quarantine: str                  # URI: the quarantined rows, in catalog order
+    seconds: float
 
 
 @dataclass(frozen=True)

@@ -60,9 +60,17 @@ def test_dagbag_loads_both_dags_without_errors(dagbag):
 
 def test_retrain_dag_shape(dagbag):
     dag = dagbag.dags["cmaclip_retrain"]
-    order = ["ingest", "align", "warmup", "end_to_end", "tuning", "evaluate", "register", "compare", "promote"]
+    order = ["plan_ingest", "stage_group", "finish_ingest", "align", "warmup", "end_to_end", "tuning", "evaluate",
+             "register", "compare", "promote"]
     for upstream, downstream in zip(["validate", *order], order):
         assert downstream in dag.get_task(upstream).downstream_task_ids
+    # Ingest maps over the plan's groups: one task per group, each retried alone.
+    from airflow.sdk.definitions.mappedoperator import MappedOperator
+
+    stage = dag.get_task("stage_group")
+    assert isinstance(stage, MappedOperator) and stage.map_index_template
+    assert "plan_ingest" in stage.upstream_task_ids and stage.retries >= 1
+    assert not isinstance(dag.get_task("finish_ingest"), MappedOperator)
     assert not dag.timetable.can_be_scheduled  # manual trigger only
     assert {dag.get_task(t).pool for t in ("align", "warmup", "end_to_end", "tuning")} == {airflow_home.GPU_POOL}
     assert all(dag.get_task(t).retries >= 1 for t in order) and dag.get_task("validate").retries == 0
@@ -316,8 +324,10 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
 
     assert retrained["dag_run"].state == "success", retrained["states"]
     states = retrained["states"]
-    for task_id in ("ingest", "align", "warmup", "tuning", "evaluate", "register", "compare"):
+    for task_id in ("plan_ingest", "finish_ingest", "align", "warmup", "tuning", "evaluate", "register", "compare"):
         assert states[(task_id, -1)] == ("success", 1), (task_id, states)
+    staged = [state for (task_id, _), state in states.items() if task_id == "stage_group"]
+    assert staged and set(staged) == {("success", 1)}
     # The tiny config leaves align off: its task passed the training on without training anything.
     handle = json.loads(next(airflow_env["home"].rglob("training/training.json")).read_text())
     assert handle["stages"] == list(airflow_tasks.STAGES)

@@ -5,7 +5,6 @@ import json
 import unicodedata
 from pathlib import Path
 
-import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -14,7 +13,6 @@ from PIL import Image
 from pipeline import cli, reasons
 from pipeline.io import storage
 from pipeline.ingest.dataset import (CatalogError, dataset_files, ingest, read_labels, read_manifest, split_of)
-from pipeline.io.sql import load_sql
 from pipeline.io.text import MAX_TITLE_CHARS, normalize_title
 from pipeline.synthetic import BAD_ROWS, MESSY_TITLE, make_row
 
@@ -346,14 +344,6 @@ def test_process_pool_gives_the_same_dataset(bad_catalog: str, bad_out: tuple[st
     assert quarantine(out).equals(quarantine(bad_out[0]))
 
 
-def test_split_sql_matches_python() -> None:
-    con = duckdb.connect()
-    con.execute("CREATE TEMP TABLE ranked AS SELECT 'p' || i::VARCHAR AS product_id, i AS seq, 1 AS rank FROM range(500) t(i)")
-    con.execute(load_sql("ingest_split"), {"train": 0.7, "validation": 0.2})
-    for pid, split in con.execute("SELECT product_id, split FROM kept").fetchall():
-        assert split_of(pid, (0.7, 0.2, 0.1)) == split
-
-
 def test_cli_ingest(tmp_catalog: str, tmp_path: Path, capsys) -> None:
     out = str(tmp_path / "out")
     assert cli.main(["ingest", "--catalog", tmp_catalog, "--tasks", TASKS, "--out", out,
@@ -377,18 +367,6 @@ def test_fashion_small_end_to_end(fashion_small: str, tmp_path: Path) -> None:
     assert counts["labels_masked_rare"]["usage"] == {"Home": 1}
     assert "Casual" in manifest["vocabularies"]["usage"] and len(manifest["vocabularies"]["color"]) == 43
     assert abs(counts["rows_by_split"]["train"] / 20193 - 0.8) < 0.01  # speed: bench/ingest.py
-
-
-def test_part_writer_commits_nothing_on_failure(tmp_path: Path) -> None:
-    from pipeline.ingest.dataset_writer import PartWriter
-    schema = pa.schema([("a", pa.int64()), ("split", pa.string())])
-    table = pa.table({"a": list(range(10)), "split": ["train"] * 10}, schema=schema)
-    with pytest.raises(RuntimeError):
-        with PartWriter(str(tmp_path / "ds"), schema, row_group_rows=4, rows_per_part=8) as writer:
-            writer.write("train", table)   # one part of 8 rows committed, a second one open
-            raise RuntimeError("killed")
-    assert sorted(p.name for p in (tmp_path / "ds").iterdir()) == ["part-train-00000.parquet"]
-    assert writer.files == {"train": [{"path": "part-train-00000.parquet", "rows": 8}]}
 
 
 def test_reading_an_unfinished_dataset_is_a_clear_error(tmp_path: Path) -> None:

@@ -77,3 +77,35 @@ def test_image_uri_rows_read_from_s3(s3_bucket: str) -> None:
     manifest = ingest(catalog, "color,pattern,style", storage.join(s3_bucket, "out"), min_class_count=1)
     assert manifest["counts"]["rows_kept"] == 6
     assert manifest["counts"]["quarantined_by_reason"] == {reasons.IMAGE_FETCH_FAILED: 1}
+
+
+def test_the_dags_ingest_in_groups_staged_on_s3_gives_the_local_dataset(s3_bucket: str, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """plan_ingest -> stage_group per group -> finish_ingest with the run folder on S3 (the staged groups, the
+    decisions' DuckDB reads and the parts all go through the object store): the dataset of a local ingest."""
+    import json
+
+    from pipeline.orchestration import airflow_tasks as orch
+
+    make_catalog(180, str(tmp_path / "catalog.parquet"), seed=4, with_bad_rows=True)
+    catalog = storage.join(s3_bucket, "catalog/products.parquet")
+    with storage.atomic_output(catalog) as f:
+        pq.write_table(pq.read_table(tmp_path / "catalog.parquet"), f, row_group_size=60)
+    monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", f"{s3_bucket}/")
+    run = storage.join(s3_bucket, "runs/retrain-1")
+    planned = orch.plan_ingest(catalog, ["color", "pattern", "style"], run, groups=3)
+    assert len(planned["groups"]) == 3
+    for group in planned["groups"]:
+        orch.stage_ingest_group(planned["plan"], group, run)
+    finished = orch.finish_ingest(planned["plan"], run)
+    assert not storage.exists(storage.join(run, "ingest-staging"))
+
+    local = tmp_path / "local"
+    ingest(catalog, "color,pattern,style", str(local), workers=1)
+    for path in sorted(p for p in local.rglob("*") if p.is_file()):
+        remote = storage.read_bytes(storage.join(finished["dataset_uri"], str(path.relative_to(local))))
+        if path.name == "manifest.json":
+            assert {**json.loads(remote), "run": None} == {**json.loads(path.read_bytes()), "run": None}
+        else:
+            assert remote == path.read_bytes(), path.name
+    assert finished["rows_kept"] == read_manifest(str(local)).counts.rows_kept

@@ -1,9 +1,12 @@
 """Catalog ingest: validate every row, quarantine the bad ones with a reason, dedup, split, write.
 
-Pass 1 (pipeline.ingest.staging) streams the catalog in row batches (memory bounded), checks each row
-(pipeline.ingest.validate, in a process pool for big catalogs) and stages the good rows in a local Parquet
-file. DuckDB then decides, with the SQL in queries/: which row wins each duplicated product_id, the split
-of each product, the label counts. Pass 2 streams the staged rows in that order into the dataset parts.
+The row pass runs per group of the catalog's row groups (pipeline.ingest.plan), in parallel processes here
+or as mapped Airflow tasks: each group reads its rows, checks them (pipeline.ingest.validate) and stages
+the good ones sorted in dataset order, committed with a done marker (pipeline.ingest.staging), so a retry
+redoes only its own group. `finish` then takes the whole-catalog decisions over the staged rows' metadata
+only (pipeline.ingest.decide: duplicates, split positions, label counts) and writes the dataset's parts,
+in parallel too (pipeline.ingest.dataset_writer), each image read once more. Part boundaries are positions
+in dataset order, so the dataset is byte for byte the same for any number of groups and processes.
 
 Output under `out_uri`:
     dataset/part-<split>-<n>.parquet  product_id, title, image, one string column per task, split
@@ -25,174 +28,147 @@ Rules (also recorded in the manifest):
   none of them instead (pipeline/scoring/duplicate_ids.py; docs/contracts.md, "Duplicate product_ids").
 - Images: stored as the original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB
   (alpha composited on white) and re-encoded, as JPEG q95 from a lossy source and PNG from a lossless one.
-- Splits: by md5(product_id) (see queries/ingest_split.sql and `split_of`), stable across re-ingests.
+- Splits: by md5(product_id) (`split_of`), stable across re-ingests.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import hashlib
 import logging
 import os
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from datetime import datetime, timezone
-from typing import Any
-
-import duckdb
-import pyarrow as pa
-import pyarrow.compute as pc
+from multiprocessing import current_process, get_context
+from typing import Any, Callable
 
 from .. import reasons
-from ..contracts import quarantine_table
-from ..io import image_sources, storage
-from ..io.catalog import CatalogError, CatalogFile, fingerprint, scan
-from ..io.image_sources import ImageSources
+from ..io import storage
+from ..io.catalog import CatalogError
 from ..io.images import DEFAULT_LIMITS, ImageLimits
-from ..io.parquet_writer import write_table
-from ..io.sql import load_sql
+from ..io.sql import connect, load_sql, scratch_root
 from ..manifests import (DatasetCounts, DatasetFiles, DatasetInput, DatasetManifest, DatasetPart, IngestRun,
-                         ManifestError)
-from .dataset_writer import PartWriter
-from .staging import QuarantineRow, auto_workers, stage
-from .validate import RowRules
+                         ManifestError, StagedGroup)
+from .dataset_writer import PartJob, part_name, write_part
+from .decide import Decisions, LabelStats, decide, write_order, write_quarantine
+from .plan import SPLITS, IngestPlan, check_splits, check_tasks, make_params, plan_ingest, split_of
+from .staging import committed, stage_group
 
-__all__ = ["CatalogError", "ingest", "read_manifest", "read_labels", "dataset_files", "split_of", "SPLITS"]
+__all__ = ["CatalogError", "ingest", "finish", "read_manifest", "read_labels", "dataset_files", "split_of", "SPLITS",
+           "check_tasks", "check_splits"]
 
 log = logging.getLogger(__name__)
 
 FORMAT = "cmaclip.dataset/1"
-SPLITS = ("train", "validation", "test")
-RESERVED = frozenset({"product_id", "title", "image", "image_uri", "split"})
 MANIFEST, LABELS, QUARANTINE, DATASET = "manifest.json", "labels.json", "quarantine.parquet", "dataset"
-DUCKDB_MEMORY = "2GB"        # the dataset sort spills to the staging folder beyond this
+PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves
 IMAGE_POLICY = ("original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB (alpha on white) "
                 "and re-encoded: JPEG q95 from a lossy source, PNG from a lossless one")
 
 
-@dataclass(frozen=True)
-class IngestParams:
-    tasks: tuple[str, ...]
-    splits: tuple[float, float, float] = (0.8, 0.1, 0.1)
-    min_class_count: int = 5
-    label_map: dict[str, dict[str, str]] = dataclasses.field(default_factory=dict)
-    limits: ImageLimits = DEFAULT_LIMITS
-    batch_rows: int = 512
-    row_group_rows: int = 1024
-    rows_per_part: int = 20_000
-    sources: ImageSources | None = None   # what `image_uri` rows may read; set from the catalog's root
+# --- processes --------------------------------------------------------------------------------------
+
+def auto_workers(workers: int | None, rows: int) -> int:
+    """`workers` processes when given; else one per core (at most 8) for catalogs of PARALLEL_MIN_ROWS rows
+    or more, one otherwise. The parent only waits on them, so two workers use two cores."""
+    if workers is not None:
+        return max(1, workers)
+    return min(os.cpu_count() or 1, 8) if rows >= PARALLEL_MIN_ROWS else 1
 
 
-# --- parameters -------------------------------------------------------------------------------------
-
-def check_tasks(tasks: Sequence[str] | str) -> tuple[str, ...]:
-    names = tuple(t.strip() for t in (tasks.split(",") if isinstance(tasks, str) else tasks) if t.strip())
-    if not names:
-        raise ValueError("at least one task (a label column) is needed")
-    for name in names:
-        if name in RESERVED or name.startswith("__") or not name.isidentifier():
-            raise ValueError(f"task name {name!r} is not allowed (reserved, or not an identifier)")
-    if len(set(names)) != len(names):
-        raise ValueError(f"duplicate task names in {names}")
-    return names
-
-
-def check_splits(splits: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(float(s) for s in splits)
-    if len(values) != 3 or min(values) < 0 or abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(f"splits must be three non-negative fractions (train, validation, test) summing to 1; got {splits}")
-    return values  # type: ignore[return-value]
+@contextlib.contextmanager
+def _pool(workers: int, uris: Sequence[str]) -> Iterator[Executor | None]:
+    """A process pool of `workers`, or None (run in this process) for one worker, when a URI is in
+    `memory://`, which other processes cannot see, or in a daemonic process (a task forked from a Celery
+    prefork pool), which may not start children."""
+    if workers <= 1 or any(storage.protocol(u) == "memory" for u in uris):
+        yield None
+        return
+    if current_process().daemon:
+        log.warning("daemonic process (Celery prefork worker?): ingest runs in this process, not on %d", workers)
+        yield None
+        return
+    # spawn, not fork: the parent may hold s3fs/DuckDB threads, which do not survive a fork.
+    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
+        yield pool
 
 
-def split_of(product_id: str, splits: Sequence[float] = (0.8, 0.1, 0.1)) -> str:
-    """The split ingest gives `product_id`; the same arithmetic as queries/ingest_split.sql."""
-    train, validation, _ = check_splits(splits)
-    key = int(hashlib.md5(product_id.encode("utf-8")).hexdigest()[:12], 16) / 2**48
-    return "train" if key < train else "validation" if key < train + validation else "test"
+def _map(pool: Executor | None, fn: Callable, items: list[tuple]) -> list:
+    """fn(*item) for each item, in order: in this process without a pool."""
+    if pool is None or not items:
+        return [fn(*item) for item in items]
+    return list(pool.map(fn, *zip(*items)))
 
 
-# --- DuckDB decisions -------------------------------------------------------------------------------
-
-def _connect(tmpdir: str) -> duckdb.DuckDBPyConnection:
-    return duckdb.connect(config={"temp_directory": os.path.join(tmpdir, "duckdb"),
-                                  "memory_limit": DUCKDB_MEMORY})
-
-
-def decide(con: duckdb.DuckDBPyConnection, staging: str,
-           params: IngestParams) -> tuple[list[QuarantineRow], dict[str, int], LabelStats]:
-    """Duplicates to quarantine, kept rows per split, label statistics (leaves temp table `kept`)."""
-    duplicates = _duplicates(con, staging)
-    con.execute(load_sql("ingest_split"), {"train": params.splits[0], "validation": params.splits[1]})
-    by_split = {s: 0 for s in SPLITS} | dict(con.execute(load_sql("ingest_split_counts")).fetchall())
-    rows = con.execute(load_sql("ingest_label_counts"), {"staging": staging}).fetchall()
-    return duplicates, by_split, label_stats(rows, params.tasks, params.min_class_count)
+@contextlib.contextmanager
+def _staging_folder(staging: str | None) -> Iterator[str]:
+    """`staging` as given (kept: a rerun skips its committed groups), else a local temporary folder."""
+    if staging is not None:
+        yield staging
+        return
+    with tempfile.TemporaryDirectory(prefix="cmaclip-ingest-", dir=scratch_root()) as tmp:
+        yield tmp
 
 
-def _duplicates(con: duckdb.DuckDBPyConnection, staging: str) -> list[QuarantineRow]:
-    con.execute(load_sql("ingest_rank"), {"staging": staging})
-    rows = con.execute(load_sql("ingest_duplicates")).fetchall()
-    return [(seq, pid, reasons.DUPLICATE_ID,
-             f"another row with this id was kept (content hash {kept[:12]}); this one differs in: {differs or 'nothing (exact copy)'}")
-            for seq, pid, kept, differs in rows]
+# --- finish: decisions, parts, quarantine, labels, manifest ----------------------------------------------
+
+def staged_groups(plan: IngestPlan, staging: str) -> list[StagedGroup]:
+    """Every group's marker; a RuntimeError naming the groups not (or not validly) staged."""
+    markers = [committed(plan, staging, g) for g in plan.group_ids]
+    missing = [g for g, m in zip(plan.group_ids, markers) if m is None]
+    if missing:
+        raise RuntimeError(f"ingest plan {plan.id}: groups {', '.join(missing)} are not staged under {staging}")
+    return markers
 
 
-@dataclass
-class LabelStats:
-    vocabularies: dict[str, list[str]]
-    counts: dict[str, dict[str, int]]
-    counts_by_split: dict[str, dict[str, dict[str, int]]]
-    rare: dict[str, dict[str, int]]
+def finish(plan: IngestPlan, staging: str, out_uri: str, workers: int | None = None,
+           pool: Executor | None = None, started: float | None = None) -> DatasetManifest:
+    """Decide over the staged groups, write the dataset to `out_uri` (parts on `workers` processes, or on
+    `pool`), its quarantine, labels and, last, its manifest."""
+    started = time.perf_counter() if started is None else started
+    markers, n_workers = staged_groups(plan, staging), auto_workers(workers, plan.rows)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cmaclip-ingest-", dir=scratch_root()))
+        order = os.path.join(tmp, "order.parquet")
+        # The decisions end in files (order, quarantine): DuckDB's memory is given back before the parts.
+        with connect(os.path.join(tmp, "spill")) as con:
+            storage.register_duckdb(con, staging)
+            decisions = decide(con, markers, plan.params)
+            counts = _counts(plan, markers, decisions)
+            _clear(out_uri)
+            write_quarantine(con, markers, storage.join(out_uri, QUARANTINE))
+            write_order(con, plan.params.part_rows, order)
+        pool = pool or stack.enter_context(_pool(n_workers, [out_uri, staging]))
+        dataset = _write_parts(plan, markers, decisions, order, out_uri, pool)
+    verify_counts(out_uri, dataset, decisions.by_split)
+    storage.write_json(storage.join(out_uri, LABELS), labels_document(decisions.stats))
+    seconds = time.perf_counter() - started
+    run = IngestRun(datetime.now(timezone.utc).isoformat(timespec="seconds"), round(seconds, 3),
+                    round(plan.rows / max(seconds, 1e-9), 1), n_workers)
+    manifest = _manifest(plan, counts, decisions.stats, dataset, run)
+    manifest.write(storage.join(out_uri, MANIFEST))
+    log.info("ingest done: %d kept, %d quarantined in %.1fs", counts.rows_kept, counts.rows_quarantined, seconds)
+    return manifest
 
 
-def label_stats(rows: list[tuple[str, str, str, int]], tasks: tuple[str, ...], min_count: int) -> LabelStats:
-    """Vocabulary per task (sorted labels), counts, and the rare labels to mask (count < min_count)."""
-    total: dict[str, Counter] = {t: Counter() for t in tasks}
-    by_split: dict[str, dict[str, Counter]] = {t: {s: Counter() for s in SPLITS} for t in tasks}
-    for task, label, split, n in rows:
-        total[task][label] += n
-        by_split[task][split][label] += n
-    rare = {t: {lab: n for lab, n in sorted(total[t].items()) if n < min_count} for t in tasks}
-    vocab = {t: sorted(lab for lab in total[t] if lab not in rare[t]) for t in tasks}
-    counts = {t: {lab: total[t][lab] for lab in vocab[t]} for t in tasks}
-    splits = {t: {s: {lab: by_split[t][s][lab] for lab in vocab[t] if by_split[t][s][lab]} for s in SPLITS}
-              for t in tasks}
-    return LabelStats(vocab, counts, splits, rare)
-
-
-# --- pass 2: write ----------------------------------------------------------------------------------
-
-def dataset_schema(tasks: tuple[str, ...], metadata: dict[str, str]) -> pa.Schema:
-    fields = [pa.field("product_id", pa.string(), nullable=False), ("title", pa.string()),
-              ("image", pa.binary()), *[(t, pa.string()) for t in tasks], ("split", pa.string())]
-    return pa.schema(fields, metadata=metadata)
-
-
-def _mask_rare(table: pa.Table, rare: dict[str, dict[str, int]]) -> pa.Table:
-    for task, labels in rare.items():
-        if labels:
-            column = table.column(task)
-            masked = pc.if_else(pc.is_in(column, value_set=pa.array(list(labels), pa.string())),
-                                pa.scalar(None, pa.string()), column)
-            table = table.set_column(table.schema.get_field_index(task), task, masked)
-    return table
-
-
-def write_dataset(con: duckdb.DuckDBPyConnection, staging: str, out_uri: str, schema: pa.Schema,
-                  rare: dict[str, dict[str, int]], params: IngestParams) -> dict[str, list[DatasetPart]]:
-    """Pass 2: the kept rows, in split and hash order, into rolling parts under out_uri/dataset/."""
-    relation = con.sql(load_sql("ingest_dataset"), params={"staging": staging})
-    reader = relation.to_arrow_reader(params.batch_rows)
-    writer = PartWriter(storage.join(out_uri, DATASET), schema, params.row_group_rows, params.rows_per_part)
-    with writer:
-        for batch in reader:
-            table = _mask_rare(pa.Table.from_batches([batch]).cast(schema), rare)
-            for split in SPLITS:
-                part = table.filter(pc.equal(table.column("split"), split))
-                if part.num_rows:
-                    writer.write(split, part)
-    return {s: [DatasetPart(f"{DATASET}/{f['path']}", f["rows"]) for f in writer.files.get(s, [])] for s in SPLITS}
+def _write_parts(plan: IngestPlan, markers: list[StagedGroup], decisions: Decisions, order: str, out_uri: str,
+                 pool: Executor | None) -> dict[str, list[DatasetPart]]:
+    """Every part, each from its slice of the order file (sorted by split in SPLITS order, then position)."""
+    params, jobs, start = plan.params, [], 0
+    metadata = {"cmaclip.format": FORMAT, "cmaclip.input_fingerprint": plan.fingerprint}
+    for split in SPLITS:
+        kept = decisions.by_split[split]
+        for index, first in enumerate(range(0, kept, params.part_rows)):
+            jobs.append(PartJob(split, index, storage.join(out_uri, DATASET, part_name(split, index)), order,
+                                start + first, min(params.part_rows, kept - first), tuple(m.rows for m in markers),
+                                params.tasks, metadata, decisions.stats.rare, params.row_group_rows))
+        start += kept
+    rows = _map(pool, write_part, [(job,) for job in jobs])
+    return {s: [DatasetPart(f"{DATASET}/{part_name(j.split, j.index)}", n) for j, n in zip(jobs, rows) if j.split == s]
+            for s in SPLITS}
 
 
 def verify_counts(out_uri: str, files: dict[str, list[DatasetPart]], expected: dict[str, int]) -> None:
@@ -200,18 +176,11 @@ def verify_counts(out_uri: str, files: dict[str, list[DatasetPart]], expected: d
     uris = [storage.join(out_uri, f.path) for parts in files.values() for f in parts]
     found: dict[str, int] = {}
     if uris:
-        con = duckdb.connect()
-        storage.register_duckdb(con, uris[0])
-        found = dict(con.execute(load_sql("dataset_counts"), {"files": uris}).fetchall())
-        con.close()
+        with connect() as con:
+            storage.register_duckdb(con, uris[0])
+            found = dict(con.execute(load_sql("dataset_counts"), {"files": uris}).fetchall())
     if any(found.get(s, 0) != expected[s] for s in SPLITS):
         raise RuntimeError(f"dataset at {out_uri} holds {found} rows per split; expected {expected}")
-
-
-def write_quarantine(uri: str, rows: list[QuarantineRow]) -> None:
-    rows = sorted(rows, key=lambda r: r[0])  # catalog row order
-    table = quarantine_table((pid, "ingest", reason, detail) for _, pid, reason, detail in rows)
-    write_table(uri, table)
 
 
 def _clear(out_uri: str) -> None:
@@ -220,12 +189,11 @@ def _clear(out_uri: str) -> None:
     storage.remove(storage.join(out_uri, DATASET), recursive=True)
 
 
-# --- the entry point --------------------------------------------------------------------------------
-
-def _manifest(catalog_uri: str, files: list[CatalogFile], params: IngestParams, counts: DatasetCounts,
-              stats: LabelStats, dataset: dict[str, list[DatasetPart]], run: IngestRun) -> DatasetManifest:
+def _manifest(plan: IngestPlan, counts: DatasetCounts, stats: LabelStats, dataset: dict[str, list[DatasetPart]],
+              run: IngestRun) -> DatasetManifest:
+    params = plan.params
     return DatasetManifest(
-        format=FORMAT, catalog_uri=catalog_uri, input=DatasetInput(fingerprint(files), list(files)),
+        format=FORMAT, catalog_uri=plan.catalog_uri, input=DatasetInput(plan.fingerprint, list(plan.files)),
         params={"tasks": list(params.tasks), "splits": dict(zip(SPLITS, params.splits)),
                 "min_class_count": params.min_class_count, "label_map": params.label_map,
                 "limits": dataclasses.asdict(params.limits), "row_group_rows": params.row_group_rows,
@@ -234,77 +202,56 @@ def _manifest(catalog_uri: str, files: list[CatalogFile], params: IngestParams, 
         image_policy=IMAGE_POLICY, run=run)
 
 
-def _counts(rows_in: int, quarantine: list[QuarantineRow], stats: LabelStats, by_split: dict[str, int],
-            converted: int) -> DatasetCounts:
-    kept = sum(by_split.values())
-    if rows_in != kept + len(quarantine):
-        raise RuntimeError(f"row accounting broken: {rows_in} in != {kept} kept + {len(quarantine)} quarantined")
+def _counts(plan: IngestPlan, markers: list[StagedGroup], decisions: Decisions) -> DatasetCounts:
+    rows_in, kept, stats = sum(m.rows_in for m in markers), sum(decisions.by_split.values()), decisions.stats
+    by_reason: Counter[str] = Counter()
+    for m in markers:
+        by_reason.update(m.reasons)
+    if decisions.duplicates:
+        by_reason[reasons.DUPLICATE_ID] += decisions.duplicates
+    quarantined = sum(by_reason.values())
+    if rows_in != plan.rows:
+        raise RuntimeError(f"read {rows_in} rows but the catalog footers promise {plan.rows}")
+    if rows_in != kept + quarantined:
+        raise RuntimeError(f"row accounting broken: {rows_in} in != {kept} kept + {quarantined} quarantined")
     return DatasetCounts(
-        rows_in=rows_in, rows_kept=kept, rows_quarantined=len(quarantine),
-        quarantined_by_reason=dict(sorted(Counter(r[2] for r in quarantine).items())),
-        rows_by_split=by_split, images_converted=converted,
+        rows_in=rows_in, rows_kept=kept, rows_quarantined=quarantined,
+        quarantined_by_reason=dict(sorted(by_reason.items())), rows_by_split=decisions.by_split,
+        images_converted=sum(m.images_converted for m in markers),
         labels_missing={t: kept - sum(c.values()) for t, c in stats.counts.items()},
         labels_masked_rare=stats.rare)
 
 
-def _stage(files: list[CatalogFile], params: IngestParams, staging: str,
-           workers: int) -> tuple[int, int, list[QuarantineRow]]:
-    rules = RowRules(params.tasks, params.limits, params.label_map)
-    rows_in, converted, quarantine = stage(files, rules, staging, workers, params.batch_rows, params.sources)
-    promised = sum(f.rows for f in files)
-    if rows_in != promised:
-        raise RuntimeError(f"read {rows_in} rows but the catalog footers promise {promised}")
-    return rows_in, converted, quarantine
-
+# --- the entry point --------------------------------------------------------------------------------
 
 def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
            splits: Sequence[float] = (0.8, 0.1, 0.1), min_class_count: int = 5,
            label_map: dict[str, dict[str, str]] | None = None, limits: ImageLimits = DEFAULT_LIMITS,
-           workers: int | None = None, batch_rows: int = 512, row_group_rows: int = 1024,
-           rows_per_part: int = 20_000, image_roots: Sequence[str] | None = None,
-           image_hosts: Sequence[str] | None = None) -> dict[str, Any]:
+           workers: int | None = None, groups: int | None = None, batch_rows: int = 512,
+           row_group_rows: int = 1024, rows_per_part: int = 20_000, image_roots: Sequence[str] | None = None,
+           image_hosts: Sequence[str] | None = None, staging: str | None = None) -> dict[str, Any]:
     """Ingest a catalog (file, folder or glob; any fsspec URI) into a dataset at `out_uri`; the manifest as
     written (JSON: `DatasetManifest.to_dict()`).
 
     Raises CatalogError (before writing anything) when a catalog file cannot be used at all. `workers`:
-    processes that decode images (None: one per core for catalogs of 5000+ rows, else none).
+    processes that stage groups and write parts (None: one per core for catalogs of 5000+ rows, else one);
+    `groups`: how many groups the row pass is cut into (default: `workers`). `staging`: where groups are
+    staged (default: a local temporary folder, removed after); given, a rerun skips the groups it committed.
     `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own folder
     (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`; see pipeline.io.image_sources).
     """
     started = time.perf_counter()
-    params = IngestParams(check_tasks(tasks), check_splits(splits), int(min_class_count),
-                          {k: dict(v) for k, v in (label_map or {}).items()}, limits,
-                          batch_rows, row_group_rows, rows_per_part)
-    unknown = set(params.label_map) - set(params.tasks)
-    if unknown:
-        raise ValueError(f"label_map names tasks {sorted(unknown)} that are not in {params.tasks}")
-    files = scan(catalog_uri, params.tasks)
-    params = dataclasses.replace(params, sources=image_sources.for_catalog(catalog_uri, image_roots, image_hosts,
-                                                                           limits.max_bytes))
-    n_workers = auto_workers(workers, sum(f.rows for f in files))
-    log.info("ingest %s (%d files, %d rows) -> %s with %d workers", catalog_uri, len(files),
-             sum(f.rows for f in files), out_uri, n_workers)
-    with tempfile.TemporaryDirectory(prefix="cmaclip-ingest-") as tmp:
-        staging = os.path.join(tmp, "staging.parquet")
-        rows_in, converted, quarantine = _stage(files, params, staging, n_workers)
-        con = _connect(tmp)
-        duplicates, by_split, stats = decide(con, staging, params)
-        quarantine += duplicates
-        counts = _counts(rows_in, quarantine, stats, by_split, converted)
-        _clear(out_uri)
-        schema = dataset_schema(params.tasks, {"cmaclip.format": FORMAT,
-                                               "cmaclip.input_fingerprint": fingerprint(files)})
-        dataset = write_dataset(con, staging, out_uri, schema, stats.rare, params)
-        con.close()
-    verify_counts(out_uri, dataset, by_split)
-    write_quarantine(storage.join(out_uri, QUARANTINE), quarantine)
-    storage.write_json(storage.join(out_uri, LABELS), labels_document(stats))
-    seconds = time.perf_counter() - started
-    run = IngestRun(datetime.now(timezone.utc).isoformat(timespec="seconds"), round(seconds, 3),
-                    round(rows_in / max(seconds, 1e-9), 1), n_workers)
-    manifest = _manifest(catalog_uri, files, params, counts, stats, dataset, run)
-    manifest.write(storage.join(out_uri, MANIFEST))
-    log.info("ingest done: %d kept, %d quarantined in %.1fs", counts.rows_kept, counts.rows_quarantined, seconds)
+    params = make_params(catalog_uri, tasks, splits=splits, min_class_count=min_class_count, label_map=label_map,
+                         limits=limits, batch_rows=batch_rows, row_group_rows=row_group_rows,
+                         rows_per_part=rows_per_part, image_roots=image_roots, image_hosts=image_hosts)
+    plan = plan_ingest(catalog_uri, params)
+    n_workers = auto_workers(workers, plan.rows)
+    plan = plan.regrouped(groups or n_workers)
+    log.info("ingest %s (%d files, %d rows) -> %s: %d groups on %d processes", catalog_uri, len(plan.files),
+             plan.rows, out_uri, len(plan.group_ids), n_workers)
+    with _staging_folder(staging) as folder, _pool(n_workers, [catalog_uri, out_uri, folder]) as pool:
+        _map(pool, stage_group, [(plan, g, folder) for g in plan.group_ids])
+        manifest = finish(plan, folder, out_uri, n_workers, pool, started)
     return manifest.to_dict()
 
 

@@ -1,44 +1,137 @@
-"""Ingest pass 1: stream the catalog in row batches, check every row, stage the good ones locally.
+"""Ingest's row pass, one group of the plan at a time (`stage_group`): read the group's row groups, check
+every row (pipeline.ingest.validate), stage the good rows sorted in dataset order and the bad ones with their
+reason, then commit the group with a done marker.
 
-Rows are checked in order, inline or in a process pool with a bounded number of chunks in flight, so
-memory stays bounded whatever the catalog size. Good rows go to a local Parquet file with internal
-`__` columns (row number, hashes) that the DuckDB decisions of pass 2 read; bad rows come back as
-(row number, product_id, reason, detail).
+Under the staging folder (any URI):
+    group-<g>/rows.parquet        the good rows in dataset order (split key, product_id, seq), with the
+                                  per-row metadata the whole-catalog decisions read (the `__` columns)
+    group-<g>/quarantine.parquet  the bad rows (seq, product_id, reason, detail), in catalog order
+    group-<g>.json                the done marker (manifests.StagedGroup), written last
+
+Both files are committed whole or not at all (AtomicParquetWriter), so a group killed at any point leaves
+no committed file, and its retry removes whatever the attempt left (the group's folder, its local scratch)
+before starting again; a group with a marker for this plan is not staged again. Memory is bounded: rows are
+read page by page in batches, and sorted by `external_sort` within its fixed budget.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
+import itertools
 import os
-from collections import deque
+import shutil
+import time
+from collections import Counter
 from collections.abc import Iterator
-from concurrent.futures import Executor, Future, ProcessPoolExecutor
 from dataclasses import dataclass
-from multiprocessing import get_context
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from .. import reasons
 from ..io import storage
-from ..io.catalog import CatalogFile, iter_rows
-from ..io.image_sources import ImageSources, fetch_images
+from ..io.catalog import iter_rows
+from ..io.image_sources import fetch_images
+from ..io.parquet_writer import AtomicParquetWriter
+from ..io.sql import scratch_root
+from ..manifests import StagedGroup
+from .external_sort import sorted_tables
+from .plan import IngestPlan, Unit, split_for_key, split_key
 from .validate import Checked, RawRow, RowRules, check_rows
 
-PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves
+ORDER = ("__key", "product_id", "__seq")     # dataset order within a split; a split is a range of keys
+STAGED_ROW_GROUP = 256                       # rows per row group of a group's rows.parquet
+QUARANTINE_ROW_GROUP = 8192
+QUARANTINE_SCHEMA = pa.schema([("__seq", pa.int64()), ("product_id", pa.string()), ("reason", pa.string()),
+                               ("detail", pa.string())])
 
-# (seq, product_id, reason, detail)
-QuarantineRow = tuple[int, "str | None", str, str]
+
+def staging_schema(tasks: tuple[str, ...]) -> pa.Schema:
+    return pa.schema([("__seq", pa.int64()), ("__group", pa.int32()), ("__key", pa.string()), ("split", pa.string()),
+                      ("product_id", pa.string()), ("title", pa.string()), ("image", pa.binary()),
+                      *[(t, pa.string()) for t in tasks], ("__content_hash", pa.string()),
+                      ("__image_sha", pa.string()), ("__title_sha", pa.string()), ("__labels_key", pa.string())])
 
 
-def auto_workers(workers: int | None, rows: int) -> int:
-    """Inline on small catalogs and on 1-2 cores: there the main process (Parquet reads, staging,
-    pickling) competes with the workers, and a pool measured no faster than inline on fashion-small."""
-    if workers is not None:
-        return max(0, workers)
-    cores = os.cpu_count() or 1
-    return min(cores, 8) if rows >= PARALLEL_MIN_ROWS and cores > 2 else 0
+@dataclass(frozen=True)
+class GroupFiles:
+    folder: str
+    rows: str
+    quarantine: str
+    marker: str
+
+
+def group_files(staging: str, group_id: str) -> GroupFiles:
+    folder = storage.join(staging, f"group-{group_id}")
+    return GroupFiles(folder, storage.join(folder, "rows.parquet"), storage.join(folder, "quarantine.parquet"),
+                      storage.join(staging, f"group-{group_id}.json"))
+
+
+def committed(plan: IngestPlan, staging: str, group_id: str) -> StagedGroup | None:
+    """The group's marker when it is this plan's and its files hold the rows it counts; else None."""
+    files = group_files(staging, group_id)
+    if not storage.exists(files.marker):
+        return None
+    marker = StagedGroup.read(files.marker)
+    if (marker.plan_id, marker.rows, marker.quarantine) != (plan.id, files.rows, files.quarantine) or \
+            marker.rows_in != sum(u.rows for u in plan.group(group_id)):
+        return None
+    try:
+        found = tuple(storage.parquet_file(u).metadata.num_rows for u in (marker.rows, marker.quarantine))
+    except (FileNotFoundError, OSError):
+        return None
+    return marker if found == (marker.staged, marker.quarantined) else None
+
+
+def scratch_folder(plan: IngestPlan, group_id: str, root: str | None = None) -> str:
+    """The group's local scratch (sorted runs): named after the plan and group, so a retry finds and removes
+    what a killed attempt left there."""
+    return os.path.join(root or scratch_root(), f"cmaclip-ingest-{plan.id}-{group_id}")
+
+
+def stage_group(plan: IngestPlan, group_id: str, staging: str, scratch: str | None = None) -> StagedGroup:
+    """Stage group `group_id` of `plan` under `staging` and commit it (the marker); a group this plan already
+    committed is returned as it is."""
+    found = committed(plan, staging, group_id)
+    if found is not None:
+        return found
+    files, local = group_files(staging, group_id), scratch_folder(plan, group_id, scratch)
+    storage.remove(files.marker)
+    storage.remove(files.folder, recursive=True)
+    shutil.rmtree(local, ignore_errors=True)
+    os.makedirs(local)
+    started = time.perf_counter()
+    try:
+        tally = _stage(plan, group_id, files, local)
+    finally:
+        shutil.rmtree(local, ignore_errors=True)
+    marker = StagedGroup(plan_id=plan.id, group=group_id, rows_in=tally.rows_in, staged=tally.staged,
+                         quarantined=sum(tally.reasons.values()), reasons=dict(sorted(tally.reasons.items())),
+                         images_converted=tally.converted, rows=files.rows, quarantine=files.quarantine,
+                         seconds=round(time.perf_counter() - started, 3))
+    marker.write(files.marker)
+    return marker
+
+
+@dataclass
+class _Tally:
+    rows_in: int = 0
+    staged: int = 0
+    converted: int = 0
+    reasons: Counter = dataclasses.field(default_factory=Counter)
+
+
+def _stage(plan: IngestPlan, group_id: str, files: GroupFiles, scratch: str) -> _Tally:
+    tasks, tally = plan.params.tasks, _Tally()
+    with AtomicParquetWriter(files.quarantine, QUARANTINE_SCHEMA, QUARANTINE_ROW_GROUP) as bad:
+        with AtomicParquetWriter(files.rows, staging_schema(tasks), STAGED_ROW_GROUP, compression="none") as out:
+            good = _checked_tables(plan, group_id, bad, tally)
+            for table in sorted_tables(good, ORDER, scratch, STAGED_ROW_GROUP):
+                out.write(table)
+    promised = sum(u.rows for u in plan.group(group_id))
+    if tally.rows_in != promised:
+        raise RuntimeError(f"group {group_id}: read {tally.rows_in} rows but the catalog footers promise {promised}")
+    return tally
 
 
 @dataclass
@@ -48,86 +141,68 @@ class Chunk:
     fetch_errors: dict[int, tuple[str, str]]  # row index -> (reason, detail): its image_uri was not read
 
 
-def staging_schema(tasks: tuple[str, ...]) -> pa.Schema:
-    return pa.schema([("__seq", pa.int64()), ("product_id", pa.string()), ("title", pa.string()),
-                      ("image", pa.binary()), *[(t, pa.string()) for t in tasks],
-                      ("__content_hash", pa.string()), ("__image_sha", pa.string()), ("__labels_key", pa.string())])
-
-
-def _chunks(files: list[CatalogFile], tasks: tuple[str, ...], batch_rows: int,
-            sources: ImageSources) -> Iterator[Chunk]:
-    seq = 0
-    for file in files:
-        for cols in iter_rows(file, tasks, batch_rows):
+def _chunks(plan: IngestPlan, units: list[Unit]) -> Iterator[Chunk]:
+    """The group's rows in catalog order, a batch at a time; a file's units are consecutive row groups."""
+    tasks, batch_rows = plan.params.tasks, plan.params.batch_rows
+    for index, same_file in itertools.groupby(units, key=lambda u: u.file):
+        same_file = list(same_file)
+        file, seq = plan.files[index], same_file[0].seq
+        for cols in iter_rows(file, tasks, batch_rows, [u.row_group for u in same_file]):
             images, errors = cols[file.image_column], {}
             if file.image_column == "image_uri":
-                images, errors = fetch_images(images, file.uri, sources)
-            labels = list(zip(*(cols[t] for t in tasks)))
-            rows = list(zip(cols["product_id"], cols["title"], labels, images))
+                images, errors = fetch_images(images, file.uri, plan.params.sources)
+            rows = list(zip(cols["product_id"], cols["title"], zip(*(cols[t] for t in tasks)), images))
             yield Chunk(seq, rows, errors)
             seq += len(rows)
 
 
-def _ordered_results(chunks: Iterator[Chunk], rules: RowRules, pool: Executor | None,
-                     in_flight: int) -> Iterator[tuple[Chunk, list[Checked]]]:
-    """check_rows over chunks, in order, with at most `in_flight` chunks queued (bounded memory)."""
-    if pool is None:
-        for chunk in chunks:
-            yield chunk, check_rows(chunk.rows, rules)
-        return
-    pending: deque[tuple[Chunk, Future]] = deque()
-    for chunk in chunks:
-        pending.append((chunk, pool.submit(check_rows, chunk.rows, rules)))
-        if len(pending) >= in_flight:
-            done, future = pending.popleft()
-            yield done, future.result()
-    while pending:
-        done, future = pending.popleft()
-        yield done, future.result()
+def _checked_tables(plan: IngestPlan, group_id: str, bad: AtomicParquetWriter, tally: _Tally) -> Iterator[pa.Table]:
+    """Each chunk checked: its bad rows written to `bad`, its good rows yielded as a table."""
+    params = plan.params
+    rules, schema = RowRules(params.tasks, params.limits, params.label_map), staging_schema(params.tasks)
+    for chunk in _chunks(plan, plan.group(group_id)):
+        good, quarantined = _split(chunk, check_rows(chunk.rows, rules), int(group_id), params.splits)
+        if quarantined["reason"]:
+            bad.write(pa.table(quarantined, schema=QUARANTINE_SCHEMA))
+        tally.rows_in += len(chunk.rows)
+        tally.staged += len(good)
+        tally.converted += sum(c.image is not None for _, c in good)
+        tally.reasons.update(quarantined["reason"])
+        yield pa.table(_columns(good, schema), schema=schema)
 
 
-def _pool(workers: int) -> contextlib.AbstractContextManager[Executor | None]:
-    if workers <= 0:
-        return contextlib.nullcontext()
-    # spawn, not fork: the parent may hold s3fs/DuckDB threads, which do not survive a fork.
-    return ProcessPoolExecutor(workers, mp_context=get_context("spawn"))
-
-
-def _stage_chunk(chunk: Chunk, results: list[Checked], tasks: tuple[str, ...],
-                 quarantine: list[QuarantineRow]) -> tuple[dict[str, list[Any]], int]:
-    cols: dict[str, list[Any]] = {name: [] for name in staging_schema(tasks).names}
-    converted = 0
+def _split(chunk: Chunk, results: list[Checked], group: int,
+           splits: tuple[float, float, float]) -> tuple[list[tuple[Any, Checked]], dict[str, list[Any]]]:
+    """The good rows as ((seq, group, split key, split, catalog image bytes), result), and the bad rows'
+    columns. A row whose image_uri could not be read has the fetch's reason, not `image_missing`."""
+    good, bad = [], {name: [] for name in QUARANTINE_SCHEMA.names}
     for i, (row, res) in enumerate(zip(chunk.rows, results)):
         seq = chunk.start + i
         if i in chunk.fetch_errors and res.reason == reasons.IMAGE_MISSING:
             reason, detail = chunk.fetch_errors[i]
             res = dataclasses.replace(res, reason=reason, detail=detail)
         if res.reason is not None:
-            quarantine.append((seq, res.product_id, res.reason, res.detail))
+            for name, value in zip(bad, (seq, res.product_id, res.reason, res.detail)):
+                bad[name].append(value)
             continue
-        converted += res.image is not None
-        values = [seq, res.product_id, res.title, res.image if res.image is not None else row[3],
-                  *res.labels, res.content_hash, res.image_sha, _labels_key(res.labels)]
+        key = split_key(res.product_id)
+        good.append(((seq, group, key, split_for_key(key, splits), row[3]), res))
+    return good, bad
+
+
+def _columns(good: list[tuple[Any, Checked]], schema: pa.Schema) -> dict[str, list[Any]]:
+    cols: dict[str, list[Any]] = {name: [] for name in schema.names}
+    for (seq, group, key, split, raw_image), res in good:
+        values = [seq, group, key, split, res.product_id, res.title, res.image if res.image is not None else raw_image,
+                  *res.labels, res.content_hash, res.image_sha, _sha(res.title), _labels_key(res.labels)]
         for name, value in zip(cols, values):
             cols[name].append(value)
-    return cols, converted
+    return cols
+
+
+def _sha(text: str | None) -> str | None:
+    return None if text is None else hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 def _labels_key(labels: tuple[str | None, ...]) -> str:
     return "\x1f".join("\x00" if v is None else v for v in labels)
-
-
-def stage(files: list[CatalogFile], rules: RowRules, staging_path: str, workers: int,
-          batch_rows: int, sources: ImageSources) -> tuple[int, int, list[QuarantineRow]]:
-    """Pass 1: (rows read, images converted, quarantined rows); good rows go to `staging_path`."""
-    schema = staging_schema(rules.tasks)
-    quarantine: list[QuarantineRow] = []
-    rows_in = converted = 0
-    with _pool(workers) as pool, pq.ParquetWriter(staging_path, schema, compression="none") as writer:
-        chunks = _chunks(files, rules.tasks, batch_rows, sources)
-        for chunk, results in _ordered_results(chunks, rules, pool, in_flight=2 * max(1, workers)):
-            cols, n_converted = _stage_chunk(chunk, results, rules.tasks, quarantine)
-            writer.write_table(pa.table(cols, schema=schema))
-            rows_in += len(chunk.rows)
-            converted += n_converted
-    return rows_in, converted, quarantine

@@ -24,6 +24,7 @@ from . import storage
 
 REQUIRED_TEXT = ("product_id", "title")
 IMAGE_COLUMNS = ("image", "image_uri")
+READ_BUFFER = 1 << 20     # rows are read page by page through this buffer, not a column chunk at once
 
 
 class CatalogError(ValueError):
@@ -84,11 +85,11 @@ def check_schema(uri: str, schema: pa.Schema, tasks: tuple[str, ...]) -> str:
     return image_column(uri, schema)
 
 
-def open_parquet(uri: str) -> pq.ParquetFile:
+def open_parquet(uri: str, buffer_size: int = 0) -> pq.ParquetFile:
     try:
         if storage.size(uri) == 0:
             raise CatalogError(uri, "empty file (0 bytes)")
-        return storage.parquet_file(uri)
+        return storage.parquet_file(uri, buffer_size)
     except CatalogError:
         raise
     except Exception as exc:  # pyarrow and fsspec raise many types for a bad or missing file
@@ -134,12 +135,14 @@ def fingerprint(files: list[CatalogFile]) -> str:
     return hashlib.sha256(json.dumps(listing, sort_keys=True).encode()).hexdigest()
 
 
-def iter_rows(file: CatalogFile, tasks: tuple[str, ...], batch_rows: int) -> Iterator[dict[str, list[Any]]]:
-    """The file's columns as Python lists, `batch_rows` at a time (memory stays bounded)."""
+def iter_rows(file: CatalogFile, tasks: tuple[str, ...], batch_rows: int,
+              row_groups: list[int] | None = None) -> Iterator[dict[str, list[Any]]]:
+    """The file's columns (of `row_groups`, default all) as Python lists, `batch_rows` at a time; column
+    chunks are read page by page (READ_BUFFER), so memory stays bounded whatever the row group size."""
     columns = ["product_id", "title", file.image_column, *tasks]
-    pf = open_parquet(file.uri)
+    pf = open_parquet(file.uri, READ_BUFFER)
     try:
-        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns):
+        for batch in pf.iter_batches(batch_size=batch_rows, columns=columns, row_groups=row_groups):
             yield {name: batch.column(name).to_pylist() for name in columns}
     except CatalogError:
         raise

@@ -58,7 +58,9 @@ class AtomicParquetWriter:
         table = pa.concat_tables(self._buffer)
         self._buffer = [table.slice(n)] if table.num_rows > n else []
         self._buffered = table.num_rows - n
-        self._parquet.write_table(table.slice(0, n), row_group_size=n)
+        # One chunk per column: pages are cut the same way however the rows arrived, so the same rows make
+        # the same bytes (ingest's parts, whatever the number of groups).
+        self._parquet.write_table(table.slice(0, n).combine_chunks(), row_group_size=n)
 
     def close(self) -> None:
         """Write what is buffered and the footer, then commit (rename or upload)."""

@@ -29,18 +29,30 @@ def load_sql(name: str) -> str:
     return path.read_text(encoding="utf-8")
 
 
+def memory_limit() -> str:
+    """What one DuckDB connection may hold before it spills (`CMACLIP_DUCKDB_MEMORY`, default 1GB)."""
+    return os.environ.get("CMACLIP_DUCKDB_MEMORY") or MEMORY_LIMIT
+
+
+def scratch_root() -> str:
+    """Where local scratch goes (DuckDB spills, ingest's sorted runs): `CMACLIP_SCRATCH_DIR`, default the
+    system's temporary folder. Put it on a disk with room for a catalog's worth of rows."""
+    return os.environ.get("CMACLIP_SCRATCH_DIR") or tempfile.gettempdir()
+
+
 @contextlib.contextmanager
-def connect(memory_limit: str = MEMORY_LIMIT) -> Iterator[Any]:
-    """A DuckDB connection whose sorts, joins and groupings spill to a temporary folder beyond
-    `memory_limit`, so memory stays bounded for any catalog size; closed, and the folder removed, after."""
+def connect(spill_dir: str | None = None, limit: str | None = None) -> Iterator[Any]:
+    """A DuckDB connection within `limit` (default `memory_limit()`) whose sorts, joins and groupings spill
+    to `spill_dir` beyond it, so memory stays bounded for any catalog size. Without `spill_dir`, a temporary
+    folder under `scratch_root()`, removed after; the connection is closed after."""
     import duckdb
 
-    with tempfile.TemporaryDirectory(prefix="cmaclip-duckdb-") as tmp:
-        con = duckdb.connect(config={"memory_limit": memory_limit, "temp_directory": os.path.join(tmp, "spill")})
-        try:
-            yield con
-        finally:
-            con.close()
+    with contextlib.ExitStack() as stack:
+        if spill_dir is None:
+            spill_dir = stack.enter_context(tempfile.TemporaryDirectory(prefix="cmaclip-duckdb-", dir=scratch_root()))
+        con = duckdb.connect(config={"memory_limit": limit or memory_limit(), "temp_directory": spill_dir})
+        stack.callback(con.close)
+        yield con
 
 
 def write_parquet(reader: pa.RecordBatchReader, uri: str, metadata: dict[str, str] | None = None) -> int:

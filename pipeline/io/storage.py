@@ -339,8 +339,10 @@ def arrow_filesystem(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
 
 def parquet_file(uri: str, buffer_size: int = 0) -> pq.ParquetFile:
     """An open Parquet file (footer read, no data yet). `buffer_size` > 0 reads a column chunk page by page
-    through a buffer of that size, instead of whole: a row group of large images then costs its pages."""
-    return pq.ParquetFile(open_input(uri), buffer_size=buffer_size)
+    through a buffer of that size, instead of whole: a row group of large images then costs its pages. It
+    also turns pyarrow's pre-buffering off, which would otherwise cache every row group a read asks for
+    (iter_batches over a whole file: the file)."""
+    return pq.ParquetFile(open_input(uri), buffer_size=buffer_size, pre_buffer=not buffer_size)
 
 
 def parquet_files(uri: str) -> list[str]:

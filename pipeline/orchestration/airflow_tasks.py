@@ -43,6 +43,8 @@ SCORING_SCHEDULE = os.environ.get("CMACLIP_SCORING_SCHEDULE", "0 2 * * *")
 # per-task start-up (interpreter, model load) stays small next to the scoring itself.
 MAX_SCORING_TASKS = int(os.environ.get("CMACLIP_MAX_SCORING_TASKS", "64"))
 SCORING_PARALLELISM = int(os.environ.get("CMACLIP_SCORING_PARALLELISM", "2"))
+# The retrain DAG's ingest stages the catalog in at most this many groups of row groups, one mapped task each.
+INGEST_GROUPS = int(os.environ.get("CMACLIP_INGEST_GROUPS", "4"))
 # Celery/Kubernetes queue of the training tasks: "gpu" where a GPU worker listens on it (docker-compose's
 # `gpu` profile); the default queue otherwise. LocalExecutor ignores queues.
 TRAINING_QUEUE = os.environ.get("CMACLIP_TRAINING_QUEUE", "default")
@@ -252,17 +254,69 @@ def validate_scoring(params: Mapping[str, Any], known: Collection[str]) -> dict[
 
 # --- retrain -----------------------------------------------------------------------------------------
 
-def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> dict[str, Any]:
-    """Catalog -> dataset under `run_folder/dataset`; the dataset URI and the manifest's counts."""
+def _ingest_folders(run_folder: str) -> tuple[str, str]:
+    """The run's dataset and the staging its ingest groups are committed to (removed once it is written)."""
+    from ..io import storage
+
+    check_storage_uri(run_folder, "run folder (work_uri)")
+    return storage.join(run_folder, "dataset"), storage.join(run_folder, "ingest-staging")
+
+
+def _ingest_plan(plan: Mapping[str, Any]):
+    from ..ingest.plan import IngestPlan
+
+    checked = IngestPlan.from_dict(dict(plan))
+    for uri in (checked.catalog_uri, *(f.uri for f in checked.files)):
+        check_storage_uri(uri, "catalog_uri")
+    return checked
+
+
+def plan_ingest(catalog_uri: str, tasks: Sequence[str], run_folder: str,
+                groups: int = INGEST_GROUPS) -> dict[str, Any]:
+    """Check the catalog's files and cut its row groups into at most `groups` groups: {"plan", "groups"
+    (their ids: what the staging task maps over)}."""
+    from ..ingest import plan as ingest_plan
+
+    check_storage_uri(catalog_uri, "catalog_uri")
+    _ingest_folders(run_folder)
+    planned = ingest_plan.plan_ingest(catalog_uri, ingest_plan.make_params(catalog_uri, list(tasks)), groups)
+    log.info("ingest plan %s: %d rows in %d groups", planned.id, planned.rows, len(planned.group_ids))
+    return {"plan": planned.to_dict(), "groups": planned.group_ids}
+
+
+def stage_ingest_group(plan: Mapping[str, Any], group: str, run_folder: str) -> dict[str, Any]:
+    """Stage one group of the plan (skipped when this plan committed it already); its counts."""
+    from ..ingest import staging
+
+    marker = staging.stage_group(_ingest_plan(plan), group, _ingest_folders(run_folder)[1])
+    return {k: v for k, v in marker.to_dict().items() if k not in ("rows", "quarantine")}
+
+
+def finish_ingest(plan: Mapping[str, Any], run_folder: str) -> dict[str, Any]:
+    """Decide over the staged groups and write the dataset under `run_folder/dataset`, then remove the staging;
+    the dataset URI and the manifest's counts. Run again once written, it returns the written dataset."""
     from ..ingest import dataset
     from ..io import storage
 
-    check_storage_uri(catalog_uri, "catalog_uri")
-    check_storage_uri(run_folder, "run folder (work_uri)")
-    dataset_uri = storage.join(run_folder, "dataset")
-    manifest = dataset.ingest(catalog_uri, list(tasks), dataset_uri)
-    return {"dataset_uri": dataset_uri, "input_fingerprint": manifest["input"]["fingerprint"],
-            **manifest["counts"]}
+    checked = _ingest_plan(plan)
+    dataset_uri, staged = _ingest_folders(run_folder)
+    done = storage.exists(storage.join(dataset_uri, dataset.MANIFEST)) and not storage.exists(staged)
+    if done and dataset.read_manifest(dataset_uri).input.fingerprint == checked.fingerprint:
+        manifest = dataset.read_manifest(dataset_uri)
+    else:
+        manifest = dataset.finish(checked, staged, dataset_uri)
+        storage.remove(staged, recursive=True)  # a copy of the catalog's images: not kept once the dataset is
+    return {"dataset_uri": dataset_uri, "input_fingerprint": manifest.input.fingerprint,
+            **manifest.counts.to_dict()}
+
+
+def ingest_catalog(catalog_uri: str, tasks: Sequence[str], run_folder: str) -> dict[str, Any]:
+    """Catalog -> dataset under `run_folder/dataset` in one call (plan, every group, finish), as the DAG's
+    three ingest tasks do it; the dataset URI and the manifest's counts."""
+    planned = plan_ingest(catalog_uri, tasks, run_folder)
+    for group in planned["groups"]:
+        stage_ingest_group(planned["plan"], group, run_folder)
+    return finish_ingest(planned["plan"], run_folder)
 
 
 def open_training(dataset: Mapping[str, Any], run_folder: str, config: str, *,

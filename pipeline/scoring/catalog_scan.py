@@ -3,9 +3,9 @@ id, staged batch by batch into a local Parquet file, and a DuckDB connection wit
 `duplicate_ids` finds the ids on several rows there, `carry_over` the rows whose prediction is carried over.
 
 Memory is bounded for any catalog size: rows are staged one Arrow batch at a time, and DuckDB groups and joins
-within `DUCKDB_MEMORY`, spilling to the temporary folder beyond it. The content hash (pipeline.io.content_hash)
-is computed only when asked for, and only an `image` column can give it: reading every image is most of the
-pass, so a plan that carries nothing over reads the product_id column alone.
+within `sql.memory_limit()`, spilling to the scan's temporary folder beyond it. The content hash
+(pipeline.io.content_hash) is computed only when asked for, and only an `image` column can give it: reading
+every image is most of the pass, so a plan that carries nothing over reads the product_id column alone.
 """
 from __future__ import annotations
 
@@ -26,12 +26,12 @@ import pyarrow.parquet as pq
 from ..io import storage
 from ..io.catalog import CatalogError
 from ..io.content_hash import content_hashes
+from ..io.sql import connect, scratch_root
 from ..io.text import normalize_product_ids
 
-SCAN_ROWS = 65_536            # rows per Arrow batch when only product_ids are read
+SCAN_ROWS = 8_192             # rows per Arrow batch when only product_ids are read: a constant, not a file's worth
 HASH_ROWS = 1_024             # rows per Arrow batch when images are read too: they are most of a batch
-READ_BUFFER = 1 << 20         # images are read page by page through this buffer, not a column chunk at once
-DUCKDB_MEMORY = "1GB"         # queries spill to the temporary folder beyond this
+READ_BUFFER = 1 << 20         # columns are read page by page through this buffer, not every row group's at once
 ROWS_SCHEMA = pa.schema([("file", pa.int32()), ("row", pa.int64()), ("product_id", pa.large_string()),
                          ("content_hash", pa.string())])
 
@@ -50,28 +50,25 @@ def scan(files: Sequence[tuple[str, str]], rows_per_shard: int, shard_format: st
          image_column: str | None = None) -> Iterator[Scan]:
     """Stage the rows of `files` ((uri, name) in plan order), hashing each row's title and `image_column`
     when given (else `content_hash` is null), and open DuckDB over them; both are gone after the block."""
-    with tempfile.TemporaryDirectory(prefix="cmaclip-plan-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="cmaclip-plan-", dir=scratch_root()) as tmp:
         path = os.path.join(tmp, "rows.parquet")
         rows = _stage(files, path, image_column)
-        con = duckdb.connect(config={"memory_limit": DUCKDB_MEMORY, "temp_directory": os.path.join(tmp, "spill")})
-        try:
+        with connect(os.path.join(tmp, "spill")) as con:
             yield Scan(con, {"ids": path, "uris": [u for u, _ in files],
                              "starts": list(itertools.accumulate(rows[:-1], initial=0)),
                              "rows_per_shard": rows_per_shard, "shard_format": shard_format}, [n for _, n in files])
-        finally:
-            con.close()
 
 
 def _stage(files: Sequence[tuple[str, str]], path: str, image_column: str | None) -> list[int]:
     """Every row with an id, to a local Parquet file in ROWS_SCHEMA; the rows of each file."""
     columns = ["product_id"] + (["title", image_column] if image_column else [])
-    batch_rows, buffer = (HASH_ROWS, READ_BUFFER) if image_column else (SCAN_ROWS, 0)
+    batch_rows = HASH_ROWS if image_column else SCAN_ROWS
     rows = []
     with pq.ParquetWriter(path, ROWS_SCHEMA, compression="none") as out:
         for index, (uri, _) in enumerate(files):
             start = 0
             try:
-                for batch in storage.parquet_file(uri, buffer).iter_batches(batch_size=batch_rows, columns=columns):
+                for batch in storage.parquet_file(uri, READ_BUFFER).iter_batches(batch_size=batch_rows, columns=columns):
                     out.write_table(_rows_table(index, start, batch))
                     start += batch.num_rows
             except (OSError, pa.ArrowException) as exc:

@@ -1,16 +1,15 @@
 -- Label counts per task and split over the kept rows; null labels (missing) are not counted.
--- Task columns are every staging column except the fixed ones and the internal `__` ones.
--- needs: temp table `kept`; params: $staging
+-- needs: temp table `kept` (ingest_kept.sql); params: $staged (the groups' rows.parquet), $tasks
 WITH labels AS (
     UNPIVOT (
-        SELECT * EXCLUDE (product_id, title, image, "__content_hash", "__image_sha", "__labels_key")
-        FROM read_parquet($staging)
+        SELECT "__group" AS "__grp", file_row_number AS "__row", COLUMNS(lambda c: list_contains($tasks, c))
+        FROM read_parquet($staged, file_row_number = true)
     )
-    ON COLUMNS(* EXCLUDE ("__seq"))
+    ON COLUMNS(lambda c: list_contains($tasks, c))
     INTO NAME task VALUE label
 )
 SELECT l.task, l.label, k.split, count(*) AS n
 FROM labels AS l
-JOIN kept AS k ON k.seq = l."__seq"
+JOIN kept AS k ON k.grp = l."__grp" AND k.row = l."__row"
 GROUP BY ALL
 ORDER BY ALL;

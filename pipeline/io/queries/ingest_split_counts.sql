@@ -1,5 +1,5 @@
 -- Kept rows per split.
--- needs: temp table `kept` (ingest_split.sql)
+-- needs: temp table `kept` (ingest_kept.sql)
 SELECT split, count(*) AS n
 FROM kept
 GROUP BY split

@@ -1,0 +1,136 @@
+"""Sort a stream of Arrow tables by key columns within a fixed memory budget: rows are gathered into runs of
+about `RUN_BYTES`, each run sorted in memory and written to a local Arrow file in small batches, and the runs
+merged (`FAN_IN` at a time, in passes when there are more) reading one small batch of each at a time.
+
+Memory is bounded by the constants, never by the number of rows: the staged rows of a group carry their
+image bytes, so sorting them in DuckDB (whose sort of wide blobs runs out of memory rather than spilling) or
+in memory would make memory grow with the catalog. Ties are broken by the last key column, which the caller
+makes unique.
+"""
+from __future__ import annotations
+
+import contextlib
+import heapq
+import os
+from collections.abc import Iterable, Iterator, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+RUN_BYTES = 16 << 20          # rows sorted in memory at once
+FAN_IN = 32                   # runs merged at once: the merge holds one batch of each
+BATCH_BYTES = RUN_BYTES // FAN_IN
+MAX_BATCH_ROWS = 256
+
+
+def sorted_tables(tables: Iterable[pa.Table], keys: Sequence[str], folder: str,
+                  out_rows: int = 1024) -> Iterator[pa.Table]:
+    """The rows of `tables` sorted by `keys` (ascending), as tables of at most `out_rows` rows; runs are
+    written under `folder` (which must exist) and removed as they are merged."""
+    runs = _runs(tables, keys, folder)
+    level = 0
+    while len(runs) > FAN_IN:
+        level += 1
+        runs = [_write_run(_merged(runs[i:i + FAN_IN], keys, out_rows),
+                           os.path.join(folder, f"merge-{level}-{i:06d}.arrow"))
+                for i in range(0, len(runs), FAN_IN)]
+    yield from _merged(runs, keys, out_rows)
+
+
+def _runs(tables: Iterable[pa.Table], keys: Sequence[str], folder: str) -> list[str]:
+    runs, buffer, size = [], [], 0
+    for table in tables:
+        buffer.append(table)
+        size += table.nbytes
+        if size >= RUN_BYTES:
+            runs.append(_sort_run(buffer, keys, os.path.join(folder, f"run-{len(runs):06d}.arrow")))
+            buffer, size = [], 0
+    if buffer:
+        runs.append(_sort_run(buffer, keys, os.path.join(folder, f"run-{len(runs):06d}.arrow")))
+    return runs
+
+
+def _sort_run(buffer: list[pa.Table], keys: Sequence[str], path: str) -> str:
+    table = pa.concat_tables(buffer)
+    return _write_run(iter([table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))]), path)
+
+
+def _write_run(tables: Iterator[pa.Table], path: str) -> str:
+    """Tables into an Arrow file in batches of about BATCH_BYTES, so its merge reads little at a time."""
+    with contextlib.ExitStack() as stack:
+        writer = None
+        for table in tables:
+            if writer is None:
+                sink = stack.enter_context(pa.OSFile(path, "wb"))
+                writer = stack.enter_context(pa.ipc.new_file(sink, table.schema))
+            rows = max(1, min(MAX_BATCH_ROWS, int(BATCH_BYTES * table.num_rows / max(1, table.nbytes))))
+            for batch in table.to_batches(max_chunksize=rows):
+                writer.write_batch(batch)
+    return path
+
+
+class _Run:
+    """A sorted run read back one batch at a time; `key()` is the current row's key tuple."""
+
+    def __init__(self, path: str, keys: Sequence[str]):
+        self.path, self.keys = path, keys
+        self.source = pa.OSFile(path)
+        self.reader = pa.ipc.open_file(self.source)
+        self.next_batch, self.batch, self.row, self.key_rows = 0, None, 0, []
+        self._load()
+
+    def _load(self) -> None:
+        self.batch, self.row = None, 0
+        while self.next_batch < self.reader.num_record_batches:
+            batch = self.reader.get_batch(self.next_batch)
+            self.next_batch += 1
+            if batch.num_rows:
+                self.batch = batch
+                self.key_rows = list(zip(*(batch.column(k).to_pylist() for k in self.keys)))
+                return
+        self.source.close()
+        os.remove(self.path)
+
+    def key(self) -> tuple:
+        return self.key_rows[self.row]
+
+    def advance(self) -> bool:
+        self.row += 1
+        if self.row == self.batch.num_rows:
+            self._load()
+        return self.batch is not None
+
+
+def _merged(paths: list[str], keys: Sequence[str], out_rows: int) -> Iterator[pa.Table]:
+    runs = [_Run(p, keys) for p in paths]
+    heap = [(run.key(), i) for i, run in enumerate(runs) if run.batch is not None]
+    heapq.heapify(heap)
+    picks: list[tuple[pa.RecordBatch, int]] = []
+    while heap:
+        _, i = heap[0]
+        run = runs[i]
+        picks.append((run.batch, run.row))
+        if run.advance():
+            heapq.heapreplace(heap, (run.key(), i))
+        else:
+            heapq.heappop(heap)
+        if len(picks) == out_rows:
+            yield _gather(picks)
+            picks = []
+    if picks:
+        yield _gather(picks)
+
+
+def _gather(picks: list[tuple[pa.RecordBatch, int]]) -> pa.Table:
+    """The picked rows, in pick order: one `take` per source batch, then one to interleave them."""
+    by_batch: dict[int, tuple[pa.RecordBatch, list[int], list[int]]] = {}
+    for out, (batch, row) in enumerate(picks):
+        entry = by_batch.setdefault(id(batch), (batch, [], []))
+        entry[1].append(row)
+        entry[2].append(out)
+    parts = [pa.Table.from_batches([batch.take(pa.array(rows, pa.int64()))]) for batch, rows, _ in by_batch.values()]
+    where = np.concatenate([np.asarray(outs) for _, _, outs in by_batch.values()])
+    inverse = np.empty(len(where), np.int64)
+    inverse[where] = np.arange(len(where))
+    return pa.concat_tables(parts).take(pa.array(inverse))
