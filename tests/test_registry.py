@@ -217,8 +217,8 @@ def test_description_sections_are_replaced_and_the_history_appended():
     assert sections[descriptions.VERDICT] == "**refused**: worse" and sections["Notes by hand"] == "keep me"
     assert [line.split(": ", 1)[1] for line in descriptions.history(text)] == ["registered", "compared"]
     # Ours in their order, the hand-written one kept after them.
-    assert list(sections) == [descriptions.PREAMBLE, descriptions.VERDICT, descriptions.COMPARISON,
-                              descriptions.HISTORY, "Notes by hand"]
+    assert list(sections) == [descriptions.VERDICT, descriptions.COMPARISON, descriptions.HISTORY, "Notes by hand"]
+    assert text.startswith("**refused**: worse\n")  # the first line: what MLflow's versions table shows
 
 
 def test_the_registry_commands_start_without_torch():

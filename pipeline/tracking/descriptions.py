@@ -2,9 +2,11 @@
 champion, the lineage (training run, dataset, code, Airflow run) and the history (registered, compared,
 promoted, replaced, rolled back; one dated line each, appended, never rewritten).
 
-The registry updates a section at a time: `update` parses the current description by its `### ` headings,
-replaces the sections it is given, appends to the history and keeps every other section (one a person
-added by hand, too).
+The verdict is the first paragraph, without a heading: MLflow's versions table shows a description's first
+line, so the list of versions says what became of each. The other sections follow under `### ` headings.
+The registry updates a section at a time: `update` parses the current description (the text before the
+first heading is the verdict), replaces the sections it is given, appends to the history and keeps every
+other section (one a person added by hand under a heading of its own, too).
 """
 from __future__ import annotations
 
@@ -13,26 +15,25 @@ from typing import Mapping
 
 VERDICT, COMPARISON, LINEAGE, HISTORY = "Verdict", "Comparison with the champion", "Lineage", "History"
 ORDER = (VERDICT, COMPARISON, LINEAGE, HISTORY)
-PREAMBLE = ""  # text before the first heading
 
 
 def parse(text: str | None) -> dict[str, str]:
-    """{heading: body} in the order found; text before the first heading under PREAMBLE."""
-    sections: dict[str, list[str]] = {PREAMBLE: []}
-    current = PREAMBLE
+    """{heading: body} in the order found; the text before the first heading is the VERDICT."""
+    sections: dict[str, list[str]] = {VERDICT: []}
+    current = VERDICT
     for line in (text or "").splitlines():
         if line.startswith("### "):
             current = line[4:].strip()
             sections.setdefault(current, [])
         else:
             sections[current].append(line)
-    return {k: "\n".join(v).strip() for k, v in sections.items() if k == PREAMBLE or "\n".join(v).strip()}
+    return {k: "\n".join(v).strip() for k, v in sections.items() if "\n".join(v).strip()}
 
 
 def render(sections: Mapping[str, str]) -> str:
-    """Ours in ORDER, then any other section as found."""
-    ordered = [k for k in ORDER if sections.get(k)] + [k for k in sections if k not in ORDER and k != PREAMBLE]
-    parts = [sections[PREAMBLE]] if sections.get(PREAMBLE) else []
+    """The verdict first, without a heading; then ours in ORDER; then any other section as found."""
+    ordered = [k for k in ORDER[1:] if sections.get(k)] + [k for k in sections if k not in ORDER]
+    parts = [sections[VERDICT]] if sections.get(VERDICT) else []
     parts += [f"### {k}\n\n{sections[k]}" for k in ordered if sections.get(k)]
     return "\n\n".join(parts) + "\n"
 
