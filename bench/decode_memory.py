@@ -33,6 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
+from cmaclip.config import INFERENCE_PRECISIONS  # noqa: E402  torch-free
+
 LABELS = {"color": ["Blue", "Purple", "Red"]}
 CASES = {"thumbnail JPEG 60x80": ("JPEG", (60, 80)), "6000x6000 JPEG": ("JPEG", (6000, 6000)),
          "6000x6000 PNG": ("PNG", (6000, 6000))}
@@ -155,7 +157,7 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="tiny", help="model config (random weights); default tiny")
     p.add_argument("--rows", type=int, default=32, help="rows per catalog = the batch size (default 32)")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"])
+    p.add_argument("--precision", default="auto", choices=INFERENCE_PRECISIONS)
     p.add_argument("--plain-images", action="store_true",
                    help="write the image column without dictionary encoding or compression (default: as "
                         "pyarrow writes it by default, dictionary-encoded and snappy)")

@@ -16,6 +16,10 @@ STAGES = ("warmup", "end_to_end", "tuning")   # Algorithm 1's, in order: what a 
 ALIGN = "align"                               # optional catalog pre-training of the CLIP towers, before warm-up
 ALL_STAGES = (ALIGN, *STAGES)
 MODALITIES = ("title", "image")               # the inputs cmaclip.explain withholds, one at a time
+# The precisions a run may ask for, defined here (torch-free) for every flag and check; cmaclip.precision
+# says what each means and what "auto" picks. Training autocasts; inference also takes int8 weights.
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+INFERENCE_PRECISIONS = (*PRECISIONS, "int8")
 
 
 @dataclass
@@ -136,7 +140,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     grad_clip: float = 1.0
     patience: int = 3                    # early stopping, in epochs without a better validation metric
-    precision: str = "auto"              # "auto" | "fp32" | "bf16" | "fp16"
+    precision: str = "auto"              # one of PRECISIONS
     seed: int = 0
     target_precision: float = 0.9        # recall is measured at this precision
     monitor: str = "mean_recall_at_precision"

@@ -1,5 +1,6 @@
-"""The precision policy, one for training, evaluation and scoring: which of fp32, bf16 and fp16 to run in on
-a device, and the autocast context or weight dtype that goes with it."""
+"""The precision policy, one for training, evaluation and scoring: which of fp32, bf16, fp16 (and, for
+inference, int8 weights) to run in on a device, and the autocast context or weight dtype that goes with it.
+The names are `cmaclip.config.PRECISIONS` and `INFERENCE_PRECISIONS`."""
 from __future__ import annotations
 
 import contextlib
@@ -7,8 +8,11 @@ from pathlib import Path
 
 import torch
 
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+from .config import INFERENCE_PRECISIONS, PRECISIONS
+
+# The dtype of the float weights and inputs. int8 quantizes the matmuls of the towers and the sequence
+# attention (cmaclip.int8); what stays float around them (inputs, norms, heads) is fp32.
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "int8": torch.float32}
 
 
 def cpu_supports_bf16() -> bool:
@@ -27,33 +31,46 @@ def cpu_supports_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def check_precision(precision: str) -> str:
-    """`precision` itself if it is one of PRECISIONS, else a ValueError naming them."""
-    if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {PRECISIONS}, not {precision!r}")
+def cpu_supports_int8() -> bool:
+    """True where torch has fbgemm's int8 matmuls (x86: AVX2 and up), which cmaclip.int8 runs on."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def check_precision(precision: str, inference: bool = False) -> str:
+    """`precision` itself if a run may ask for it (int8 only for `inference`), else a ValueError."""
+    if precision == "int8" and not inference:
+        raise ValueError("int8 weights are for inference (scoring) only; train in 'auto', 'fp32', 'bf16' or 'fp16'")
+    choices = INFERENCE_PRECISIONS if inference else PRECISIONS
+    if precision not in choices:
+        raise ValueError(f"precision must be one of {choices}, not {precision!r}")
     return precision
 
 
-def resolve_precision(precision: str, device: str | torch.device) -> str:
+def resolve_precision(precision: str, device: str | torch.device, inference: bool = False) -> str:
     """'auto' -> what is fast and safe on this device: bf16 where the hardware has it, fp16 on GPUs without
-    bf16, fp32 otherwise. fp16 on CPU is refused: there are no fast fp16 kernels there, so it runs many
-    times slower than fp32."""
-    check_precision(precision)
+    bf16; on CPUs without it (AVX2-only x86) int8 weights for `inference` (1.6-1.7x fp32's forward, top-1
+    within 1% of fp32's: docs/benchmarks.md), else fp32. fp16 on CPU is refused: there are no fast fp16
+    kernels there, so it runs many times slower than fp32; int8 off the CPU is refused: its kernels are x86's."""
+    check_precision(precision, inference)
     kind = torch.device(device).type
     if precision == "fp16" and kind == "cpu":
         raise ValueError("fp16 on CPU has no fast kernels and runs far slower than fp32; "
                          "use precision 'bf16' or 'fp32'")
+    if precision == "int8" and (kind != "cpu" or not cpu_supports_int8()):
+        raise ValueError(f"int8 weights need an x86 CPU (fbgemm); on {kind} use 'auto', 'bf16' or 'fp32'")
     if precision != "auto":
         return precision
     if kind == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if kind == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
+    if kind == "cpu" and cpu_supports_bf16():
+        return "bf16"
+    if kind == "cpu" and inference and cpu_supports_int8():
+        return "int8"
     return "fp32"
 
 
 def autocast(device: str | torch.device, precision: str):
-    """Autocast context for a resolved precision; fp32 runs as is."""
+    """Autocast context for a resolved training precision; fp32 runs as is."""
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(torch.device(device).type, dtype=DTYPES[precision])

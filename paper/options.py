@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from cmaclip.config import ALL_STAGES
+from cmaclip.config import ALL_STAGES, PRECISIONS
 from pipeline import settings
 
 # Defaults for a source checkout: the shared fashion-small catalog beside the repo, results in bench/results.
@@ -93,7 +93,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ablations", action=argparse.BooleanOptionalAction, default=d.ablations,
                    help="retrain CMA-CLIP without each training choice the config turns on (title corruption, "
                    "image augmentation, modality loss per stage; align), reusing the full run's earlier stages")
-    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default=None)
+    p.add_argument("--precision", choices=PRECISIONS, default=None, help="overrides the config's (fp16: GPU only)")
     p.add_argument("--threads", default=d.threads, help="torch threads: N, or auto (by machine load, per epoch)")
     p.add_argument("--device", default=d.device, help="cpu, or cuda for the paper's setting")
     p.add_argument("--no-mlflow", action="store_true", help="skip the MLflow run")

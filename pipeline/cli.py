@@ -169,8 +169,9 @@ def _score_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="image-decoding DataLoader processes (0: in turn; default: auto, see docs/benchmarks.md)")
     p.add_argument("--precision", default="auto",
-                   help="auto (bf16 where the hardware has it, fp16 on GPUs without it, else fp32), fp32, "
-                        "bf16 or fp16 (GPU only); checked by cmaclip.precision")
+                   help="auto (bf16 where the hardware has it, fp16 on GPUs without it, int8 weights on x86 "
+                        "CPUs without bf16, else fp32), fp32, bf16, fp16 (GPU only) or int8 (x86 CPU only); "
+                        "checked by cmaclip.precision")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core)")
@@ -187,7 +188,7 @@ def _score(args: argparse.Namespace) -> Any:
     from cmaclip.precision import check_precision
 
     from .scoring.distributor import score
-    check_precision(args.precision)  # before planning writes anything under --out
+    check_precision(args.precision, inference=True)  # before planning writes anything under --out
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.all,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
                  precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,

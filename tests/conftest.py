@@ -114,6 +114,19 @@ def pytest_report_header(config: pytest.Config) -> str:
            f"cpus: {os.cpu_count()}"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip where no CUDA device is; bench/gpu.sh runs them (`-m cuda`) on a GPU."""
+    marked = [item for item in items if item.get_closest_marker("cuda")]
+    if not marked:
+        return
+    import torch  # only when a collected test needs to know
+
+    if not torch.cuda.is_available():
+        skip = pytest.mark.skip(reason="needs a CUDA device (bench/gpu.sh runs these on a GPU)")
+        for item in marked:
+            item.add_marker(skip)
+
+
 @pytest.fixture(autouse=True)
 def _restore_sys_path() -> Iterator[None]:
     """Loading an MLflow pyfunc puts its bundled code first on sys.path; a process spawned later by the

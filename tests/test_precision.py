@@ -1,5 +1,5 @@
-"""The one precision policy: what 'auto' picks on CPU, how native bf16 is detected, and that training and
-scoring both follow it."""
+"""The one precision policy: what 'auto' picks on CPU (bf16 where native; else int8 weights for scoring and
+fp32 for training), how native bf16 is detected, and that training and scoring both follow it."""
 from pathlib import Path
 
 import pytest
@@ -7,6 +7,7 @@ import torch
 
 from cmaclip import precision
 from cmaclip.checkpoint import Checkpoint
+from cmaclip.int8 import Int8Linear
 from cmaclip.precision import resolve_precision
 from pipeline.scoring.predictor import Lineage, Predictor
 from tiny_training import TASKS, one_thread, tiny_config, tiny_model  # noqa: F401
@@ -18,13 +19,21 @@ def test_fixed_precisions_and_refusals():
     with pytest.raises(ValueError, match="fp16 on CPU"):
         resolve_precision("fp16", "cpu")
     with pytest.raises(ValueError, match="precision must be one of"):
-        resolve_precision("int8", "cpu")
+        resolve_precision("fp8", "cpu", inference=True)
+    with pytest.raises(ValueError, match="inference"):
+        resolve_precision("int8", "cpu")  # training: int8 weights have no backward
+    with pytest.raises(ValueError, match="x86 CPU"):
+        resolve_precision("int8", "cuda", inference=True)
+    assert resolve_precision("int8", "cpu", inference=True) == "int8"
 
 
-@pytest.mark.parametrize("native, expected", [(True, "bf16"), (False, "fp32")])
-def test_auto_on_cpu_is_bf16_only_where_it_is_native(monkeypatch, native, expected):
-    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: native)
-    assert resolve_precision("auto", "cpu") == expected
+@pytest.mark.parametrize("bf16, int8, training, scoring", [(True, True, "bf16", "bf16"), (False, True, "fp32", "int8"),
+                                                           (False, False, "fp32", "fp32")])
+def test_auto_on_cpu_is_bf16_where_native_else_int8_for_scoring(monkeypatch, bf16, int8, training, scoring):
+    monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: bf16)
+    monkeypatch.setattr(precision, "cpu_supports_int8", lambda: int8)
+    assert resolve_precision("auto", "cpu") == training
+    assert resolve_precision("auto", "cpu", inference=True) == scoring
 
 
 def test_native_bf16_from_cpu_flags_where_onednn_cannot_say(monkeypatch, tmp_path):
@@ -44,15 +53,19 @@ def test_native_bf16_from_cpu_flags_where_onednn_cannot_say(monkeypatch, tmp_pat
     assert precision.cpu_supports_bf16()
 
 
-@pytest.mark.parametrize("native, dtype", [(True, torch.bfloat16), (False, torch.float32)])
-def test_scoring_follows_the_same_policy(monkeypatch, native, dtype):
+@pytest.mark.parametrize("native, expected, dtype", [(True, "bf16", torch.bfloat16), (False, "int8", torch.float32)])
+def test_scoring_follows_the_same_policy(monkeypatch, native, expected, dtype):
+    if expected == "int8" and not precision.cpu_supports_int8():
+        pytest.skip("no fbgemm int8 kernels (not x86)")
     monkeypatch.setattr(precision, "cpu_supports_bf16", lambda: native)
+    monkeypatch.setattr(precision, "cpu_supports_int8", lambda: True)
     cfg = tiny_config()
     labels = {task: [f"{task}{i}" for i in range(n)] for task, n in TASKS.items()}
     predictor = Predictor(tiny_model(cfg), Checkpoint(cfg, labels), Lineage("tiny", "1"), precision="auto")
-    assert predictor.precision == resolve_precision("auto", "cpu")
+    assert predictor.precision == expected == resolve_precision("auto", "cpu", inference=True)
     assert predictor.dtype == dtype == predictor.preprocessor.dtype
     assert predictor.model.towers.clip.visual.proj.dtype == dtype
+    assert isinstance(predictor.model.towers.clip.visual.transformer.resblocks[0].mlp.c_fc, Int8Linear) is (not native)
 
 
 def test_cli_refuses_an_unknown_precision_before_writing(tmp_catalog, tmp_path, capsys):

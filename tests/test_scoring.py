@@ -22,8 +22,10 @@ import torch
 import cmaclip
 from cmaclip.checkpoint import Checkpoint, save_checkpoint
 from cmaclip.config import load_config
+from cmaclip.int8 import Int8Linear
 from cmaclip.losses import multitask_loss
 from cmaclip.metrics import task_metrics
+from cmaclip.precision import cpu_supports_int8
 from pipeline import contracts, reasons, synthetic
 from pipeline.io.text import MAX_TITLE_CHARS, normalize_title
 from pipeline.scoring import distributor, finalize, planner, publish, reader, runner
@@ -207,6 +209,18 @@ def test_bf16_top1_agrees_with_fp32(checkpoint, tmp_catalog):
     low, _ = bf16.predict_frame(frame)
     agreement = np.mean([(fp32[f"{t}_top"] == low[f"{t}_top"]).mean() for t in TASKS])
     assert len(frame) >= 300 and agreement >= 0.995, agreement
+
+
+@pytest.mark.skipif(not cpu_supports_int8(), reason="no fbgemm int8 kernels (not x86)")
+def test_int8_top1_agrees_with_fp32(checkpoint, tmp_catalog):
+    frame = pq.read_table(tmp_catalog).to_pandas()
+    fp32, _ = Predictor.from_checkpoint(checkpoint, precision="fp32").predict_frame(frame)
+    int8 = Predictor.from_checkpoint(checkpoint, precision="int8")
+    assert isinstance(int8.model.sequence_attention.encoder.layers[0].linear1, Int8Linear)
+    assert int8.preprocessor.dtype == torch.float32
+    low, quarantined = int8.predict_frame(frame)
+    agreement = np.mean([(fp32[f"{t}_top"] == low[f"{t}_top"]).mean() for t in TASKS])
+    assert len(frame) >= 300 and len(low) == len(fp32) and agreement >= 0.99, agreement
 
 
 def test_model_references(checkpoint, monkeypatch):
