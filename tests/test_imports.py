@@ -5,6 +5,8 @@ import defers a dependency, it does not remove it."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -111,6 +113,16 @@ def test_cmaclip_never_imports_pipeline():
 def test_no_import_cycle():
     cycle = find_cycle(GRAPH)
     assert cycle is None, f"import cycle: {' -> '.join(cycle)}"
+
+
+def test_publishing_loads_no_torch():
+    """The steps after scoring (finalize, report, gate, publish, versions, retention) read and write Parquet
+    only: run as Airflow tasks, they must not pay torch's import (seconds, hundreds of MB of RSS) nor count it in
+    the peak memory bench/nightly.py measures. Loaded in a fresh interpreter: this one has torch already."""
+    probe = ("import sys, pipeline.scoring.publish, pipeline.scoring.finalize, pipeline.scoring.retention; "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'open_clip')))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]"
 
 
 # --- the walk itself, on a made-up package --------------------------------------------------------------

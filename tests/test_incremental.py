@@ -143,6 +143,41 @@ def test_only_new_and_changed_products_are_scored(nights):
     assert [q["reason"] for q in duplicated] == [reasons.DUPLICATE_ID] * 2
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_rows_to_score_are_forwarded_in_full_batches_across_carried_rows(checkpoint, tmp_path, workers):
+    """A night's few rows to score lie one or two per read slice among carried ones; they are gathered into
+    batches of `batch_size` (a forward call costs the same for 1 row as for many), and every row still
+    comes out once: scored, carried or quarantined. Each worker re-batches its own slices: its last batch
+    may be short."""
+    from pipeline.scoring import duplicate_ids, layout, reader
+
+    catalog, out, batch = str(tmp_path / "catalog.parquet"), str(tmp_path / "out"), 4
+    synthetic.make_catalog(60, catalog, seed=3, with_bad_rows=True)
+    shard = planner.plan_shards(catalog, 1000, out=out).shards[0]
+    table = pq.read_table(catalog)
+    ids = table.column("product_id").to_pylist()
+    good = [i for i, p in enumerate(ids) if p and p.startswith("syn-")]
+    scorable_bad = {f"bad-{k}" for k, r in synthetic.BAD_ROWS.items() if r in (None, reasons.LABEL_NOT_TEXT)}
+    to_score = sorted(good[::3] + [i for i, p in enumerate(ids) if p in scorable_bad])
+    carry = {(shard.pieces[0].file, i): content_hash(table["title"][i].as_py(), table["image"][i].as_py())
+             for i in set(good) - set(to_score)}
+    duplicates = duplicate_ids.for_shard(layout.duplicates_uri(out, shard.plan_id), shard.id)
+    pre = Predictor.from_checkpoint(checkpoint).preprocessor
+    batches = list(reader.batch_loader(shard, pre, batch, workers, duplicates=duplicates, carry=carry))
+    sizes = [b.pixels.shape[0] for b in batches]
+    assert len(to_score) > 2 * batch * max(workers, 1) and sum(sizes) == len(to_score)
+    assert sum(n not in (0, batch) for n in sizes) <= max(workers, 1)
+    assert sizes.count(batch) >= len(to_score) // batch - (max(workers, 1) - 1)  # as if nothing lay between
+    scored = [p for b in batches for p in b.product_ids]
+    assert sorted(scored) == sorted(ids[i] for i in to_score)
+    if not workers:  # one worker: in catalog order
+        assert scored == [ids[i] for i in to_score]
+    assert sorted(p for b in batches for p in b.carried) == sorted(ids[row] for _, row in carry)
+    quarantined = sum(len(b.quarantine) for b in batches)
+    assert quarantined == shard.rows - len(good) - len(scorable_bad) > 0
+    assert sum(b.rows_in for b in batches) == shard.rows == len(scored) + len(carry) + quarantined
+
+
 def test_markers_and_manifest_count_scored_and_carried_rows_as_planned(nights, checkpoint, tmp_path):
     night2 = nights["night2"]
     manifest = json.loads(Path(night2["manifest"]).read_text())

@@ -20,6 +20,7 @@ from urllib.parse import quote
 from ..io import storage
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+ROW_GROUP_ROWS = 16_384   # rows per Parquet row group of the predictions, the published tables and the reports
 
 
 def _partition(name: str, version: str, run_id: str) -> str:

@@ -19,9 +19,8 @@ from ..manifests import PublishedVersion, RunManifest, RunReport
 from . import duplicate_ids, report, versions
 from .finalize import read_run_manifests
 from .gate import GateFailed, Limits, Verdict, check
-from .layout import check_run_id, manifest_uri, published_uri, report_uri, version_uri
+from .layout import ROW_GROUP_ROWS, check_run_id, manifest_uri, published_uri, report_uri, version_uri
 from .retention import Retention, prune
-from .writer import ROW_GROUP_ROWS
 
 CATALOG_PREFIX = "catalog_"        # a catalog column named like a prediction column gets this prefix
 

@@ -2,7 +2,7 @@
 then (in DataLoader workers) product ids checked, images fetched, rows hashed, decoded and preprocessed,
 titles tokenized; the rows that cannot be prepared come out as quarantine rows, and the rows whose
 prediction is carried over (pipeline/scoring/carry_over.py) come out by product_id, neither decoded nor
-forwarded.
+forwarded. The rows to score are forwarded in full batches whatever lies between them (`full_batches`).
 
 Speed: the main thread only runs the forward pass; DataLoader workers read the shard's Parquet row groups,
 decode and preprocess images and tokenize titles ahead of it, where there is a core the forward pass does
@@ -166,9 +166,18 @@ def _without_carried(table: pa.Table, hashes: pa.Array) -> tuple[pa.Table, pa.Ar
     return table.filter(keep), hashes.filter(keep), table.column(0).filter(carried).to_pylist()
 
 
-def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
-                  shard: Shard) -> PreparedBatch:
-    """Check, fetch, hash, decode and preprocess one batch; runs in a DataLoader worker."""
+@dataclass
+class CheckedSlice:
+    """A read slice after the per-row work: its rows to score (decoded, each with its content hash), the
+    product_ids carried over and the quarantine rows."""
+    rows_in: int
+    to_score: list[tuple]             # (product_id, title, PIL image, content hash), in read order
+    carried: list[str]
+    quarantine: list[tuple]
+
+
+def check_slice(slices: list[pa.RecordBatch], preprocessor: Preprocessor, shard: Shard) -> CheckedSlice:
+    """Check ids, fetch, hash, set the carried rows apart and decode the others; runs in a DataLoader worker."""
     table = pa.Table.from_batches(slices)
     rows_in = table.num_rows
     table, unkeyed = _keyed(table)
@@ -177,14 +186,49 @@ def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Prepro
     ids, titles = table.column(0).to_pylist(), table.column(1).to_pylist()
     good, bad = decode_rows(zip(ids, titles, _cells(table.column(2))), draft=preprocessor.draft)
     hash_of = dict(zip(ids, hashes.to_pylist()))  # ids are unique here: duplicated ones were quarantined
-    return PreparedBatch(index, rows_in, good.product_ids, [hash_of[p] for p in good.product_ids],
-                         preprocessor.images(good.images), preprocessor.texts(good.titles),
-                         unkeyed + unfetched + bad, carried)
+    to_score = [(p, t, image, hash_of[p]) for p, t, image in zip(good.product_ids, good.titles, good.images)]
+    return CheckedSlice(rows_in, to_score, carried, unkeyed + unfetched + bad)
+
+
+def _prepared(index: int, checked: CheckedSlice, to_score: list[tuple], preprocessor: Preprocessor) -> PreparedBatch:
+    """The tensors of `to_score` (rows of this slice or of those before it), and `checked`'s other rows."""
+    ids, titles, images, hashes = (list(c) for c in zip(*to_score)) if to_score else ([], [], [], [])
+    return PreparedBatch(index, checked.rows_in, ids, hashes, preprocessor.images(images),
+                         preprocessor.texts(titles), checked.quarantine, checked.carried)
+
+
+def prepare_batch(index: int, slices: list[pa.RecordBatch], preprocessor: Preprocessor,
+                  shard: Shard) -> PreparedBatch:
+    """One read slice ready for the forward pass, every row to score in it (tests and bench/scoring.py)."""
+    checked = check_slice(slices, preprocessor, shard)
+    return _prepared(index, checked, checked.to_score, preprocessor)
+
+
+def full_batches(checked: Iterator[tuple[int, CheckedSlice]], preprocessor: Preprocessor,
+                 batch_size: int) -> Iterator[PreparedBatch]:
+    """One batch per read slice, with that slice's carried and quarantine rows, and `batch_size` rows to
+    score whenever that many have come (from it and the slices before it); a last one with the rest.
+
+    Why: in an incremental night a read slice holds one or two rows to score among carried ones, and a
+    forward call has a fixed cost (8-170 ms on 2 CPU cores, tiny config) plus one per new input shape:
+    forwarding each slice's few rows made the night cost what scoring everything would, nearly. Memory:
+    fewer than 2 x `batch_size` decoded images (at the model's input size) wait here."""
+    waiting: list[tuple] = []
+    index = -1
+    for index, one in checked:
+        waiting += one.to_score
+        ready = batch_size if len(waiting) >= batch_size else 0  # a slice adds <= batch_size rows: one batch
+        yield _prepared(index, one, waiting[:ready], preprocessor)
+        waiting = waiting[ready:]
+    if waiting:
+        yield _prepared(index + 1, CheckedSlice(0, [], [], []), waiting, preprocessor)
 
 
 class ShardBatches(IterableDataset):
-    """The prepared batches of one shard. With n workers, worker w prepares batches w, w+n, ...; the
-    DataLoader takes them round-robin, so batches come out in shard order whatever the worker count."""
+    """The prepared batches of one shard. With n workers, worker w checks read slices w, w+n, ... and
+    re-batches their rows to score (`full_batches`); the DataLoader takes the batches round-robin, so they
+    come out in one order for a given worker count. Rows scored from a slice may come out after carried rows
+    of later slices: the predictions' row order is deterministic, not the catalog's."""
 
     def __init__(self, shard: Shard, preprocessor: Preprocessor, batch_size: int,
                  duplicates: dict[tuple[str, int], str], carry: dict[tuple[str, int], str]):
@@ -194,9 +238,10 @@ class ShardBatches(IterableDataset):
     def __iter__(self) -> Iterator[PreparedBatch]:
         info = get_worker_info()
         workers, me = (1, 0) if info is None else (info.num_workers, info.id)
-        for index, slices in enumerate(raw_batches(self.shard, self.batch_size, self.duplicates, self.carry)):
-            if index % workers == me:  # every worker reads the (compressed) rows; each decodes only its own
-                yield prepare_batch(index, slices, self.preprocessor, self.shard)
+        mine = ((index, check_slice(slices, self.preprocessor, self.shard))
+                for index, slices in enumerate(raw_batches(self.shard, self.batch_size, self.duplicates, self.carry))
+                if index % workers == me)  # every worker reads the (compressed) rows; each decodes only its own
+        yield from full_batches(mine, self.preprocessor, self.batch_size)
 
 
 def _as_is(batch: PreparedBatch) -> PreparedBatch:

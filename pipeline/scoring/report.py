@@ -30,8 +30,7 @@ from ..io.sql import connect, load_sql, write_parquet
 from ..io.text import normalize_labels
 from ..manifests import RunManifest, RunReport, TaskReport
 from . import duplicate_ids, versions
-from .layout import published_uri, report_uri
-from .writer import ROW_GROUP_ROWS
+from .layout import ROW_GROUP_ROWS, published_uri, report_uri
 
 PSI_EPSILON = 1e-4                        # the share a class empty on one side counts as: PSI stays finite
 STATE_COLUMNS = ("product_id", "task", "label", "confidence", "image_weight", "rescored")

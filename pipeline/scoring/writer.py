@@ -1,5 +1,5 @@
 """Write a shard: its predictions streamed into one Parquet file that appears only when the shard
-completes (`io.parquet_writer`), in row groups of `ROW_GROUP_ROWS` rows, and its quarantine rows (few)
+completes (`io.parquet_writer`), in row groups of `layout.ROW_GROUP_ROWS` rows, and its quarantine rows (few)
 written at the end. Both files carry the schema and the model's lineage as key-value metadata. The rows
 scored here get this run's lineage; the rows carried over (pipeline/scoring/carry_over.py) are written as
 the published state holds them, with the lineage of the run that scored them."""
@@ -16,10 +16,10 @@ from ..contracts import (CONTENT_HASH, CONTRACT, KEY, QUARANTINE_SCHEMA, lineage
 from ..io import storage
 from ..io.parquet_writer import AtomicParquetWriter, write_table
 from ..manifests import ShardLineage
+from .layout import ROW_GROUP_ROWS
 from .predictor import Predictor
 
 METADATA_KEY = b"cmaclip"          # Parquet key-value metadata: schema + model lineage as JSON
-ROW_GROUP_ROWS = 16_384            # predictions buffered per Parquet row group
 
 
 def _metadata(schema: pa.Schema, lineage: ShardLineage, predictor: Predictor) -> dict[bytes, bytes]:
