@@ -27,7 +27,10 @@ before the step's work (model load included) to its end, with the process's peak
               disagree as much (4,000 rows of fashion-small, batches of 32 against 31: 13 rows' labels
               differ, floats by up to 0.026; the incremental night against its rescore: 13 rows too).
               `--precision bf16` runs the same check and reports those differences: the equality is a
-              property of fp32 scoring.
+              property of fp32 scoring. int8 (an AVX2-only CPU's auto) quantizes each batch's activations
+              with one scale: batch-dependent as well.
+  utilisation the score step's FLOP utilisation (bench/common.py), of its forward passes and of the whole
+              step, counted after the step (outside its seconds, RSS and wall_s).
   nights      --nights more nights of --night-change each. The first and the last --samples run step by step
               as above; those between run in one process (plan + score + finalize, then publish).
               `publish_time_ratio`: the fastest publish of the last --samples nights over that of the first
@@ -161,6 +164,19 @@ IMPORTS = {"plan": ("carry_over", "planner", "runner"), "score": ("planner", "ru
            "publish": ("publish",), "nights": ("distributor", "publish")}
 
 
+def score_flops(args: argparse.Namespace) -> dict:
+    """The model's FLOPs per sample and the matmul peaks now (bench/scoring.py's), for the score step's
+    utilisation: counted after the step, outside its seconds and peak RSS."""
+    from scoring import flops_and_peaks
+
+    from pipeline.scoring import planner, runner
+
+    shard = planner.Plan.from_dict(json.loads(Path(args.run).read_text())["plan"]).shards[0]
+    fast = runner.load_predictor(args.checkpoint, precision=args.precision)
+    fp32 = fast if fast.precision == "fp32" else runner.load_predictor(args.checkpoint, precision="fp32")
+    return flops_and_peaks(shard, fp32, fast, args.batch_size)
+
+
 def run_child(args: argparse.Namespace) -> dict:
     """Time the step once its modules are imported: the interpreter's start is not the step's cost.
     `imports_rss_mb`: the peak RSS by then (torch's for plan and score; publish and finalize load none)."""
@@ -171,8 +187,24 @@ def run_child(args: argparse.Namespace) -> dict:
     before = peak_rss_mb()
     start = time.perf_counter()
     result = CHILDREN[args.child](args)
-    return {"s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(), "imports_rss_mb": before,
-            **result}
+    out = {"s": round(time.perf_counter() - start, 3), "peak_rss_mb": peak_rss_mb(), "imports_rss_mb": before,
+           **result}
+    if args.child == "score":
+        start = time.perf_counter()
+        out.update(score_flops(args))
+        out["flops_s"] = round(time.perf_counter() - start, 3)  # child() takes it out of wall_s
+    return out
+
+
+def score_utilisation(score: dict, precision: str) -> dict:
+    """The score step's FLOP utilisation: of its forward passes alone, and of the whole step."""
+    from common import utilisation
+
+    flops, peak = score["flops_per_sample"]["trimmed"], score["peak_gflops"][precision]
+    if not score["scored"]:
+        return {}
+    return {"forward_utilisation": utilisation(score["scored"] / max(score["forward_s"], 1e-9), flops, peak),
+            "step_utilisation": utilisation(score["scored"] / score["s"], flops, peak)}
 
 
 def child(step: str, args: argparse.Namespace, **extra) -> dict:
@@ -191,7 +223,8 @@ def child(step: str, args: argparse.Namespace, **extra) -> dict:
     done = subprocess.run(cmd, env=env, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"{step} failed:\n{done.stderr[-3000:]}")
-    return {**json.loads(done.stdout.strip().splitlines()[-1]), "wall_s": round(time.perf_counter() - start, 2)}
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    return {**result, "wall_s": round(time.perf_counter() - start - result.get("flops_s", 0.0), 2)}
 
 
 # --- the nights (parent) ----------------------------------------------------------------------------------------
@@ -204,9 +237,12 @@ def night(args: argparse.Namespace, number: int, out: Path, full: bool = False) 
               "wall_s": round(sum(s["wall_s"] for s in steps.values()), 2),
               "run_id": json.loads(run.read_text())["run_id"]}
     score = steps["score"]
+    score.update(score_utilisation(score, steps["plan"]["precision"]))
+    used = score.get("forward_utilisation", {}).get("utilisation")
     print(f"night {number}{' (full rescore)' if full else ''}: {result['s']:.1f} s ("
           + ", ".join(f"{k} {v['s']:.1f} s / {v['peak_rss_mb']:.0f} MB" for k, v in steps.items())
-          + f"); scored {score['scored']} (forward {score['forward_s']:.1f} s, waiting for batches "
+          + f"); scored {score['scored']} (forward {score['forward_s']:.1f} s"
+          + (f", {used:.1%} of the matmul peak" if used is not None else "") + ", waiting for batches "
           f"{score['wait_s']:.1f} s), carried {score['carried']}, quarantined {score['quarantined']}; "
           f"with interpreter starts {result['wall_s']:.0f} s", flush=True)
     return result
@@ -313,7 +349,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", default="auto", help="decode workers: a number, or auto (the pipeline's default)")
     p.add_argument("--precision", default="fp32",
-                   help="fp32 (default: scoring is batch-invariant, see above), bf16, or auto")
+                   help="fp32 (default: scoring is batch-invariant, see above), bf16, int8 (its activations are "
+                        "quantized per batch: batch-dependent too), or auto")
     p.add_argument("--rows-per-shard", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--work-dir", help="kept when given; default: a temporary folder, removed at the end")

@@ -57,7 +57,7 @@ def make_catalog(rows: int, path: Path) -> str:
     return "synthetic"
 
 
-def make_checkpoint(config_name: str, catalog: str, path: Path, device: str) -> dict[str, int]:
+def make_checkpoint(config_name: str, catalog: str, path: Path, device: str = "cpu") -> dict[str, int]:
     import pyarrow.parquet as pq
     import torch
 
