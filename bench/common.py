@@ -84,7 +84,8 @@ def machine(device: str = "cpu") -> dict:
 
 def describe(info: dict) -> str:
     """`machine()` as the one line a bench prints first."""
-    caps = " capped at AVX2" if info["isa_caps"] == AVX2_ONLY else (f" capped {info['isa_caps']}" if info["isa_caps"] else "")
+    caps = "" if not info["isa_caps"] else (" capped at AVX2" if info["isa_caps"] == AVX2_ONLY
+                                             else f" capped {info['isa_caps']}")
     gpu = f", GPU {info['gpu']}" if "gpu" in info else ""
     return (f"machine: {info['cpu']} ({info['cpus']} cpus, {info['cpu_capability']}{caps}), bf16 native "
             f"{info['bf16_native']}, scoring auto -> {info['auto_precision']}{gpu}, torch {info['torch']}, "

@@ -55,7 +55,8 @@ def inputs(config, batch: int, dtype: torch.dtype):
 def count_flops(model, batch: int) -> dict[str, float]:
     """FLOPs per sample of each part, on the fp32 model."""
     with torch.inference_mode():
-        return {name: flops_per_sample(fn, batch) for name, fn in parts(model, *inputs(model.config, batch, torch.float32)).items()}
+        pieces = parts(model, *inputs(model.config, batch, torch.float32))
+        return {name: flops_per_sample(fn, batch) for name, fn in pieces.items()}
 
 
 def in_precision(model, precision: str):
@@ -112,7 +113,8 @@ def main(argv=None) -> None:
                "gflop_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()}}
     for precision in sorted(precisions, key=lambda p: p != "fp32"):  # fp32 first: int8 copies the fp32 model
         measured = measure(in_precision(model, precision), args.batch, precision, args.repeats)
-        measured["utilisation"] = {k: utilisation(measured[k], flops[k], peaks[precision])["utilisation"] for k in flops}
+        measured["utilisation"] = {k: utilisation(measured[k], flops[k], peaks[precision])["utilisation"]
+                                   for k in flops}
         figures[precision] = measured
         print(f"{precision:5s} utilisation of {FULL}: {measured['utilisation'][FULL]:.1%}", flush=True)
     for precision in precisions:

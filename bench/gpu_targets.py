@@ -63,7 +63,8 @@ def main(argv=None) -> None:
     steps["cuda_tests"]["counts"] = pytest_counts((args.logs / "cuda_tests.log").read_text(errors="replace")
                                                   if (args.logs / "cuda_tests.log").is_file() else "")
     targets = checks(steps["scoring"], steps["paper_batch"], steps["cuda_tests"])
-    machine = steps["scoring"].get("figures", {}).get("machine") or steps["train_stages"].get("figures", {}).get("machine")
+    machine = (steps["scoring"].get("figures", {}).get("machine")
+               or steps["train_stages"].get("figures", {}).get("machine"))
     print(json.dumps({"bench": "gpu", "skipped": False, "machine": machine, "seconds": args.seconds,
                       "all_met": all(t["met"] for t in targets.values()), "targets": targets, "steps": steps,
                       "logs": str(args.logs)}))

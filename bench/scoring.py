@@ -369,7 +369,8 @@ def main() -> None:
     print(f"{describe(big['machine'])}\n"
           f"forward only (the limit) : {big['forward_samples_per_s']:7.2f} samples/s ({big['precision']}, "
           f"utilisation {big['forward_utilisation']['utilisation']:.1%})\n"
-          f"end to end pipeline      : {big['e2e_samples_per_s']:7.2f} samples/s (ratio {big['e2e_over_forward']:.3f})\n"
+          f"end to end pipeline      : {big['e2e_samples_per_s']:7.2f} samples/s "
+          f"(ratio {big['e2e_over_forward']:.3f})\n"
           f"naive (fp32, 77 tokens, in turn): {big['naive_samples_per_s']:7.2f} samples/s "
           f"(speedup {big['speedup_over_naive']:.2f}x, over {big['naive_rows']} rows)\n"
           f"top-1 agreement of {big['precision']} with fp32: {big['top1_agreement_with_fp32']:.4f}", flush=True)

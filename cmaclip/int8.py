@@ -1,6 +1,6 @@
-"""int8 weights for inference on CPUs without native bf16 (AVX2-only fleets): every matmul of the CLIP towers
-and the sequence attention runs as a dynamically quantized int8 linear (weights int8 per output channel,
-activations quantized per batch), the rest stays fp32.
+"""int8 weights for inference on x86 CPUs without native bf16 (AVX2 only, or AVX-512 without BF16): every
+matmul of the CLIP towers and the sequence attention runs as a dynamically quantized int8 linear (weights
+int8 per output channel, activations quantized per batch), the rest stays fp32.
 
 Kept out: the modality attention and heads (they cost nothing and make the decision), the patch embedding
 (a convolution), the layer norms and the projections into the joint space (parameters, not modules).
@@ -18,7 +18,8 @@ from torch import nn
 
 class Int8Linear(nn.Module):
     """An `nn.Linear` with int8 weights, for inference: y = x W^T + b with W quantized symmetrically per
-    output row and x quantized per call (fbgemm on x86, the engine quantize_dynamic uses)."""
+    output row and x quantized per call, on torch's x86 quantized engine (fbgemm; oneDNN where it is faster,
+    e.g. with AMX)."""
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
