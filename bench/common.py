@@ -40,6 +40,22 @@ def samples_per_second(fn: Callable[[], object], batch: int, repeats: int = 3, w
     return batch / best
 
 
+def interleaved_samples_per_second(fns: dict[str, Callable[[], object]], batch: int, repeats: int = 3,
+                                   warmup: int = 1) -> dict[str, float]:
+    """Best-of-`repeats` throughput of each of `fns`, timed in rounds that run each once: on a shared machine
+    a neighbour's load then hits them alike, and their ratios hold where one-after-the-other would not."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    best = dict.fromkeys(fns, float("inf"))
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - start)
+    return {name: batch / seconds for name, seconds in best.items()}
+
+
 def cpu_model() -> str:
     """The CPU's model name: figures from an AVX2-only EPYC and an AVX-512 BF16 Xeon are not comparable."""
     try:

@@ -6,7 +6,8 @@ has it natively), random weights, with the FLOP utilisation of each.
 Reports samples/s of the image tower, the text tower (full 77-token context and trimmed to the batch's
 longest title), the sequence attention + heads, and the full forward; each part's GFLOP per sample (torch's
 FlopCounter, counted in fp32) and its utilisation: samples/s x FLOPs/sample over the matmul peak of its
-precision, measured in the same run. The sequence attention runs in the layout scoring uses for that
+precision, measured in the same run. The precisions run interleaved, part by part, so their ratios hold on a
+shared machine. The sequence attention runs in the layout scoring uses for that
 precision on CPU (sequence-first for bf16) and is timed in the other layout too. `--avx2-only` reruns the
 bench with every kernel library capped at AVX2 (bench/common.py: an AVX2-only CPU on this one). The last
 line is one JSON object.
@@ -27,8 +28,8 @@ import cmaclip  # noqa: E402
 from cmaclip.int8 import quantize_model  # noqa: E402
 from cmaclip.precision import DTYPES, cpu_supports_bf16, cpu_supports_int8  # noqa: E402
 from cmaclip.transforms import image_size, tokenizer, trim_tokens  # noqa: E402
-from common import (describe, flops_per_sample, machine, matmul_peak_gflops, report, rerun_avx2_only,  # noqa: E402
-                    samples_per_second, titles, utilisation)
+from common import (describe, flops_per_sample, interleaved_samples_per_second, machine,  # noqa: E402
+                    matmul_peak_gflops, report, rerun_avx2_only, titles, utilisation)
 
 FULL = "forward_trimmed"  # what scoring runs: the whole model on titles trimmed to the batch's longest
 
@@ -60,29 +61,35 @@ def count_flops(model, batch: int) -> dict[str, float]:
 
 
 def in_precision(model, precision: str):
-    """The model as scoring runs it in `precision` (pipeline.scoring.predictor): bf16 weights, or int8 matmuls
-    on a copy of the fp32 model."""
-    if precision == "int8":
-        return quantize_model(copy.deepcopy(model).float())
-    return model.to(DTYPES[precision])
+    """A copy of the model as scoring runs it in `precision` (pipeline.scoring.predictor): bf16 weights and
+    the sequence-first layout, or int8 matmuls, or as is."""
+    copied = copy.deepcopy(model)
+    prepared = quantize_model(copied) if precision == "int8" else copied.to(DTYPES[precision])
+    prepared.sequence_attention.set_sequence_first(precision == "bf16")
+    return prepared
 
 
-def measure(model, batch: int, precision: str, repeats: int) -> dict[str, float]:
-    images, full, trimmed = inputs(model.config, batch, DTYPES[precision])
-    sequence_first = precision == "bf16"  # as pipeline.scoring.predictor sets it on CPU
-    model.sequence_attention.set_sequence_first(sequence_first)
-    out = {"sequence_first": sequence_first}
+def measure(model, batch: int, precisions: list[str], repeats: int) -> dict[str, dict]:
+    """Each part in each precision, the precisions interleaved part by part (bench/common.py), so the ratios
+    between them hold on a shared machine."""
+    models = {p: in_precision(model, p) for p in precisions}
+    data = {p: inputs(model.config, batch, DTYPES[p]) for p in precisions}
+    pieces = {p: parts(models[p], *data[p]) for p in precisions}
+    out = {p: {"sequence_first": p == "bf16"} for p in precisions}
     with torch.inference_mode():
-        for name, fn in parts(model, images, full, trimmed).items():
-            out[name] = round(samples_per_second(fn, batch, repeats), 2)
-            print(f"{precision:5s} {name:40s} {out[name]:8.2f} samples/s", flush=True)
-        model.sequence_attention.set_sequence_first(not sequence_first)
+        for name in pieces[precisions[0]]:
+            rates = interleaved_samples_per_second({p: pieces[p][name] for p in precisions}, batch, repeats)
+            for p, rate in rates.items():
+                out[p][name] = round(rate, 2)
+            print(f"{name:42s} " + "  ".join(f"{p} {r:8.2f}" for p, r in rates.items()) + " samples/s", flush=True)
+        for p in precisions:
+            models[p].sequence_attention.set_sequence_first(p != "bf16")
         name = "sequence_attention_and_heads_other_layout"
-        out[name] = round(samples_per_second(parts(model, images, full, trimmed)["sequence_attention_and_heads"],
-                                             batch, repeats), 2)
-        print(f"{precision:5s} {name:40s} {out[name]:8.2f} samples/s", flush=True)
-    model.sequence_attention.set_sequence_first(False)
-    out["trimmed_tokens"] = int(trimmed.shape[1])
+        other = {p: parts(models[p], *data[p])["sequence_attention_and_heads"] for p in precisions}
+        for p, rate in interleaved_samples_per_second(other, batch, repeats).items():
+            out[p][name] = round(rate, 2)
+    for p in precisions:
+        out[p]["trimmed_tokens"] = int(data[p][2].shape[1])
     return out
 
 
@@ -96,7 +103,7 @@ def main(argv=None) -> None:
     parser.add_argument("--config", default="paper-vit-b-32")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--precisions", help="comma-separated, fp32 first (default: fp32, int8, bf16 if native)")
+    parser.add_argument("--precisions", help="comma-separated (default: fp32, int8 where it runs, bf16 if native)")
     parser.add_argument("--avx2-only", action="store_true", help="cap every kernel library at AVX2 (rerun)")
     args = parser.parse_args(argv)
     if args.avx2_only:
@@ -111,8 +118,7 @@ def main(argv=None) -> None:
     print(f"matmul peak GFLOP/s: {peaks}; GFLOP/sample: {FULL} {flops[FULL] / 1e9:.2f}", flush=True)
     figures = {"config": args.config, "batch": args.batch, "precisions": precisions, "matmul_peak_gflops": peaks,
                "gflop_per_sample": {k: round(v / 1e9, 3) for k, v in flops.items()}}
-    for precision in sorted(precisions, key=lambda p: p != "fp32"):  # fp32 first: int8 copies the fp32 model
-        measured = measure(in_precision(model, precision), args.batch, precision, args.repeats)
+    for precision, measured in measure(model, args.batch, precisions, args.repeats).items():
         measured["utilisation"] = {k: utilisation(measured[k], flops[k], peaks[precision])["utilisation"]
                                    for k in flops}
         figures[precision] = measured
