@@ -183,7 +183,7 @@ def test_nightly_scoring_dag_on_celery_postgres_redis(home, monkeypatch):
             # --- what ran where ----------------------------------------------------------------------------
             tis = _query(af_db, "SELECT task_id, map_index, state, queue, hostname FROM task_instance "
                                 "WHERE dag_id = %s AND run_id = %s", (DAG_ID, run_id))
-            assert {t[0] for t in tis} == {"plan", "score", "finalize", "publish"}
+            assert {t[0] for t in tis} == {"validate", "plan", "score", "finalize", "report", "gate", "publish"}
             assert [t for t in tis if t[0] == "score"] and len([t for t in tis if t[0] == "score"]) == 2
             assert all(t[2] == "success" and t[3] == queue and t[4] for t in tis), tis
             # Every task went through Celery: the worker stores one result per task in the result backend

@@ -117,7 +117,7 @@ def test_mlflow_opens_on_model_training_with_named_runs_the_dataset_and_one_curv
     experiment = c.get_experiment_by_name(tracker.TRAINING_EXPERIMENT)
     assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
     parent = c.get_run(trained["result"]["run_id"])
-    assert re.fullmatch(r"train \d{4}-\d\d-\d\d \d\d:\d\d → v1", parent.info.run_name), parent.info.run_name
+    assert re.fullmatch(r"train \d{4}-\d\d-\d\d \d\d:\d\d → v\d+", parent.info.run_name), parent.info.run_name
     assert {r.info.run_name for r in _runs(c, {tracker.PARENT_TAG: parent.info.run_id})} == set(STAGES)
     [dataset_input] = parent.inputs.dataset_inputs
     assert dataset_input.dataset.digest == trained["result"]["training"]["dataset_fingerprint"]
