@@ -1,6 +1,9 @@
 """What only a GPU can check (bench/gpu.sh runs these with `-m cuda`; without a CUDA device they skip): the
 precision 'auto' picks there, bf16 scoring on the GPU agreeing with fp32 on the CPU, the loader pinning its
-batches for the copy, a sharded run on the GPU reconciling, and a training stage on the device."""
+batches for the copy, a sharded run on the GPU reconciling, `cmaclip score` on it by default, and a training
+stage on the device."""
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
@@ -62,6 +65,17 @@ def test_the_loader_pins_batches_and_a_cuda_run_reconciles(checkpoint, tmp_catal
                                 workers=2, progress=False)
     assert summary["precision"] == "bf16" and summary["shards_run"] == 4
     assert summary["rows_in"] == 400 == summary["predicted"] + summary["quarantined"]
+
+
+def test_the_cli_scores_on_the_gpu_by_default_and_on_the_cpu_when_asked(checkpoint, tmp_catalog, tmp_path, capsys):
+    from pipeline import cli
+
+    base = ["score", "--catalog", tmp_catalog, "--model", checkpoint, "--all", "--rows-per-shard", "1000"]
+    devices = []
+    for extra in ([], ["--device", "cpu", "--precision", "fp32"]):
+        assert cli.main([*base, "--out", str(tmp_path / f"out{len(devices)}"), *extra]) == 0
+        devices.append(json.loads(capsys.readouterr().out)["device"])
+    assert devices == ["cuda", "cpu"]
 
 
 def test_a_training_stage_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):
