@@ -9,9 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import cmaclip
-from cmaclip.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cmaclip.config import load_config
+from cmaclip.checkpoint import load_checkpoint
 from cmaclip.precision import resolve_precision
 from cmaclip.train import train_stage
 from pipeline.scoring import distributor, planner, reader
@@ -24,15 +22,9 @@ pytestmark = pytest.mark.cuda
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tmp_catalog) -> str:
     """test_scoring's tiny model, trained briefly so its top two classes are not within rounding."""
-    from test_scoring import TASKS, _train_briefly
+    from test_scoring import trained_checkpoint
 
-    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
-    torch.manual_seed(0)
-    model = cmaclip.create_model(config, load_pretrained=False)
-    thresholds = _train_briefly(model, tmp_catalog)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
-    return str(path)
+    return trained_checkpoint(tmp_path_factory.mktemp("model"), tmp_catalog)
 
 
 def test_auto_on_cuda_is_bf16_where_the_gpu_has_it_and_int8_is_refused():

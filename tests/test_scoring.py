@@ -75,15 +75,21 @@ def _train_briefly(model, catalog: str, steps: int = 80):
     return {t: task_metrics(out.logits[t].softmax(-1).numpy(), labels[t].numpy(), 0.9).threshold for t in TASKS}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tmp_catalog) -> str:
+def trained_checkpoint(folder: Path, catalog: str) -> str:
+    """The tiny model, trained briefly on `catalog` so its top two classes are not within rounding, saved
+    with its calibrated thresholds as folder/ckpt."""
     config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
     torch.manual_seed(0)
     model = cmaclip.create_model(config, load_pretrained=False)
-    thresholds = _train_briefly(model, tmp_catalog)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
-    return str(path)
+    thresholds = _train_briefly(model, catalog)
+    save_checkpoint(folder / "ckpt", model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
+    return str(folder / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tmp_catalog) -> str:
+    """Overrides conftest's untrained one: these tests check predictions, not only files."""
+    return trained_checkpoint(tmp_path_factory.mktemp("model"), tmp_catalog)
 
 
 def _read(out: str, kind: str = "predictions"):
