@@ -1,6 +1,6 @@
 """The precision policy, one for training, evaluation and scoring: which of fp32, bf16, fp16 (and, for
 inference, int8 weights) to run in on a device, and the autocast context or weight dtype that goes with it.
-The names are `cmaclip.config.PRECISIONS` and `INFERENCE_PRECISIONS`."""
+The names are `cmaclip.config.PRECISIONS` and `INFERENCE_PRECISIONS`. Also what device 'auto' means."""
 from __future__ import annotations
 
 import contextlib
@@ -34,6 +34,21 @@ def cpu_supports_bf16() -> bool:
 def cpu_supports_int8() -> bool:
     """True where torch has fbgemm's int8 matmuls (x86: AVX2 and up), which cmaclip.int8 runs on."""
     return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' where CUDA is available, else 'cpu'; 'cpu', 'cuda' and 'cuda:N' are checked against
+    this machine, so a typo or a missing GPU fails before a model loads or a run writes anything."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    kind, colon, index = device.partition(":")
+    if device != "cpu" and not (kind == "cuda" and (not colon or index.isdigit())):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not {device!r}")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r}: CUDA is not available on this machine; use 'auto' or 'cpu'")
+    if kind == "cuda" and index and int(index) >= torch.cuda.device_count():
+        raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def check_precision(precision: str, inference: bool = False) -> str:

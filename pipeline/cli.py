@@ -172,6 +172,7 @@ def _score_args(p: argparse.ArgumentParser) -> None:
                    help="auto (bf16 where the hardware has it, fp16 on GPUs without it, int8 weights on x86 "
                         "CPUs without bf16, else fp32), fp32, bf16, fp16 (GPU only) or int8 (x86 CPU only); "
                         "checked by cmaclip.precision")
+    p.add_argument("--device", default="auto", help="auto (cuda where available, else cpu), cpu, cuda, cuda:1, ...")
     p.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     p.add_argument("--run-id", help="default: derived from the input snapshot and the model version")
     p.add_argument("--threads", type=int, help="torch threads (default: one per core)")
@@ -185,14 +186,16 @@ def _score_args(p: argparse.ArgumentParser) -> None:
 
 
 def _score(args: argparse.Namespace) -> Any:
-    from cmaclip.precision import check_precision
+    from cmaclip.precision import check_precision, resolve_device
 
     from .scoring.distributor import score
     check_precision(args.precision, inference=True)  # before planning writes anything under --out
+    device = resolve_device(args.device)
     return score(args.catalog, args.model, args.out, shard=args.shard, all=args.all,
                  rows_per_shard=args.rows_per_shard, batch_size=args.batch_size, workers=args.workers,
-                 precision=args.precision, compile=args.compile, run_id=args.run_id, threads=args.threads,
-                 image_roots=args.image_roots, image_hosts=args.image_hosts, explain=args.explain, full=args.full)
+                 precision=args.precision, device=device, compile=args.compile, run_id=args.run_id,
+                 threads=args.threads, image_roots=args.image_roots, image_hosts=args.image_hosts,
+                 explain=args.explain, full=args.full)
 
 
 def _publish_args(p: argparse.ArgumentParser) -> None:

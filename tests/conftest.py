@@ -1,4 +1,5 @@
-"""Shared fixtures: small synthetic catalogs, a moto S3 server on 127.0.0.1, the shipped real data set."""
+"""Shared fixtures: small synthetic catalogs, an untrained tiny checkpoint, a moto S3 server on 127.0.0.1, the
+shipped real data set."""
 from __future__ import annotations
 
 import os
@@ -34,6 +35,25 @@ def bad_catalog(tmp_path_factory: pytest.TempPathFactory) -> str:
     from pipeline.synthetic import make_catalog
     path = tmp_path_factory.mktemp("bad") / "catalog.parquet"
     make_catalog(200, str(path), seed=5, with_bad_rows=True)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An untrained tiny model over the synthetic catalog's tasks (color, pattern, style): enough where a test
+    is about columns, files or which rows are scored, not accuracy. test_scoring and test_cuda override it
+    with one trained briefly."""
+    import torch
+
+    import cmaclip
+    from cmaclip.checkpoint import Checkpoint, save_checkpoint
+    from pipeline import synthetic
+
+    tasks = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
+    config = cmaclip.load_config("tiny").with_tasks({t: len(v) for t, v in tasks.items()})
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("model") / "ckpt"
+    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False), Checkpoint(config, tasks, {}, {}))
     return str(path)
 
 

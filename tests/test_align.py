@@ -4,8 +4,6 @@ import json
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
 
@@ -16,7 +14,8 @@ from cmaclip.config import ALIGN, ALL_STAGES, STAGES, CMACLIPConfig
 from cmaclip.stages import frozen_groups
 from cmaclip.train import Callback, read_stage_result, train_stage, train_stages
 from cmaclip.transforms import tokenizer
-from tiny_training import collate, loader, one_thread, samples, tiny_config, tiny_model  # noqa: F401
+from tiny_training import (collate, loader, one_thread, padded_validation, run_ranks, samples,  # noqa: F401
+                           tiny_config, tiny_model)
 
 RECALLS = ["val/image_to_title_recall_at_1", "val/image_to_title_recall_at_5"]
 
@@ -188,25 +187,18 @@ def test_align_killed_after_epoch_k_and_restarted_matches_uninterrupted_run(tmp_
 
 # --- DDP: two CPU processes over gloo -------------------------------------------------------------------
 
-def _ddp_align_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        cfg = align_config(epochs=2, batch_size=32, micro_batch_size=16)  # one micro-batch per rank and step
-        batches = loader(samples(cfg, 64, 1), 16)
-        val = [collate(samples(cfg, 24, 2), range(i, i + 8)) for i in (0, 8, 16, 0)]  # padded: 0-7 twice
-        model = tiny_model(cfg)
-        result = train_stage(model, ALIGN, cfg, lambda e: batches(e)[rank::world], val[rank::world],
-                             f"{out_dir}/ddp")
-        torch.save({"state": model.state_dict(), "metrics": result.best_metrics}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_align_worker(rank, world, out_dir):
+    cfg = align_config(epochs=2, batch_size=32, micro_batch_size=16)  # one micro-batch per rank and step
+    batches = loader(samples(cfg, 64, 1), 16)
+    val = padded_validation(cfg)
+    model = tiny_model(cfg)
+    result = train_stage(model, ALIGN, cfg, lambda e: batches(e)[rank::world], val[rank::world], f"{out_dir}/ddp")
+    return {"state": model.state_dict(), "metrics": result.best_metrics}
 
 
 @pytest.mark.slow
 def test_align_under_ddp_optimises_what_one_process_does_with_accumulation(tmp_path):
-    mp.spawn(_ddp_align_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = run_ranks(_ddp_align_worker, tmp_path)
     assert same(r0["state"], r1["state"])
     # One process, the same micro-batches accumulated two by two: the same objective, without any gather.
     cfg = align_config(epochs=2, batch_size=32, micro_batch_size=16)

@@ -13,9 +13,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import cmaclip
-from cmaclip.checkpoint import Checkpoint, save_checkpoint
-from cmaclip.config import load_config
 from pipeline import contracts, synthetic
 from pipeline.ingest.dataset import MANIFEST, QUARANTINE, dataset_files, ingest, read_manifest
 from pipeline.manifests import DatasetManifest, ManifestError, RunManifest, ShardMarker
@@ -25,16 +22,6 @@ from pipeline.tracking import pyfunc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "style": list(synthetic.STYLES)}
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """An untrained tiny model: the contracts are about columns and files, not about accuracy."""
-    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False), Checkpoint(config, TASKS, {}, {}))
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,15 @@
 """What only a GPU can check (bench/gpu.sh runs these with `-m cuda`; without a CUDA device they skip): the
 precision 'auto' picks there, bf16 scoring on the GPU agreeing with fp32 on the CPU, the loader pinning its
-batches for the copy, a sharded run on the GPU reconciling, and a training stage on the device."""
+batches for the copy, a sharded run on the GPU reconciling, `cmaclip score` on it by default, and a training
+stage on the device."""
+import json
+
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
 
-import cmaclip
-from cmaclip.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
-from cmaclip.config import load_config
+from cmaclip.checkpoint import load_checkpoint
 from cmaclip.precision import resolve_precision
 from cmaclip.train import train_stage
 from pipeline.scoring import distributor, planner, reader
@@ -21,15 +22,9 @@ pytestmark = pytest.mark.cuda
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory, tmp_catalog) -> str:
     """test_scoring's tiny model, trained briefly so its top two classes are not within rounding."""
-    from test_scoring import TASKS, _train_briefly
+    from test_scoring import trained_checkpoint
 
-    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
-    torch.manual_seed(0)
-    model = cmaclip.create_model(config, load_pretrained=False)
-    thresholds = _train_briefly(model, tmp_catalog)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
-    return str(path)
+    return trained_checkpoint(tmp_path_factory.mktemp("model"), tmp_catalog)
 
 
 def test_auto_on_cuda_is_bf16_where_the_gpu_has_it_and_int8_is_refused():
@@ -62,6 +57,17 @@ def test_the_loader_pins_batches_and_a_cuda_run_reconciles(checkpoint, tmp_catal
                                 workers=2, progress=False)
     assert summary["precision"] == "bf16" and summary["shards_run"] == 4
     assert summary["rows_in"] == 400 == summary["predicted"] + summary["quarantined"]
+
+
+def test_the_cli_scores_on_the_gpu_by_default_and_on_the_cpu_when_asked(checkpoint, tmp_catalog, tmp_path, capsys):
+    from pipeline import cli
+
+    base = ["score", "--catalog", tmp_catalog, "--model", checkpoint, "--all", "--rows-per-shard", "1000"]
+    devices = []
+    for extra in ([], ["--device", "cpu", "--precision", "fp32"]):
+        assert cli.main([*base, "--out", str(tmp_path / f"out{len(devices)}"), *extra]) == 0
+        devices.append(json.loads(capsys.readouterr().out)["device"])
+    assert devices == ["cuda", "cpu"]
 
 
 def test_a_training_stage_runs_on_cuda_and_its_checkpoint_loads_on_cpu(tmp_path):

@@ -14,9 +14,6 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-import cmaclip
-from cmaclip.checkpoint import Checkpoint, save_checkpoint
-from cmaclip.config import load_config
 from pipeline import contracts, reasons, synthetic
 from pipeline.io.content_hash import content_hash, content_hashes
 from pipeline.manifests import ShardMarker
@@ -34,16 +31,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    """An untrained tiny model: carrying over is about which rows are scored, not about accuracy."""
-    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False), Checkpoint(config, TASKS, {}, {}))
-    return str(path)
 
 
 def _score(catalog, model, out, **kw) -> dict:

@@ -8,7 +8,7 @@ import torch
 from cmaclip import precision
 from cmaclip.checkpoint import Checkpoint
 from cmaclip.int8 import Int8Linear
-from cmaclip.precision import resolve_precision
+from cmaclip.precision import resolve_device, resolve_precision
 from pipeline.scoring.predictor import Lineage, Predictor
 from tiny_training import TASKS, one_thread, tiny_config, tiny_model  # noqa: F401
 
@@ -25,6 +25,20 @@ def test_fixed_precisions_and_refusals():
     with pytest.raises(ValueError, match="x86 CPU"):
         resolve_precision("int8", "cuda", inference=True)
     assert resolve_precision("int8", "cpu", inference=True) == "int8"
+
+
+def test_device_auto_is_cuda_where_available_and_an_absent_gpu_is_named(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert [resolve_device(d) for d in ("auto", "cpu", "cuda", "cuda:1")] == ["cuda", "cpu", "cuda", "cuda:1"]
+    with pytest.raises(ValueError, match="has 2 CUDA device"):
+        resolve_device("cuda:2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="not 'mps'"):
+        resolve_device("mps")
 
 
 @pytest.mark.parametrize("bf16, int8, training, scoring", [(True, True, "bf16", "bf16"), (False, True, "fp32", "int8"),

@@ -55,12 +55,18 @@ def test_a_deleted_product_leaves_the_state_and_only_the_newest_run_is_read(tmp_
     assert publish.publish(str(out))["version"] == 2 and versions.numbers(str(out)) == [1, 2]
 
 
-def test_rollback_makes_the_previous_version_current_byte_for_byte(tmp_path, capsys):
+def _first_version(tmp_path: Path) -> tuple[Path, str, dict[str, bytes]]:
+    """Version 1 to go back to: night-1's predictions of products a, b, c, published with their catalog.
+    The output folder, the catalog, and version 1's published files."""
     out = tmp_path / "out"
     products = catalog(tmp_path / "catalog.parquet", [{"product_id": p, "color": "blue"} for p in "abc"])
     finalized_run(out, "night-1", [prediction(p, "night-1") for p in "abc"])
     publish.publish(str(out), products)
-    first = _published(out)
+    return out, products, _published(out)
+
+
+def test_rollback_makes_the_previous_version_current_byte_for_byte(tmp_path, capsys):
+    out, products, first = _first_version(tmp_path)
     assert set(first) == {"latest.parquet", "catalog.parquet"}
     finalized_run(out, "night-2", [prediction(p, "night-2", night=1, color="green") for p in "ab"], night=1)
     publish.publish(str(out))  # no catalog this time: version 2 has none, and none stays from version 1
@@ -80,11 +86,7 @@ def test_rollback_makes_the_previous_version_current_byte_for_byte(tmp_path, cap
 
 
 def test_a_publish_that_fails_halfway_leaves_the_previous_version_current(tmp_path, monkeypatch):
-    out = tmp_path / "out"
-    products = catalog(tmp_path / "catalog.parquet", [{"product_id": p, "color": "red"} for p in "abc"])
-    finalized_run(out, "night-1", [prediction(p, "night-1") for p in "abc"])
-    publish.publish(str(out), products)
-    first = _published(out)
+    out, products, first = _first_version(tmp_path)
     finalized_run(out, "night-2", [prediction(p, "night-2", night=1, style="formal") for p in "abc"], night=1)
 
     def no_catalog(*args, **kwargs):

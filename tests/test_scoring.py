@@ -75,15 +75,21 @@ def _train_briefly(model, catalog: str, steps: int = 80):
     return {t: task_metrics(out.logits[t].softmax(-1).numpy(), labels[t].numpy(), 0.9).threshold for t in TASKS}
 
 
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory, tmp_catalog) -> str:
+def trained_checkpoint(folder: Path, catalog: str) -> str:
+    """The tiny model, trained briefly on `catalog` so its top two classes are not within rounding, saved
+    with its calibrated thresholds as folder/ckpt."""
     config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
     torch.manual_seed(0)
     model = cmaclip.create_model(config, load_pretrained=False)
-    thresholds = _train_briefly(model, tmp_catalog)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
-    return str(path)
+    thresholds = _train_briefly(model, catalog)
+    save_checkpoint(folder / "ckpt", model, Checkpoint(config, TASKS, thresholds, {"stage": "test"}))
+    return str(folder / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, tmp_catalog) -> str:
+    """Overrides conftest's untrained one: these tests check predictions, not only files."""
+    return trained_checkpoint(tmp_path_factory.mktemp("model"), tmp_catalog)
 
 
 def _read(out: str, kind: str = "predictions"):
@@ -254,6 +260,45 @@ def test_cli_scores_one_shard_or_all_as_asked(monkeypatch, capsys):
             cli.main(argv)
         assert exit_.value.code == 2 and "--shard" in capsys.readouterr().err
     assert len(calls) == 2
+
+
+def test_cli_device_reaches_the_predictor_and_a_bad_one_fails_before_any_work(
+        checkpoint, tmp_catalog, tmp_path, monkeypatch, capsys):
+    from pipeline import cli
+
+    out = tmp_path / "out"
+    base = ["score", "--catalog", tmp_catalog, "--model", checkpoint, "--out", str(out), "--all"]
+    assert cli.main([*base, "--device", "cpu", "--precision", "fp32", "--rows-per-shard", "1000",
+                     "--workers", "0"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["device"] == "cpu" and summary["rows_in"] == 400 == summary["predicted"] + summary["quarantined"]
+    calls = []
+    monkeypatch.setattr(distributor, "score", lambda *a, **kw: calls.append(kw) or {})
+    assert cli.main(base) == 0 and calls[0]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for device, error in (("gpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', not 'gpu'"),
+                          ("cuda:x", "not 'cuda:x'"), ("cuda", "CUDA is not available")):
+        assert cli.main([*base, "--device", device]) == 2 and error in capsys.readouterr().err
+    assert len(calls) == 1
+
+
+def test_the_dags_shard_tasks_score_on_device_auto_and_the_plan_on_the_cpu(
+        checkpoint, tmp_catalog, tmp_path, tmp_path_factory, monkeypatch):
+    from pipeline.orchestration import airflow_tasks as orch
+
+    monkeypatch.setenv("CMACLIP_STORAGE_PREFIXES", str(tmp_path_factory.getbasetemp()))
+    devices, load = [], runner.load_predictor
+
+    def loading(ref, **kw):  # score_shard passes the loaded Predictor on: only model references are recorded
+        if isinstance(ref, str):
+            devices.append(kw["device"])
+        return load(ref, **kw)
+
+    monkeypatch.setattr(runner, "load_predictor", loading)
+    out = str(tmp_path / "out")
+    planned = orch.plan_scoring(tmp_catalog, checkpoint, 1000, out)
+    scored = orch.score_group(planned["run"], planned["groups"][0], out)
+    assert devices == ["cpu", "auto"] and scored["rows_in"] == 400
 
 
 # --- resume after SIGKILL, idempotent reruns ----------------------------------------------------------------

@@ -5,15 +5,14 @@ import json
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 from cmaclip.checkpoint import load_checkpoint
 from cmaclip.config import STAGES
 from cmaclip.evaluate import Predictions, evaluate, predict
 from cmaclip.train import Callback, PrintCallback, read_stage_result, stage_table, train_stage, train_stages
-from tiny_training import TASKS, collate, loader, one_thread, samples, tiny_config, tiny_model  # noqa: F401
+from tiny_training import (TASKS, collate, loader, one_thread, padded_validation, run_ranks, samples,  # noqa: F401
+                           tiny_config, tiny_model)
 
 
 def state(model):
@@ -225,32 +224,26 @@ def test_predict_and_evaluate():
 # ---------------------------------------------------------------------------------------------------------
 # DDP: two CPU processes over gloo, as torchrun would start them.
 
-def _ddp_worker(rank, world, init_file, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        cfg = tiny_config(batch_size=32, micro_batch_size=8, patience=0)   # 8 x 2 ranks x 2 accumulated
-        cfg.cma.dropout = 0.1
-        cfg.train.stages["warmup"].epochs = 2
-        cfg.train.stages["end_to_end"].epochs = 1
-        shard = lambda batches: batches[rank::world]  # noqa: E731  the sampler's job, here by hand
-        train = loader(samples(cfg, 64, 1), 8)
-        val = [collate(samples(cfg, 24, 2), range(i, i + 8)) for i in (0, 8, 16, 0)]  # padded: 0-7 twice
-        model = tiny_model(cfg)
-        results = {}
-        for stage in ("warmup", "end_to_end"):
-            results[stage] = train_stage(model, stage, cfg, lambda e: shard(train(e)), shard(val),
-                                         f"{out_dir}/{stage}", cache="memory" if stage == "warmup" else None)
-        torch.save({"state": model.state_dict(), "n": results["warmup"].best_metrics["n"],
-                    "samples": results["warmup"].history[0]["train/samples"]}, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+def _ddp_worker(rank, world, out_dir):
+    cfg = tiny_config(batch_size=32, micro_batch_size=8, patience=0)   # 8 x 2 ranks x 2 accumulated
+    cfg.cma.dropout = 0.1
+    cfg.train.stages["warmup"].epochs = 2
+    cfg.train.stages["end_to_end"].epochs = 1
+    shard = lambda batches: batches[rank::world]  # noqa: E731  the sampler's job, here by hand
+    train = loader(samples(cfg, 64, 1), 8)
+    val = padded_validation(cfg)
+    model = tiny_model(cfg)
+    results = {}
+    for stage in ("warmup", "end_to_end"):
+        results[stage] = train_stage(model, stage, cfg, lambda e: shard(train(e)), shard(val),
+                                     f"{out_dir}/{stage}", cache="memory" if stage == "warmup" else None)
+    return {"state": model.state_dict(), "n": results["warmup"].best_metrics["n"],
+            "samples": results["warmup"].history[0]["train/samples"]}
 
 
 @pytest.mark.slow
 def test_ddp_under_gloo_keeps_ranks_identical_and_only_rank_0_writes(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = run_ranks(_ddp_worker, tmp_path)
     assert_same_weights(r0["state"], r1["state"])
     assert r0["n"] == 24                    # validation over both ranks' shards, sampler padding dropped
     assert r0["samples"] == 64              # training samples counted over both ranks

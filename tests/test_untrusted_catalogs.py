@@ -8,11 +8,7 @@ from pathlib import Path
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
-import torch
 
-import cmaclip
-from cmaclip.checkpoint import Checkpoint, save_checkpoint
-from cmaclip.config import load_config
 from hostile_corpus import RequestCounter, secret_bytes, uri_corpus
 from pipeline import synthetic
 from pipeline.ingest.dataset import ingest
@@ -22,16 +18,6 @@ TASKS = {"color": list(synthetic.COLORS), "pattern": list(synthetic.PATTERNS), "
 
 # A hang guard, not a timing assertion: a row that blocks a worker fails the test instead of stalling CI.
 pytestmark = pytest.mark.timeout(300)
-
-
-@pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory) -> str:
-    config = load_config("tiny").with_tasks({t: len(v) for t, v in TASKS.items()})
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("model") / "ckpt"
-    save_checkpoint(path, cmaclip.create_model(config, load_pretrained=False),
-                    Checkpoint(config, TASKS, {}, {"stage": "test"}))
-    return str(path)
 
 
 @pytest.fixture

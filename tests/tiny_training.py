@@ -1,9 +1,13 @@
-"""Shared scaffolding for the training tests: a tiny two-task config, random products, loader factories."""
+"""Shared scaffolding for the training tests: a tiny two-task config, random products, loader factories, and
+CPU processes in one gloo group for the DDP tests."""
 import dataclasses
 import random
+from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 import cmaclip
 from cmaclip.transforms import tokenizer, trim_tokens
@@ -54,3 +58,27 @@ def loader(data, micro, shuffle=False):
         order = torch.randperm(n) if shuffle else torch.arange(n)
         return [collate(data, order[i:i + micro]) for i in range(0, n, micro)]
     return batches
+
+
+def padded_validation(cfg):
+    """24 validation samples in 4 batches of 8, the first one twice: two ranks' shards padded to equal
+    length, as a DistributedSampler pads them. Metrics over both must count 24, the padding dropped."""
+    return [collate(samples(cfg, 24, 2), range(i, i + 8)) for i in (0, 8, 16, 0)]
+
+
+# --- DDP: CPU processes over gloo, as torchrun would start them ----------------------------------------------
+
+def run_ranks(worker, folder: Path, world: int = 2) -> list[dict]:
+    """`worker(rank, world, folder) -> dict` on `world` spawned processes in one gloo group, one thread each;
+    what each rank returned, in rank order."""
+    mp.spawn(_rank, args=(worker, world, str(folder)), nprocs=world, join=True)
+    return [torch.load(Path(folder) / f"rank{rank}.pt", weights_only=True) for rank in range(world)]
+
+
+def _rank(rank, worker, world, folder):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{folder}/init", rank=rank, world_size=world)
+    try:
+        torch.save(worker(rank, world, folder), f"{folder}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()

@@ -422,13 +422,13 @@ def group_shards(shard_ids: Sequence[str], max_groups: int) -> list[dict[str, An
     return [{"label": f"shard {c[0]}" if len(c) == 1 else f"shards {c[0]}-{c[-1]}", "shards": c} for c in chunks]
 
 
-def _predictor(model_ref: str):
+def _predictor(model_ref: str, device: str = "cpu"):
     from ..scoring import runner
     from ..tracking import registry
 
     if model_ref.startswith(("models:/", "runs:/")):
-        return registry.load_predictor(model_ref)
-    return runner.load_predictor(model_ref)
+        return registry.load_predictor(model_ref, device=device)
+    return runner.load_predictor(model_ref, device=device)
 
 
 def _pin(model_ref: str) -> str:
@@ -469,12 +469,14 @@ def plan_scoring(catalog_uri: str, model_ref: str, rows_per_shard: int, out_uri:
 
 
 def score_group(run: Mapping[str, Any], group: Mapping[str, Any], out_uri: str) -> dict[str, Any]:
-    """Score the group's shards with one model load; committed shards are skipped. Summed counts."""
+    """Score the group's shards with one model load, on the GPU where the worker has one (device 'auto', as
+    training); committed shards are skipped. Summed counts. (`plan_scoring` loads the model on the CPU: it
+    needs only its lineage and tasks.)"""
     from ..scoring import planner, runner
 
     check_storage_uri(out_uri, "predictions_uri")
     plan = planner.Plan.from_dict(run["plan"])
-    predictor = _predictor(run["model"])
+    predictor = _predictor(run["model"], device="auto")
     markers = [runner.score_shard(plan.shard(shard_id), predictor, out_uri, run_id=run["run_id"],
                                   explain=run.get("explain", False))
                                   for shard_id in group["shards"]]

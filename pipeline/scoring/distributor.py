@@ -17,13 +17,14 @@ from .runner import default_run_id, load_predictor, score_shard
 
 def score(catalog: str, model: Any, out: str, shard: str | None = None, all: bool = True,
           rows_per_shard: int = 10_000, batch_size: int = 32, workers: int | None = None, precision: str = "auto",
-          compile: bool = False, run_id: str | None = None, threads: int | None = None,
+          device: str = "cpu", compile: bool = False, run_id: str | None = None, threads: int | None = None,
           progress: bool = True, image_roots: list[str] | None = None,
           image_hosts: list[str] | None = None, explain: bool = False, full: bool = False) -> dict[str, Any]:
     """Plan, score one shard (`shard=ID`) or every shard (`all`), and finalize a complete run. Reruns
     resume: committed shards are skipped. Returns a summary dict, with the rows scored and carried over.
     `explain`: see `score_shard`. Incremental by default: a product whose content and model are those of its
     published prediction carries it over (pipeline/scoring/carry_over.py); `full` scores every row.
+    `device`: cpu, cuda, cuda:N or auto (cuda where available; `cmaclip.precision.resolve_device`).
 
     `threads` sets torch's intra-op threads for this process. On a node shared with other busy processes,
     fewer threads than cores can be much faster: OpenMP threads wait for each other at every op, and a
@@ -36,7 +37,7 @@ def score(catalog: str, model: Any, out: str, shard: str | None = None, all: boo
     if shard is None and not all:
         raise ValueError("nothing to score: give shard=ID or all=True")
     # The model loads before the plan: which predictions the plan carries over depends on it.
-    predictor = load_predictor(model, precision=precision, compile=compile)
+    predictor = load_predictor(model, precision=precision, device=device, compile=compile)
     carry_from = None if full else carry_over.source(out, predictor.lineage.name, predictor.lineage.version,
                                                      predictor.tasks, explain)
     plan = plan_shards(catalog, rows_per_shard, image_roots, image_hosts, out=out, carry_from=carry_from)
@@ -54,7 +55,8 @@ def score(catalog: str, model: Any, out: str, shard: str | None = None, all: boo
                "rows_in": total("rows_in"), "predicted": total("predicted"), "scored": total("scored"),
                "carried": total("carried"), "quarantined": total("quarantined"),
                "model_name": predictor.lineage.name, "model_version": predictor.lineage.version,
-               "precision": predictor.precision, "explain": explain, "seconds": round(time.perf_counter() - started, 3)}
+               "precision": predictor.precision, "device": str(predictor.device), "explain": explain,
+               "seconds": round(time.perf_counter() - started, 3)}
     if shard is None:
         summary["manifest"] = manifest_uri(out, run_id)
         finalize(plan, out, run_id)

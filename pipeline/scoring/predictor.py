@@ -27,7 +27,7 @@ from cmaclip.config import CMACLIPConfig
 from cmaclip.explain import MODALITIES, contributions, withheld_inputs
 from cmaclip.int8 import quantize_model
 from cmaclip.model import CMACLIP
-from cmaclip.precision import DTYPES, resolve_precision
+from cmaclip.precision import DTYPES, resolve_device, resolve_precision
 from cmaclip.transforms import image_batch_transform, image_size, tokenizer, trim_tokens
 
 from .. import reasons
@@ -141,7 +141,7 @@ class Predictor:
 
     def __init__(self, model: CMACLIP, checkpoint: Checkpoint, lineage: Lineage, *,
                  device: str | torch.device = "cpu", precision: str = "auto", compile: bool = False):
-        self.device = torch.device(device)
+        self.device = torch.device(resolve_device(str(device)))
         self.precision = resolve_precision(precision, self.device, inference=True)
         self.dtype = DTYPES[self.precision]
         self.checkpoint = checkpoint

@@ -34,6 +34,7 @@ from cmaclip.checkpoint import load_checkpoint
 from cmaclip.config import ALIGN, ALL_STAGES, STAGES, CMACLIPConfig, load_config
 from cmaclip.evaluate import predict
 from cmaclip.model import CMACLIP, create_model
+from cmaclip.precision import resolve_device
 from cmaclip.pretrained import is_uri
 from cmaclip.train import SUMMARY_KEYS, Callback, PrintCallback, StageResult, train_stage
 
@@ -90,10 +91,6 @@ def example_rows(dataset_uri: str, rows: int = 2) -> pd.DataFrame | None:
             if table.num_rows:
                 return table.slice(0, rows).to_pandas()
     return None
-
-
-def _device(device: str) -> str:
-    return ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
 
 
 # --- where a stage's checkpoints live ----------------------------------------------------------------
@@ -260,7 +257,7 @@ def run_stage(training: Mapping[str, Any], stage: str, epochs: int | None = None
         raise ValueError(f"stage {stage!r} is not part of this training's stages {stages}")
     config = as_config(training["config"])
     config = with_epochs(config, {stage: epochs}) if epochs is not None else config
-    device, folder = _device(training["device"]), stage_dir(training, stage)
+    device, folder = resolve_device(training["device"]), stage_dir(training, stage)
     rank, world = dist_rank_world()
     hooks = list(callbacks)
     if _remote(training):
