@@ -4,8 +4,8 @@
 test`, the tests, `airflow standalone` for the UI): `AIRFLOW_HOME` under `CMACLIP_HOME`, the repo's `dags/`
 (in a checkout) as the dags folder, a SQLite metadata DB, LocalExecutor sized for this machine, no example
 DAGs, MLflow without progress bars. `prepare()` migrates that DB and creates the `gpu` pool the training
-tasks queue on; `clear_queued_asset_events()` drops the Asset events that wait for the scheduler (the
-demo's, whose runs were tests).
+tasks queue on; `paused()` keeps a DAG paused while the demo's test runs emit the Asset events it is
+scheduled on, so the scheduler does not start runs from them later.
 
 At scale nothing here changes in the DAGs: point `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` at PostgreSQL and
 `AIRFLOW__CORE__EXECUTOR` at Celery or Kubernetes; an already-set `AIRFLOW__*` variable wins over these
@@ -14,12 +14,14 @@ defaults. This module never imports airflow (pipeline/ must not): it only builds
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from pipeline import settings
 
@@ -124,25 +126,22 @@ def prepare(home: Path | None = None, pool_slots: int = GPU_POOL_SLOTS) -> dict[
     return env
 
 
-# Run by the Airflow of `env` (this module never imports airflow): the same rows the REST API's
-# DELETE /dags/{dag_id}/assets/queuedEvents removes.
-_CLEAR_QUEUED_EVENTS = """
-from airflow.models.asset import AssetDagRunQueue
-from airflow.utils.session import create_session
-with create_session() as session:
-    print(session.query(AssetDagRunQueue).delete())
-"""
-
-
-def clear_queued_asset_events(env: Mapping[str, str]) -> int:
-    """Drop every Asset event queued for a DAG run the scheduler has not started yet; how many. The demo
-    runs its DAGs with `airflow dags test`, so the champion event of its retrain run would otherwise start a
-    scoring run the first time someone starts `airflow standalone`. The events stay in the Asset's history."""
-    proc = subprocess.run([sys.executable, "-c", _CLEAR_QUEUED_EVENTS], env=dict(env), text=True,
-                          capture_output=True, cwd=settings.IMPORT_ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"clearing the queued Asset events failed:\n{proc.stderr[-4000:]}")
-    return int(proc.stdout.strip().splitlines()[-1])
+@contextlib.contextmanager
+def paused(dag_id: str, env: Mapping[str, str]) -> Iterator[None]:
+    """`dag_id` paused while the block runs, then as it was. Airflow queues a run for an Asset event only
+    for unpaused DAGs, and `airflow dags test` runs a paused DAG all the same: the demo runs its DAGs with
+    `dags test` and the scoring DAG paused, so the champion event of its retrain run does not start a
+    scoring run the first time someone starts `airflow standalone`. The event stays in the Asset's history."""
+    run_airflow(["dags", "reserialize"], env)  # `dags pause` passes over a DAG with no row yet
+    # The JSON is the last line: Airflow's start-up warnings go to stdout too.
+    details = json.loads(run_airflow(["dags", "details", dag_id, "-o", "json"], env).stdout.splitlines()[-1])
+    was_paused = details[0]["is_paused"] == "True"
+    run_airflow(["dags", "pause", dag_id], env)
+    try:
+        yield
+    finally:
+        if not was_paused:
+            run_airflow(["dags", "unpause", dag_id], env)
 
 
 def write_env_file(env: Mapping[str, str]) -> Path:
