@@ -2,7 +2,7 @@
 
 `environment()` is the set of variables every Airflow process of the project gets (the demo's `airflow dags
 test`, the tests, `airflow standalone` for the UI): `AIRFLOW_HOME` under `CMACLIP_HOME`, the repo's `dags/`
-(in a checkout) as the dags folder, a SQLite metadata DB, LocalExecutor sized for this machine, no example
+and `plugins/` (in a checkout) as the dags and plugins folders, a SQLite metadata DB, LocalExecutor sized for this machine, no example
 DAGs, MLflow without progress bars. `prepare()` migrates that DB and creates the `gpu` pool the training
 tasks queue on; `paused()` keeps a DAG paused while the demo's test runs emit the Asset events it is
 scheduled on, so the scheduler does not start runs from them later.
@@ -25,22 +25,25 @@ from typing import Iterator, Mapping, Sequence
 
 from pipeline import settings
 
-# The checkout's dags/. The wheel does not ship them: installed, the DAG files go where Airflow looks by
-# default, $AIRFLOW_HOME/dags.
+# The checkout's dags/ and plugins/. The wheel does not ship them: installed, the DAG files and the plugin
+# go where Airflow looks by default, $AIRFLOW_HOME/dags and $AIRFLOW_HOME/plugins.
 DAGS_FOLDER = settings.REPO_ROOT / "dags" if settings.REPO_ROOT else None
+PLUGINS_FOLDER = settings.REPO_ROOT / "plugins" if settings.REPO_ROOT else None
 GPU_POOL = "gpu"
 # How many training tasks may run at once across all DAG runs: one per accelerator of the training
 # workers (a task that runs torchrun over N devices should count for N). Two on the embedded setup.
 GPU_POOL_SLOTS = int(os.environ.get("CMACLIP_GPU_POOL_SLOTS", "2"))
 ENV_FILE = "cmaclip.env"
 # What `write_env_file` records: enough for another shell to run Airflow on the same state.
-EXPORTED = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-            "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__LOAD_EXAMPLES",
-            "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__API__HOST",
-            "AIRFLOW__CORE__PARALLELISM", "PYTHONPATH", "HF_HUB_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+EXPORTED = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PLUGINS_FOLDER",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "AIRFLOW__CORE__EXECUTOR",
+            "AIRFLOW__CORE__LOAD_EXAMPLES", "AIRFLOW__CORE__UNIT_TEST_MODE",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__API__HOST", "AIRFLOW__CORE__PARALLELISM",
+            "PYTHONPATH", "HF_HUB_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 # What locates state: pinned when a caller asks for a specific home (see `environment`).
-_STATE_KEYS = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-               "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "MLFLOW_TRACKING_URI", "CMACLIP_ARTIFACT_ROOT")
+_STATE_KEYS = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PLUGINS_FOLDER",
+               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "MLFLOW_TRACKING_URI",
+               "CMACLIP_ARTIFACT_ROOT")
 
 
 def cpu_count() -> int:
@@ -70,6 +73,8 @@ def environment(home: Path | None = None, base: Mapping[str, str] | None = None)
         "CMACLIP_HOME": str(home),
         "AIRFLOW_HOME": str(af_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER or af_home / "dags"),
+        # The API server's check of a trigger's conf against the DAG's params (plugins/cmaclip_trigger_guard.py).
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER or af_home / "plugins"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{af_home / 'airflow.db'}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(af_home / "logs"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
