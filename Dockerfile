@@ -17,6 +17,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     AIRFLOW_HOME=/opt/airflow \
     CMACLIP_HOME=/var/lib/cmaclip \
     AIRFLOW__CORE__DAGS_FOLDER=/opt/cmaclip/dags \
+    AIRFLOW__CORE__PLUGINS_FOLDER=/opt/cmaclip/plugins \
     AIRFLOW__CORE__LOAD_EXAMPLES=False
 
 # libgomp: torch's CPU kernels; tini: reaps the task processes a Celery worker forks and forwards
@@ -44,11 +45,13 @@ RUN python -c "import pathlib, tomllib; [pathlib.Path(*p.split('.')).mkdir(paren
 # boto3: MLflow's S3 artifact store (the MLflow server proxies artifacts to MinIO/S3 through it).
 RUN pip install -c constraints.txt -e ".[airflow]" boto3
 
-# Editable install of the copied tree, and the Airflow DAG folder is the same dags/ the tests run.
+# Editable install of the copied tree; the Airflow DAG and plugin folders are the same dags/ and plugins/ the
+# tests run (the plugin makes the api-server refuse a trigger whose conf names a param the DAG does not take).
 COPY cmaclip cmaclip
 COPY pipeline pipeline
 COPY paper paper
 COPY dags dags
+COPY plugins plugins
 
 # Non-root, group 0 (the OpenShift/Airflow convention: any UID in group 0 can write the state folders).
 RUN useradd --uid "${AIRFLOW_UID}" --gid 0 --home-dir /opt/airflow --create-home --shell /bin/bash airflow \

@@ -1,5 +1,5 @@
 """Shared fixtures: small synthetic catalogs, an untrained tiny checkpoint, a moto S3 server on 127.0.0.1, the
-shipped real data set."""
+shipped real data set, a fresh embedded Airflow environment per module."""
 from __future__ import annotations
 
 import os
@@ -127,6 +127,32 @@ def s3_bucket(moto_s3: str) -> str:
     fs, _ = storage.filesystem(f"s3://{name}")
     fs.mkdir(name)
     return f"s3://{name}"
+
+
+def _rebind_airflow() -> None:
+    """Airflow reads AIRFLOW__* overrides on every `conf.get`, but binds its metadata DB engine when first
+    imported. If another test module imported airflow already (a module-level provider import does),
+    bind it again to what the environment says now."""
+    if "airflow.settings" in sys.modules:
+        from airflow import settings
+        settings.configure_vars()
+        settings.reconfigure_orm()
+
+
+@pytest.fixture(scope="module")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory):
+    """A fresh embedded environment: every variable that locates state points under a temporary folder."""
+    from pipeline.orchestration import airflow_home
+
+    home = tmp_path_factory.mktemp("cmaclip-home")
+    env = airflow_home.environment(home)
+    env.update(CMACLIP_RETRY_DELAY_S="1", CMACLIP_TASK_RETRIES="1")  # retries in seconds, not minutes
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        _rebind_airflow()
+        yield {"home": home, "env": env}
+    _rebind_airflow()
 
 
 def pytest_report_header(config: pytest.Config) -> str:

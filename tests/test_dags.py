@@ -1,8 +1,8 @@
 """The Airflow DAGs: they load cleanly and fast, and `dag.test()` runs both end to end on a tiny catalog,
 through a retried training stage and a rerun of an interrupted scoring run.
 
-The module fixture points every variable that locates state (AIRFLOW_*, CMACLIP_HOME, MLflow) at a fresh
-folder, and rebinds Airflow's DB engine should another module have imported airflow first. `dag.test()` runs the tasks in this process,
+conftest's `airflow_env` points every variable that locates state (AIRFLOW_*, CMACLIP_HOME, MLflow) at a
+fresh folder for the module, and rebinds Airflow's DB engine should another module have imported airflow first. `dag.test()` runs the tasks in this process,
 which lets a test inject faults by wrapping pipeline functions (the task bodies look them up at call time):
 the failures are real exceptions inside real task attempts, and Airflow's retries handle them.
 """
@@ -21,30 +21,6 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 DAG_FILES = sorted((REPO_ROOT / "dags").glob("*.py"))
 DAG_IDS = {"cmaclip_retrain", "cmaclip_nightly_scoring"}
 EPOCHS = {"warmup": 1, "end_to_end": 2, "tuning": 1}
-
-
-def _rebind_airflow() -> None:
-    """Airflow reads AIRFLOW__* overrides on every `conf.get`, but binds its metadata DB engine when first
-    imported. If another test module imported airflow already (a module-level provider import does),
-    bind it again to what the environment says now."""
-    if "airflow.settings" in sys.modules:
-        from airflow import settings
-        settings.configure_vars()
-        settings.reconfigure_orm()
-
-
-@pytest.fixture(scope="module")
-def airflow_env(tmp_path_factory: pytest.TempPathFactory):
-    """A fresh embedded environment: every variable that locates state points under a temporary folder."""
-    home = tmp_path_factory.mktemp("cmaclip-home")
-    env = airflow_home.environment(home)
-    env.update(CMACLIP_RETRY_DELAY_S="1", CMACLIP_TASK_RETRIES="1")  # retries in seconds, not minutes
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        _rebind_airflow()
-        yield {"home": home, "env": env}
-    _rebind_airflow()
 
 
 @pytest.fixture(scope="module")
@@ -188,6 +164,8 @@ def test_the_embedded_airflow_is_sized_for_this_machine_and_quiet(tmp_path):
     written = airflow_home.write_env_file(env).read_text().splitlines()   # what `airflow standalone` starts with
     assert f"AIRFLOW__CORE__PARALLELISM={env['AIRFLOW__CORE__PARALLELISM']}" in written
     assert "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false" in written
+    # The API server `airflow standalone` starts loads the checkout's plugins (the trigger guard).
+    assert f"AIRFLOW__CORE__PLUGINS_FOLDER={REPO_ROOT / 'plugins'}" in written
 
 
 def test_shard_groups_stay_below_the_map_limit():
@@ -280,7 +258,7 @@ class _Interrupt(Exception):
 
 
 @pytest.fixture(scope="module")
-def retrained(dagbag, airflow_db, catalog):
+def retrained(dagbag, airflow_db, catalog, airflow_env):
     """Run cmaclip_retrain once, with end_to_end interrupted after its first epoch on the first attempt."""
     from cmaclip.train import Callback
     from pipeline.training import trainer
@@ -307,7 +285,8 @@ def retrained(dagbag, airflow_db, catalog):
         attempts.append(recorder)
         return real_run_stage(handle, stage, epochs, hooks)
 
-    with pytest.MonkeyPatch.context() as mp:
+    # As the demo runs it: the scoring DAG paused while a test run emits the champion event it is scheduled on.
+    with pytest.MonkeyPatch.context() as mp, airflow_home.paused("cmaclip_nightly_scoring", airflow_env["env"]):
         mp.setattr(trainer, "run_stage", flaky_run_stage)
         dag_run = dagbag.dags["cmaclip_retrain"].test(
             run_conf={"catalog_uri": catalog, "epochs": EPOCHS, "config": "tiny"})
@@ -351,18 +330,16 @@ def test_retrain_dag_runs_end_to_end_and_resumes_the_interrupted_stage(retrained
     assert [e.extra for e in events] == [{"version": "1"}]
     # Each stage logged its epochs (cmaclip.train.PrintCallback into the task log).
     assert retrained["callbacks"] == {s: ["PrintCallback"] for s in airflow_tasks.STAGES}
-    # dag.test runs no scheduler: the event waits in the queue for the scoring DAG, which the first start of
-    # `airflow standalone` would run. The demo clears it; the event stays in the Asset's history.
+    # dag.test runs no scheduler, and writes every DAG of the folder to the DB: an unpaused scoring DAG would
+    # have the event queued, and the first start of `airflow standalone` would run it. It was paused through
+    # the run, so nothing waits, and it is unpaused again for its cron.
     from airflow.models.asset import AssetDagRunQueue
+    from airflow.models.dag import DagModel
 
-    def queued():
-        with create_session() as session:
-            return session.query(AssetDagRunQueue).filter_by(target_dag_id="cmaclip_nightly_scoring").count()
-
-    # Whether dag.test queues it depends on the scoring DAG's row in this test database; what is queued, the
-    # demo's clean-up removes.
-    before = queued()
-    assert airflow_home.clear_queued_asset_events(airflow_env["env"]) == before and queued() == 0
+    with create_session() as session:
+        scoring = session.get(DagModel, "cmaclip_nightly_scoring")
+        assert scoring is not None and not scoring.is_paused
+        assert session.query(AssetDagRunQueue).filter_by(target_dag_id="cmaclip_nightly_scoring").count() == 0
 
 
 @pytest.mark.slow

@@ -2,10 +2,10 @@
 
 `environment()` is the set of variables every Airflow process of the project gets (the demo's `airflow dags
 test`, the tests, `airflow standalone` for the UI): `AIRFLOW_HOME` under `CMACLIP_HOME`, the repo's `dags/`
-(in a checkout) as the dags folder, a SQLite metadata DB, LocalExecutor sized for this machine, no example
+and `plugins/` (in a checkout) as the dags and plugins folders, a SQLite metadata DB, LocalExecutor sized for this machine, no example
 DAGs, MLflow without progress bars. `prepare()` migrates that DB and creates the `gpu` pool the training
-tasks queue on; `clear_queued_asset_events()` drops the Asset events that wait for the scheduler (the
-demo's, whose runs were tests).
+tasks queue on; `paused()` keeps a DAG paused while the demo's test runs emit the Asset events it is
+scheduled on, so the scheduler does not start runs from them later.
 
 At scale nothing here changes in the DAGs: point `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` at PostgreSQL and
 `AIRFLOW__CORE__EXECUTOR` at Celery or Kubernetes; an already-set `AIRFLOW__*` variable wins over these
@@ -14,31 +14,36 @@ defaults. This module never imports airflow (pipeline/ must not): it only builds
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shlex
 import subprocess
 import sys
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 from pipeline import settings
 
-# The checkout's dags/. The wheel does not ship them: installed, the DAG files go where Airflow looks by
-# default, $AIRFLOW_HOME/dags.
+# The checkout's dags/ and plugins/. The wheel does not ship them: installed, the DAG files and the plugin
+# go where Airflow looks by default, $AIRFLOW_HOME/dags and $AIRFLOW_HOME/plugins.
 DAGS_FOLDER = settings.REPO_ROOT / "dags" if settings.REPO_ROOT else None
+PLUGINS_FOLDER = settings.REPO_ROOT / "plugins" if settings.REPO_ROOT else None
 GPU_POOL = "gpu"
 # How many training tasks may run at once across all DAG runs: one per accelerator of the training
 # workers (a task that runs torchrun over N devices should count for N). Two on the embedded setup.
 GPU_POOL_SLOTS = int(os.environ.get("CMACLIP_GPU_POOL_SLOTS", "2"))
 ENV_FILE = "cmaclip.env"
 # What `write_env_file` records: enough for another shell to run Airflow on the same state.
-EXPORTED = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-            "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "AIRFLOW__CORE__EXECUTOR", "AIRFLOW__CORE__LOAD_EXAMPLES",
-            "AIRFLOW__CORE__UNIT_TEST_MODE", "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__API__HOST",
-            "AIRFLOW__CORE__PARALLELISM", "PYTHONPATH", "HF_HUB_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+EXPORTED = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PLUGINS_FOLDER",
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "AIRFLOW__CORE__EXECUTOR",
+            "AIRFLOW__CORE__LOAD_EXAMPLES", "AIRFLOW__CORE__UNIT_TEST_MODE",
+            "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION", "AIRFLOW__API__HOST", "AIRFLOW__CORE__PARALLELISM",
+            "PYTHONPATH", "HF_HUB_OFFLINE", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
 # What locates state: pinned when a caller asks for a specific home (see `environment`).
-_STATE_KEYS = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN",
-               "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "MLFLOW_TRACKING_URI", "CMACLIP_ARTIFACT_ROOT")
+_STATE_KEYS = ("CMACLIP_HOME", "AIRFLOW_HOME", "AIRFLOW__CORE__DAGS_FOLDER", "AIRFLOW__CORE__PLUGINS_FOLDER",
+               "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN", "AIRFLOW__LOGGING__BASE_LOG_FOLDER", "MLFLOW_TRACKING_URI",
+               "CMACLIP_ARTIFACT_ROOT")
 
 
 def cpu_count() -> int:
@@ -68,6 +73,8 @@ def environment(home: Path | None = None, base: Mapping[str, str] | None = None)
         "CMACLIP_HOME": str(home),
         "AIRFLOW_HOME": str(af_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS_FOLDER or af_home / "dags"),
+        # The API server's check of a trigger's conf against the DAG's params (plugins/cmaclip_trigger_guard.py).
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(PLUGINS_FOLDER or af_home / "plugins"),
         "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{af_home / 'airflow.db'}",
         "AIRFLOW__LOGGING__BASE_LOG_FOLDER": str(af_home / "logs"),
         "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
@@ -124,25 +131,22 @@ def prepare(home: Path | None = None, pool_slots: int = GPU_POOL_SLOTS) -> dict[
     return env
 
 
-# Run by the Airflow of `env` (this module never imports airflow): the same rows the REST API's
-# DELETE /dags/{dag_id}/assets/queuedEvents removes.
-_CLEAR_QUEUED_EVENTS = """
-from airflow.models.asset import AssetDagRunQueue
-from airflow.utils.session import create_session
-with create_session() as session:
-    print(session.query(AssetDagRunQueue).delete())
-"""
-
-
-def clear_queued_asset_events(env: Mapping[str, str]) -> int:
-    """Drop every Asset event queued for a DAG run the scheduler has not started yet; how many. The demo
-    runs its DAGs with `airflow dags test`, so the champion event of its retrain run would otherwise start a
-    scoring run the first time someone starts `airflow standalone`. The events stay in the Asset's history."""
-    proc = subprocess.run([sys.executable, "-c", _CLEAR_QUEUED_EVENTS], env=dict(env), text=True,
-                          capture_output=True, cwd=settings.IMPORT_ROOT)
-    if proc.returncode != 0:
-        raise RuntimeError(f"clearing the queued Asset events failed:\n{proc.stderr[-4000:]}")
-    return int(proc.stdout.strip().splitlines()[-1])
+@contextlib.contextmanager
+def paused(dag_id: str, env: Mapping[str, str]) -> Iterator[None]:
+    """`dag_id` paused while the block runs, then as it was. Airflow queues a run for an Asset event only
+    for unpaused DAGs, and `airflow dags test` runs a paused DAG all the same: the demo runs its DAGs with
+    `dags test` and the scoring DAG paused, so the champion event of its retrain run does not start a
+    scoring run the first time someone starts `airflow standalone`. The event stays in the Asset's history."""
+    run_airflow(["dags", "reserialize"], env)  # `dags pause` passes over a DAG with no row yet
+    # The JSON is the last line: Airflow's start-up warnings go to stdout too.
+    details = json.loads(run_airflow(["dags", "details", dag_id, "-o", "json"], env).stdout.splitlines()[-1])
+    was_paused = details[0]["is_paused"] == "True"
+    run_airflow(["dags", "pause", dag_id], env)
+    try:
+        yield
+    finally:
+        if not was_paused:
+            run_airflow(["dags", "unpause", dag_id], env)
 
 
 def write_env_file(env: Mapping[str, str]) -> Path:
