@@ -140,6 +140,20 @@ def test_a_group_killed_mid_write_and_retried_leaves_nothing_behind(catalog: str
     assert digest(out) == digest(reference)
 
 
+def test_two_ingests_of_one_catalog_into_two_places_keep_their_own_scratch(catalog: str, tmp_path: Path) -> None:
+    """One catalog ingested into two places at once is one plan: a group staging into the second place must not
+    remove the sorted runs of the same group staging into the first (it removes only its own leftovers)."""
+    plan = plan_ingest(catalog, make_params(catalog, TASKS, **SMALL_PARTS), groups=3)
+    scratch, first, second = tmp_path / "scratch", str(tmp_path / "first"), str(tmp_path / "second")
+    in_progress = Path(staging.scratch_folder(plan, "00001", first, str(scratch)))
+    in_progress.mkdir(parents=True)
+    (in_progress / "run-000000.arrow").write_bytes(b"the first ingest's sorted run")
+    staging.stage_group(plan, "00001", second, str(scratch))
+    assert staging.committed(plan, second, "00001") is not None
+    assert (in_progress / "run-000000.arrow").read_bytes() == b"the first ingest's sorted run"
+    assert staging.scratch_folder(plan, "00001", first, str(scratch)) == str(in_progress)  # a retry finds it
+
+
 def test_a_failed_group_retries_alone(catalog: str, reference: str, tmp_path: Path,
                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """The Airflow tasks' functions, as the mapped tasks call them: group 1's staging fails (storage lost

@@ -83,10 +83,12 @@ def committed(plan: IngestPlan, staging: str, group_id: str) -> StagedGroup | No
     return marker if found == (marker.staged, marker.quarantined) else None
 
 
-def scratch_folder(plan: IngestPlan, group_id: str, root: str | None = None) -> str:
-    """The group's local scratch (sorted runs): named after the plan and group, so a retry finds and removes
-    what a killed attempt left there."""
-    return os.path.join(root or scratch_root(), f"cmaclip-ingest-{plan.id}-{group_id}")
+def scratch_folder(plan: IngestPlan, group_id: str, staging: str, root: str | None = None) -> str:
+    """The group's local scratch (sorted runs): named after the plan, the group and where it stages, so a
+    retry finds and removes what a killed attempt left there, while two ingests of one catalog into two
+    places (the same plan) never share a folder."""
+    place = hashlib.sha256(staging.encode()).hexdigest()[:12]
+    return os.path.join(root or scratch_root(), f"cmaclip-ingest-{plan.id}-{group_id}-{place}")
 
 
 def stage_group(plan: IngestPlan, group_id: str, staging: str, scratch: str | None = None) -> StagedGroup:
@@ -95,7 +97,7 @@ def stage_group(plan: IngestPlan, group_id: str, staging: str, scratch: str | No
     found = committed(plan, staging, group_id)
     if found is not None:
         return found
-    files, local = group_files(staging, group_id), scratch_folder(plan, group_id, scratch)
+    files, local = group_files(staging, group_id), scratch_folder(plan, group_id, staging, scratch)
     storage.remove(files.marker)
     storage.remove(files.folder, recursive=True)
     shutil.rmtree(local, ignore_errors=True)
