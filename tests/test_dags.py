@@ -286,6 +286,10 @@ def retrained(dagbag, airflow_db, catalog, airflow_env):
         return real_run_stage(handle, stage, epochs, hooks)
 
     # As the demo runs it: the scoring DAG paused while a test run emits the champion event it is scheduled on.
+    # It starts unpaused, as the demo's environment creates it (an earlier test's in-process DagBag sync may
+    # have created its row paused), so the test sees paused() put it back.
+    airflow_home.run_airflow(["dags", "reserialize"], airflow_env["env"])
+    airflow_home.run_airflow(["dags", "unpause", "cmaclip_nightly_scoring"], airflow_env["env"])
     with pytest.MonkeyPatch.context() as mp, airflow_home.paused("cmaclip_nightly_scoring", airflow_env["env"]):
         mp.setattr(trainer, "run_stage", flaky_run_stage)
         dag_run = dagbag.dags["cmaclip_retrain"].test(
