@@ -2,10 +2,10 @@
 
 `environment()` is the set of variables every Airflow process of the project gets (the demo's `airflow dags
 test`, the tests, `airflow standalone` for the UI): `AIRFLOW_HOME` under `CMACLIP_HOME`, the repo's `dags/`
-and `plugins/` (in a checkout) as the dags and plugins folders, a SQLite metadata DB, LocalExecutor sized for this machine, no example
-DAGs, MLflow without progress bars. `prepare()` migrates that DB and creates the `gpu` pool the training
-tasks queue on; `paused()` keeps a DAG paused while the demo's test runs emit the Asset events it is
-scheduled on, so the scheduler does not start runs from them later.
+and `plugins/` (in a checkout) as the dags and plugins folders, a SQLite metadata DB, LocalExecutor sized
+for this machine, no example DAGs, MLflow without progress bars. `prepare()` migrates that DB and creates
+the `gpu` pool the training tasks queue on; `paused()` keeps a DAG paused while the demo's test runs emit
+the Asset events it is scheduled on, so the scheduler does not start runs from them later.
 
 At scale nothing here changes in the DAGs: point `AIRFLOW__DATABASE__SQL_ALCHEMY_CONN` at PostgreSQL and
 `AIRFLOW__CORE__EXECUTOR` at Celery or Kubernetes; an already-set `AIRFLOW__*` variable wins over these
@@ -140,7 +140,7 @@ def paused(dag_id: str, env: Mapping[str, str]) -> Iterator[None]:
     run_airflow(["dags", "reserialize"], env)  # `dags pause` passes over a DAG with no row yet
     # The JSON is the last line: Airflow's start-up warnings go to stdout too.
     details = json.loads(run_airflow(["dags", "details", dag_id, "-o", "json"], env).stdout.splitlines()[-1])
-    was_paused = details[0]["is_paused"] == "True"
+    was_paused = str(details[0]["is_paused"]) == "True"  # the CLI prints it as text
     run_airflow(["dags", "pause", dag_id], env)
     try:
         yield
