@@ -278,7 +278,7 @@ def plan_ingest(catalog_uri: str, tasks: Sequence[str], run_folder: str,
     from ..ingest import plan as ingest_plan
 
     check_storage_uri(catalog_uri, "catalog_uri")
-    _ingest_folders(run_folder)
+    check_storage_uri(run_folder, "run folder (work_uri)")  # before the plan reads the catalog
     planned = ingest_plan.plan_ingest(catalog_uri, ingest_plan.make_params(catalog_uri, list(tasks)), groups)
     log.info("ingest plan %s: %d rows in %d groups", planned.id, planned.rows, len(planned.group_ids))
     return {"plan": planned.to_dict(), "groups": planned.group_ids}
@@ -301,9 +301,8 @@ def finish_ingest(plan: Mapping[str, Any], run_folder: str) -> dict[str, Any]:
     checked = _ingest_plan(plan)
     dataset_uri, staged = _ingest_folders(run_folder)
     done = storage.exists(storage.join(dataset_uri, dataset.MANIFEST)) and not storage.exists(staged)
-    if done and dataset.read_manifest(dataset_uri).input.fingerprint == checked.fingerprint:
-        manifest = dataset.read_manifest(dataset_uri)
-    else:
+    manifest = dataset.read_manifest(dataset_uri) if done else None
+    if manifest is None or manifest.input.fingerprint != checked.fingerprint:
         manifest = dataset.finish(checked, staged, dataset_uri)
         storage.remove(staged, recursive=True)  # a copy of the catalog's images: not kept once the dataset is
     return {"dataset_uri": dataset_uri, "input_fingerprint": manifest.input.fingerprint,
