@@ -52,9 +52,12 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--splits", type=_floats, default=(0.8, 0.1, 0.1), help="train,validation,test fractions")
     p.add_argument("--label-map", help="JSON file: {task: {synonym: label}}")
     p.add_argument("--workers", type=int, default=None,
-                   help="processes: each stages a group of the catalog's row groups, then writes dataset parts "
-                        "(default: one per core, at most 8, for 5000+ rows; else 1)")
-    p.add_argument("--groups", type=int, default=None, help="groups the row pass is cut into (default: --workers)")
+                   help="processes, this one included: each takes the next group of the catalog's row groups to "
+                        "stage, then the next dataset part to write (default: one per core, at most 8, for 5000+ "
+                        "rows; else 1)")
+    p.add_argument("--groups", type=int, default=None,
+                   help="groups the row pass is cut into (default: groups of a few thousand rows, at least two "
+                        "per process: pipeline.ingest.dataset.auto_groups)")
     p.add_argument("--staging", help="where groups are staged (default: a temporary folder); given, a rerun "
                                      "skips the groups already committed there")
     _image_source_args(p)

@@ -9,7 +9,9 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pyarrow as pa
@@ -17,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.ingest import external_sort, staging
-from pipeline.ingest.dataset import finish, ingest, read_manifest
+from pipeline.ingest.dataset import GROUP_ROWS, Helpers, _map, auto_groups, finish, ingest, read_manifest
 from pipeline.ingest.plan import balanced_bounds, make_params, plan_ingest, split_key
 from pipeline.orchestration import airflow_tasks as orch
 from pipeline.synthetic import BAD_ROWS, make_catalog
@@ -58,7 +60,7 @@ def reference(catalog: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     return out
 
 
-@pytest.mark.parametrize("groups, workers", [(2, 2), (3, 1)])
+@pytest.mark.parametrize("groups, workers", [(2, 2), (3, 1), (3, 3)])
 def test_any_number_of_groups_gives_the_same_dataset(catalog: str, reference: str, tmp_path: Path,
                                                      groups: int, workers: int) -> None:
     out = str(tmp_path / "out")
@@ -87,6 +89,37 @@ def test_groups_are_balanced_runs_of_row_groups(catalog: str) -> None:
     assert plan_ingest(catalog, params, groups=50).group_ids == [f"{g:05d}" for g in range(7)]  # one row group each
     assert balanced_bounds([10, 0, 10, 10, 10], 2) == (0, 3, 5)
     assert plan.regrouped(1).bounds == (0, 7) and plan.regrouped(1).id != plan.id
+
+
+def test_default_groups_are_small_and_at_least_two_per_process() -> None:
+    assert auto_groups(1000, 1) == 1 and auto_groups(1000, 2) == 4 and auto_groups(1000, 3) == 6
+    assert auto_groups(5 * GROUP_ROWS + 1, 1) == 6 == auto_groups(5 * GROUP_ROWS + 1, 2)
+
+
+def test_this_process_works_beside_the_helpers_and_results_keep_their_order() -> None:
+    """The first two items each wait until the other has started: they only return if this thread and the
+    helper's each took one; then the rest are shared in whatever order they free up."""
+    both, threads = threading.Barrier(2, timeout=30), set()
+
+    def square(x: int) -> int:
+        threads.add(threading.get_ident())
+        if x < 2:
+            both.wait()
+        return x * x
+
+    with ThreadPoolExecutor(1) as helper:
+        assert _map(Helpers(helper, 1), square, [(x,) for x in range(20)]) == [x * x for x in range(20)]
+    assert len(threads) == 2 and threading.get_ident() in threads
+
+
+def test_an_error_in_any_process_stops_the_map() -> None:
+    def fail_on_seven(x: int) -> int:
+        if x == 7:
+            raise ValueError("row 7")
+        return x
+
+    with ThreadPoolExecutor(1) as helper, pytest.raises(ValueError, match="row 7"):
+        _map(Helpers(helper, 1), fail_on_seven, [(x,) for x in range(20)])
 
 
 CHILD = """

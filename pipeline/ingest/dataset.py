@@ -35,12 +35,14 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from datetime import datetime, timezone
 from multiprocessing import current_process, get_context
 from typing import Any, Callable
@@ -65,6 +67,7 @@ log = logging.getLogger(__name__)
 FORMAT = "cmaclip.dataset/1"
 MANIFEST, LABELS, QUARANTINE, DATASET = "manifest.json", "labels.json", "quarantine.parquet", "dataset"
 PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves
+GROUP_ROWS = 4096            # rows a group stages by default: small enough that processes share the tail evenly
 IMAGE_POLICY = ("original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB (alpha on white) "
                 "and re-encoded: JPEG q95 from a lossy source, PNG from a lossless one")
 
@@ -72,18 +75,31 @@ IMAGE_POLICY = ("original bytes when already RGB JPEG/PNG/WebP; otherwise conver
 # --- processes --------------------------------------------------------------------------------------
 
 def auto_workers(workers: int | None, rows: int) -> int:
-    """`workers` processes when given; else one per core (at most 8) for catalogs of PARALLEL_MIN_ROWS rows
-    or more, one otherwise. The parent only waits on them, so two workers use two cores."""
+    """`workers` processes (this one included) when given; else one per core (at most 8) for catalogs of
+    PARALLEL_MIN_ROWS rows or more, one otherwise."""
     if workers is not None:
         return max(1, workers)
     return min(os.cpu_count() or 1, 8) if rows >= PARALLEL_MIN_ROWS else 1
 
 
+def auto_groups(rows: int, workers: int) -> int:
+    """Groups of about GROUP_ROWS rows, at least two per process: whoever frees up first takes the next
+    group, so no process waits on another's last large group, and a sorted group stays one merge pass."""
+    return max(2 * workers if workers > 1 else 1, math.ceil(rows / GROUP_ROWS))
+
+
+@dataclasses.dataclass(frozen=True)
+class Helpers:
+    """`size` spawned processes that work beside this one."""
+    executor: Executor
+    size: int
+
+
 @contextlib.contextmanager
-def _pool(workers: int, uris: Sequence[str]) -> Iterator[Executor | None]:
-    """A process pool of `workers`, or None (run in this process) for one worker, when a URI is in
-    `memory://`, which other processes cannot see, or in a daemonic process (a task forked from a Celery
-    prefork pool), which may not start children."""
+def _pool(workers: int, uris: Sequence[str]) -> Iterator[Helpers | None]:
+    """A pool of `workers - 1` processes (this process is the other one), or None (all in this process) for
+    one worker, when a URI is in `memory://`, which other processes cannot see, or in a daemonic process (a
+    task forked from a Celery prefork pool), which may not start children."""
     if workers <= 1 or any(storage.protocol(u) == "memory" for u in uris):
         yield None
         return
@@ -92,15 +108,41 @@ def _pool(workers: int, uris: Sequence[str]) -> Iterator[Executor | None]:
         yield None
         return
     # spawn, not fork: the parent may hold s3fs/DuckDB threads, which do not survive a fork.
-    with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-        yield pool
+    with ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn")) as pool:
+        yield Helpers(pool, workers - 1)
 
 
-def _map(pool: Executor | None, fn: Callable, items: list[tuple]) -> list:
-    """fn(*item) for each item, in order: in this process without a pool."""
-    if pool is None or not items:
+def _map(pool: Helpers | None, fn: Callable, items: list[tuple]) -> list:
+    """fn(*item) for each item, results in order. With a pool, this process works too: it and each pool
+    process take the next item as they free up (the pool's processes start while this one already works)."""
+    if pool is None or len(items) < 2:
         return [fn(*item) for item in items]
-    return list(pool.map(fn, *zip(*items)))
+    results, todo, lock, failed = [None] * len(items), iter(enumerate(items)), threading.Lock(), threading.Event()
+
+    def work(call: Callable) -> None:
+        try:
+            while not failed.is_set():
+                with lock:
+                    index, item = next(todo, (None, None))
+                if item is None:
+                    return
+                results[index] = call(*item)
+        except BaseException:
+            failed.set()       # the others finish their item and stop; the first error is raised
+            raise
+
+    def remote(*item: Any) -> Any:
+        return pool.executor.submit(fn, *item).result()
+
+    with ThreadPoolExecutor(pool.size) as feeders:  # a thread waits on each pool process
+        waiting = [feeders.submit(work, remote) for _ in range(pool.size)]
+        try:
+            work(fn)
+        finally:
+            errors = [f.exception() for f in waiting]
+    if first := next((e for e in errors if e is not None), None):
+        raise first
+    return results
 
 
 @contextlib.contextmanager
@@ -125,7 +167,7 @@ def staged_groups(plan: IngestPlan, staging: str) -> list[StagedGroup]:
 
 
 def finish(plan: IngestPlan, staging: str, out_uri: str, workers: int | None = None,
-           pool: Executor | None = None, started: float | None = None) -> DatasetManifest:
+           pool: Helpers | None = None, started: float | None = None) -> DatasetManifest:
     """Decide over the staged groups, write the dataset to `out_uri` (parts on `workers` processes, or on
     `pool`), its quarantine, labels and, last, its manifest."""
     started = time.perf_counter() if started is None else started
@@ -155,7 +197,7 @@ def finish(plan: IngestPlan, staging: str, out_uri: str, workers: int | None = N
 
 
 def _write_parts(plan: IngestPlan, markers: list[StagedGroup], decisions: Decisions, order: str, out_uri: str,
-                 pool: Executor | None) -> dict[str, list[DatasetPart]]:
+                 pool: Helpers | None) -> dict[str, list[DatasetPart]]:
     """Every part, each from its slice of the order file (sorted by split in SPLITS order, then position)."""
     params, jobs, start = plan.params, [], 0
     metadata = {"cmaclip.format": FORMAT, "cmaclip.input_fingerprint": plan.fingerprint}
@@ -234,8 +276,8 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
     written (JSON: `DatasetManifest.to_dict()`).
 
     Raises CatalogError (before writing anything) when a catalog file cannot be used at all. `workers`:
-    processes that stage groups and write parts (None: one per core for catalogs of 5000+ rows, else one);
-    `groups`: how many groups the row pass is cut into (default: `workers`). `staging`: where groups are
+    processes that stage groups and write parts, this one included (None: one per core for catalogs of 5000+
+    rows, else one); `groups`: how many groups the row pass is cut into (default: `auto_groups`). `staging`: where groups are
     staged (default: a local temporary folder, removed after); given, a rerun skips the groups it committed.
     `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own folder
     (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`; see pipeline.io.image_sources).
@@ -246,7 +288,7 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
                          rows_per_part=rows_per_part, image_roots=image_roots, image_hosts=image_hosts)
     plan = plan_ingest(catalog_uri, params)
     n_workers = auto_workers(workers, plan.rows)
-    plan = plan.regrouped(groups or n_workers)
+    plan = plan.regrouped(groups or auto_groups(plan.rows, n_workers))
     log.info("ingest %s (%d files, %d rows) -> %s: %d groups on %d processes", catalog_uri, len(plan.files),
              plan.rows, out_uri, len(plan.group_ids), n_workers)
     with _staging_folder(staging) as folder, _pool(n_workers, [catalog_uri, out_uri, folder]) as pool:

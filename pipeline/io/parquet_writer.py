@@ -31,7 +31,7 @@ class AtomicParquetWriter:
         self._buffered = 0
         with contextlib.ExitStack() as stack:  # a writer that fails to open leaves no temporary behind
             sink = stack.enter_context(storage.atomic_output(uri))
-            self._parquet = pq.ParquetWriter(sink, schema, compression=compression)
+            self._parquet = pq.ParquetWriter(sink, schema, compression=compression, use_dictionary=_dictionary(schema))
             self._stack = stack.pop_all()
 
     def __enter__(self) -> "AtomicParquetWriter":
@@ -85,3 +85,9 @@ def write_table(uri: str, table: pa.Table, compression: str = COMPRESSION) -> No
     """One table, committed atomically; its schema metadata is kept."""
     with AtomicParquetWriter(uri, table.schema, compression=compression) as writer:
         writer.write(table)
+
+
+def _dictionary(schema: pa.Schema) -> list[str]:
+    """The columns worth dictionary-encoding: all but binary ones (images), whose values never repeat, so
+    pyarrow would build a dictionary for every page only to fall back to plain encoding."""
+    return [f.name for f in schema if not (pa.types.is_binary(f.type) or pa.types.is_large_binary(f.type))]
