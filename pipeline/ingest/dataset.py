@@ -56,7 +56,7 @@ from ..manifests import (DatasetCounts, DatasetFiles, DatasetInput, DatasetManif
                          ManifestError, StagedGroup)
 from .dataset_writer import PartJob, part_name, write_part
 from .decide import Decisions, LabelStats, decide, write_order, write_quarantine
-from .plan import SPLITS, IngestPlan, check_splits, check_tasks, make_params, plan_ingest, split_of
+from .plan import ROWS_PER_PART, SPLITS, IngestPlan, check_splits, check_tasks, make_params, plan_ingest, split_of
 from .staging import committed, stage_group
 
 __all__ = ["CatalogError", "ingest", "finish", "read_manifest", "read_labels", "dataset_files", "split_of", "SPLITS",
@@ -270,7 +270,7 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
            splits: Sequence[float] = (0.8, 0.1, 0.1), min_class_count: int = 5,
            label_map: dict[str, dict[str, str]] | None = None, limits: ImageLimits = DEFAULT_LIMITS,
            workers: int | None = None, groups: int | None = None, batch_rows: int = 512,
-           row_group_rows: int = 1024, rows_per_part: int = 20_000, image_roots: Sequence[str] | None = None,
+           row_group_rows: int = 1024, rows_per_part: int = ROWS_PER_PART, image_roots: Sequence[str] | None = None,
            image_hosts: Sequence[str] | None = None, staging: str | None = None) -> dict[str, Any]:
     """Ingest a catalog (file, folder or glob; any fsspec URI) into a dataset at `out_uri`; the manifest as
     written (JSON: `DatasetManifest.to_dict()`).

@@ -24,6 +24,7 @@ from ..io.images import DEFAULT_LIMITS, ImageLimits
 SPLITS = ("train", "validation", "test")
 RESERVED = frozenset({"product_id", "title", "image", "image_uri", "split"})
 GROUP_ID = "{:05d}"
+ROWS_PER_PART = 8192     # a dataset part: one split's rows, small enough that parts are written on every process
 
 
 # --- parameters -------------------------------------------------------------------------------------
@@ -74,7 +75,7 @@ class IngestParams:
     limits: ImageLimits = DEFAULT_LIMITS
     batch_rows: int = 512
     row_group_rows: int = 1024
-    rows_per_part: int = 20_000
+    rows_per_part: int = ROWS_PER_PART
     sources: ImageSources | None = None   # what `image_uri` rows may read; set from the catalog's root
 
     @property
@@ -97,7 +98,7 @@ class IngestParams:
 def make_params(catalog_uri: str, tasks: Sequence[str] | str, *, splits: Sequence[float] = (0.8, 0.1, 0.1),
                 min_class_count: int = 5, label_map: dict[str, dict[str, str]] | None = None,
                 limits: ImageLimits = DEFAULT_LIMITS, batch_rows: int = 512, row_group_rows: int = 1024,
-                rows_per_part: int = 20_000, image_roots: Sequence[str] | None = None,
+                rows_per_part: int = ROWS_PER_PART, image_roots: Sequence[str] | None = None,
                 image_hosts: Sequence[str] | None = None) -> IngestParams:
     """Checked params; `image_roots`, `image_hosts`: what `image_uri` rows may read besides the catalog's own
     folder (default: `CMACLIP_IMAGE_ROOTS`, `CMACLIP_IMAGE_HOSTS`; see pipeline.io.image_sources)."""
