@@ -56,7 +56,7 @@ def _ingest_args(p: argparse.ArgumentParser) -> None:
                         "stage, then the next dataset part to write (default: one per core, at most 8, for 5000+ "
                         "rows; else 1)")
     p.add_argument("--groups", type=int, default=None,
-                   help="groups the row pass is cut into (default: groups of a few thousand rows, at least two "
+                   help="groups the row pass is cut into (default: groups of a few thousand rows, at least four "
                         "per process: pipeline.ingest.dataset.auto_groups)")
     p.add_argument("--staging", help="where groups are staged (default: a temporary folder); given, a rerun "
                                      "skips the groups already committed there")

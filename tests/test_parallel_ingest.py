@@ -91,9 +91,9 @@ def test_groups_are_balanced_runs_of_row_groups(catalog: str) -> None:
     assert plan.regrouped(1).bounds == (0, 7) and plan.regrouped(1).id != plan.id
 
 
-def test_default_groups_are_small_and_at_least_two_per_process() -> None:
-    assert auto_groups(1000, 1) == 1 and auto_groups(1000, 2) == 4 and auto_groups(1000, 3) == 6
-    assert auto_groups(5 * GROUP_ROWS + 1, 1) == 6 == auto_groups(5 * GROUP_ROWS + 1, 2)
+def test_default_groups_follow_the_rows_with_at_least_four_per_process() -> None:
+    assert auto_groups(1000, 1) == 1 and auto_groups(1000, 2) == 8 and auto_groups(1000, 3) == 12
+    assert auto_groups(10 * GROUP_ROWS + 1, 1) == 11 == auto_groups(10 * GROUP_ROWS + 1, 2)
 
 
 def test_this_process_works_beside_the_helpers_and_results_keep_their_order() -> None:

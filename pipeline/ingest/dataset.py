@@ -67,7 +67,7 @@ log = logging.getLogger(__name__)
 FORMAT = "cmaclip.dataset/1"
 MANIFEST, LABELS, QUARANTINE, DATASET = "manifest.json", "labels.json", "quarantine.parquet", "dataset"
 PARALLEL_MIN_ROWS = 5000     # below this, starting worker processes costs more than it saves
-GROUP_ROWS = 4096            # rows a group stages by default: small enough that processes share the tail evenly
+GROUP_ROWS = 8192            # rows a group stages by default (a catalog's row groups permitting)
 IMAGE_POLICY = ("original bytes when already RGB JPEG/PNG/WebP; otherwise converted to RGB (alpha on white) "
                 "and re-encoded: JPEG q95 from a lossy source, PNG from a lossless one")
 
@@ -83,9 +83,10 @@ def auto_workers(workers: int | None, rows: int) -> int:
 
 
 def auto_groups(rows: int, workers: int) -> int:
-    """Groups of about GROUP_ROWS rows, at least two per process: whoever frees up first takes the next
-    group, so no process waits on another's last large group, and a sorted group stays one merge pass."""
-    return max(2 * workers if workers > 1 else 1, math.ceil(rows / GROUP_ROWS))
+    """Groups of about GROUP_ROWS rows, and at least four per process when there are several: whoever frees
+    up first takes the next group, largest first, so no process waits long on another's last one. Not
+    smaller: every dataset part reads a slice of every group."""
+    return max(4 * workers if workers > 1 else 1, math.ceil(rows / GROUP_ROWS))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,13 @@ def _pool(workers: int, uris: Sequence[str]) -> Iterator[Helpers | None]:
         yield None
         return
     # spawn, not fork: the parent may hold s3fs/DuckDB threads, which do not survive a fork.
-    with ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn")) as pool:
+    pool = ProcessPoolExecutor(workers - 1, mp_context=get_context("spawn"))
+    try:
         yield Helpers(pool, workers - 1)
+    except BaseException:
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=False)  # all done: nobody needs to wait while the processes' interpreters wind down
 
 
 def _map(pool: Helpers | None, fn: Callable, items: list[tuple]) -> list:
@@ -292,7 +298,8 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
     log.info("ingest %s (%d files, %d rows) -> %s: %d groups on %d processes", catalog_uri, len(plan.files),
              plan.rows, out_uri, len(plan.group_ids), n_workers)
     with _staging_folder(staging) as folder, _pool(n_workers, [catalog_uri, out_uri, folder]) as pool:
-        _map(pool, stage_group, [(plan, g, folder) for g in plan.group_ids])
+        largest_first = sorted(plan.group_ids, key=lambda g: -sum(u.rows for u in plan.group(g)))
+        _map(pool, stage_group, [(plan, g, folder) for g in largest_first])
         manifest = finish(plan, folder, out_uri, n_workers, pool, started)
     return manifest.to_dict()
 

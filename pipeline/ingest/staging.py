@@ -40,7 +40,8 @@ from .plan import IngestPlan, Unit, split_for_key, split_key
 from .validate import Checked, RawRow, RowRules, check_rows
 
 ORDER = ("__key", "product_id", "__seq")     # dataset order within a split; a split is a range of keys
-STAGED_ROW_GROUP = 256                       # rows per row group of a group's rows.parquet
+STAGED_ROW_GROUP = 64    # rows per row group of a group's rows.parquet: a part reads a slice of every group,
+                         # whole row groups at a time, so small ones waste little of what is read
 QUARANTINE_ROW_GROUP = 8192
 QUARANTINE_SCHEMA = pa.schema([("__seq", pa.int64()), ("product_id", pa.string()), ("reason", pa.string()),
                                ("detail", pa.string())])

@@ -17,15 +17,17 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from datetime import datetime
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import fsspec
 import fsspec.asyn
-import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+if TYPE_CHECKING:
+    import pyarrow.dataset as pads
 
 # Files that are not data: Spark/Hadoop markers, our own temporary names, hidden files.
 _HIDDEN_PREFIXES = ("_", ".")
@@ -355,6 +357,7 @@ def parquet_files(uri: str) -> list[str]:
 
 def open_parquet_dataset(uri: str) -> pads.Dataset:
     """A Parquet file, folder or glob as one pyarrow dataset, read through the URI's filesystem."""
+    import pyarrow.dataset as pads  # here, not above: it imports pandas, half a second each ingest process pays
     files = parquet_files(uri)
     if not files:
         raise FileNotFoundError(f"no Parquet files at {uri}")
