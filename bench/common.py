@@ -115,8 +115,15 @@ def flops_per_sample(fn: Callable[[], object], batch: int) -> float:
     an fp32 model: int8 kernels are not counted, and the FLOPs do not depend on the dtype."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
-        fn()
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    # The fused transformer-encoder kernel an eval-mode encoder takes is invisible to the counter: counted
+    # with it, CMA-CLIP's sequence attention (half of paper-vit-b-32's FLOPs) would count as nothing.
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with FlopCounterMode(display=False) as counter:
+            fn()
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
     return counter.get_total_flops() / batch
 
 
