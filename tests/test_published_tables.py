@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.sql import connect, load_sql
-from pipeline.scoring import publish, published_tables
+from pipeline.scoring import publish, published_tables, report
 from publish_support import START, catalog, finalized_run, prediction
 
 
@@ -87,3 +87,33 @@ def test_the_catalog_view_matches_by_key_nulls_duplicates_and_orders_by_the_cata
             assert row["predicted_color"] is None and row["predicted_run_id"] is None, row
     mine = {r["catalog_predicted_color"] for r in view.to_pylist()}
     assert {"copy", "x", "y", "no id", "blank", "z"} <= mine          # the catalog's column, renamed
+
+
+def test_fill_and_disagreements_span_sorted_runs_in_their_order(tmp_path):
+    """The report's files for review (pipeline/scoring/reviews.py) from sorts of many runs: the rows and the
+    order a whole-table sort gives."""
+    out = tmp_path / "out"
+    colors = ["blue", "green", "red"]
+    rows = [prediction(f"p{i:02d}", "night-1", color=colors[i % 3], color_confidence=round(0.5 + (i * 7 % 40) / 100, 2),
+                       style=None if i % 5 == 0 else "formal", style_confidence=0.6) for i in range(40)]
+    finalized_run(out, "night-1", rows, shards=3)
+    values = [{"product_id": f" p{i:02d}", "color": [None, "blue", "red", " "][i % 4]} for i in range(40)]
+    values += [{"product_id": "p39", "color": None}]             # p39 twice: left out
+    products = catalog(tmp_path / "catalog.parquet", values[::-1])
+    made = report.build(str(out), publish.run_manifest(str(out)), products)
+
+    catalog_color = {f"p{i:02d}": [None, "blue", "red", None][i % 4] for i in range(39)}
+    by_id = {r["product_id"]: r for r in rows if r["product_id"] in catalog_color}
+    fill = [(p, "color", r["color"], r["color_confidence"]) for p, r in by_id.items() if catalog_color[p] is None]
+    fill += [(p, "style", r["style"], 0.6) for p, r in by_id.items() if r["style"] is not None]
+    fill.sort(key=lambda f: (f[1], -f[3], f[0]))
+    differ = [(p, "color", catalog_color[p], r["color"], r["color_confidence"]) for p, r in by_id.items()
+              if catalog_color[p] not in (None, r["color"])]
+    differ.sort(key=lambda d: (-d[4], d[1], d[0]))
+    got = pq.read_table(made.files["fill"]).to_pylist()
+    assert [(r["product_id"], r["task"], r["predicted"]) for r in got] == [f[:3] for f in fill]
+    assert [r["confidence"] for r in got] == pytest.approx([f[3] for f in fill])
+    got = pq.read_table(made.files["disagreements"]).to_pylist()
+    assert [(r["product_id"], r["task"], r["catalog_value"], r["predicted"]) for r in got] == [d[:4] for d in differ]
+    tasks = {t.task: t for t in made.tasks}
+    assert (tasks["color"].filled, tasks["color"].disagreements) == (sum(f[1] == "color" for f in fill), len(differ))

@@ -71,7 +71,7 @@ def _write_version(out: str, manifest: RunManifest, catalog: str | None, verdict
     latest = version_uri(out, number, "latest")
     with connect() as con, tempfile.TemporaryDirectory(prefix="cmaclip-publish-", dir=scratch_root()) as sorts:
         storage.register_duckdb(con, out)
-        predictions = _query(con, "publish_predictions", {"predictions": manifest.predictions})
+        predictions = published_tables.run_predictions(con, manifest.predictions)
         rows = write_parquet(published_tables.latest(predictions, sorts), latest, versions.metadata(number),
                              ROW_GROUP_ROWS)
         _check_rows(manifest, rows)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -26,6 +27,7 @@ import pyarrow.compute as pc
 
 from ..ingest.external_sort import sorted_tables
 from ..io import storage
+from ..io.sql import load_sql
 from .layout import ROW_GROUP_ROWS
 
 # Columns of queries/publish_predictions.sql that order one product's predictions, oldest first.
@@ -40,13 +42,31 @@ RUN_BYTES = 4 << 20                      # rows sorted in memory at once: what t
 CHUNK_ROWS = 4_096                       # rows per table passed from step to step (the writer makes row groups)
 
 
+def run_predictions(con: Any, files: Sequence[str]) -> pa.RecordBatchReader:
+    """queries/publish_predictions.sql's rows of a run's prediction `files`, read one file at a time: DuckDB's
+    scan of several files holds memory for each until the scan ends (about 3 MB a prediction file, measured
+    on fashion-small), and a run has a file per shard, as many as the catalog has shards. Each file's rows
+    get the types the files meet in (by name, as `union_by_name` reads them); a column a file lacks is null."""
+    query = load_sql("publish_predictions")
+    schema = con.sql(query, params={"predictions": list(files)}).limit(0).to_arrow_table().schema
+
+    def batches() -> Iterator[pa.RecordBatch]:
+        for file in files:
+            for batch in con.sql(query, params={"predictions": [file]}).to_arrow_reader(ROW_GROUP_ROWS):
+                yield pa.RecordBatch.from_arrays([batch.column(f.name).cast(f.type) if f.name in batch.schema.names
+                                                  else pa.nulls(batch.num_rows, f.type) for f in schema],
+                                                 schema=schema)
+
+    return pa.RecordBatchReader.from_batches(schema, batches())
+
+
 def latest(predictions: pa.RecordBatchReader, folder: str) -> pa.RecordBatchReader:
-    """The new state from queries/publish_predictions.sql's rows: sorted by product_id, one row per product
+    """The new state from a run's predictions (`run_predictions`): sorted by product_id, one row per product
     (should a product have two predictions, the newest, as `NEWEST_LAST` orders them), the ordering columns
     dropped. `folder` (existing, local) takes the sorted runs."""
     keys = ["product_id", *NEWEST_LAST]
-    runs = _subfolder(folder, "latest")
-    newest = _last_of_each(_sorted(_tables(predictions), keys, runs), "product_id")
+    runs = subfolder(folder, "latest")
+    newest = _last_of_each(sorted_chunks(tables_of(predictions), keys, runs), "product_id")
     schema = _without(predictions.schema, NEWEST_LAST)
     return pa.RecordBatchReader.from_batches(schema, _batches(t.drop_columns(list(NEWEST_LAST)) for t in newest))
 
@@ -73,12 +93,12 @@ def catalog_view(catalog: pa.RecordBatchReader, state: pa.RecordBatchReader, nam
     fields = _view_fields(catalog.schema, state.schema)
     if len(names) != len(fields):
         raise ValueError(f"catalog view: {len(names)} names for {len(fields)} columns")
-    by_key = _sorted(_positioned(catalog), [KEY, POSITION], _subfolder(folder, "by-key"))
-    cursor = _Cursor(state, PREDICTED_KEY)
-    joined = (_joined(t, duplicated, cursor, names) for t, duplicated in _with_duplicates(by_key, KEY))
+    by_key = sorted_chunks(positioned(catalog), [KEY, POSITION], subfolder(folder, "by-key"))
+    cursor = Cursor(state, PREDICTED_KEY)
+    joined = (_joined(t, duplicated, cursor, names) for t, duplicated in with_duplicates(by_key, KEY))
     helpers = [NO_ID, POSITION]
     # Its own folder: this sort writes its runs while the sort by key still reads its own.
-    ordered = _sorted(joined, [NO_ID, "product_id", POSITION], _subfolder(folder, "by-id"))
+    ordered = sorted_chunks(joined, [NO_ID, "product_id", POSITION], subfolder(folder, "by-id"))
     schema = pa.schema([f.with_name(n) for f, n in zip(fields, names)])
     return pa.RecordBatchReader.from_batches(schema, _batches(t.drop_columns(helpers) for t in ordered))
 
@@ -103,7 +123,7 @@ def _last_of_each(tables: Iterable[pa.Table], key: str) -> Iterator[pa.Table]:
 
 # --- the catalog view ------------------------------------------------------------------------------------
 
-def _positioned(catalog: pa.RecordBatchReader) -> Iterator[pa.Table]:
+def positioned(catalog: pa.RecordBatchReader) -> Iterator[pa.Table]:
     """The catalog's rows with their position in the scan: what breaks ties between equal ids, so the view's
     order is the same every time."""
     start = 0
@@ -113,7 +133,7 @@ def _positioned(catalog: pa.RecordBatchReader) -> Iterator[pa.Table]:
         start += n
 
 
-def _with_duplicates(tables: Iterable[pa.Table], key: str) -> Iterator[tuple[pa.Table, pa.Array]]:
+def with_duplicates(tables: Iterable[pa.Table], key: str) -> Iterator[tuple[pa.Table, pa.Array]]:
     """Each table of a stream sorted by `key`, with the mask of its rows whose key is on another row too:
     the row before or after it, in this table or a neighbouring one."""
     before, current = None, None
@@ -136,7 +156,7 @@ def _duplicated(keys: pa.ChunkedArray, before: pa.Scalar | None, after: pa.Scala
     return pc.or_(pc.equal(values, previous).fill_null(False), pc.equal(values, following).fill_null(False))
 
 
-class _Cursor:
+class Cursor:
     """The rows of a stream sorted by a unique `key`, read once in key order: `take(keys)` gives those whose
     key is among `keys` (sorted, not before any taken earlier) and passes over every row up to the last of
     them. It holds one batch of the stream and the rows it returns, however far apart the keys are."""
@@ -163,7 +183,7 @@ class _Cursor:
         return pa.concat_tables(found) if found else self.schema.empty_table()
 
 
-def _joined(table: pa.Table, duplicated: pa.Array, cursor: _Cursor, names: Sequence[str]) -> pa.Table:
+def _joined(table: pa.Table, duplicated: pa.Array, cursor: Cursor, names: Sequence[str]) -> pa.Table:
     """A sorted slice of the catalog with its products' rows of the state (nulls where none or duplicated),
     named `names`, and the helper columns the view is ordered by."""
     keys = table.column(KEY)
@@ -187,11 +207,11 @@ def _view_fields(catalog: pa.Schema, state: pa.Schema) -> list[pa.Field]:
 
 # --- streams ---------------------------------------------------------------------------------------------
 
-def _sorted(tables: Iterable[pa.Table], keys: Sequence[str], folder: str) -> Iterator[pa.Table]:
+def sorted_chunks(tables: Iterable[pa.Table], keys: Sequence[str], folder: str) -> Iterator[pa.Table]:
     return sorted_tables(tables, keys, folder, CHUNK_ROWS, RUN_BYTES)
 
 
-def _tables(reader: pa.RecordBatchReader) -> Iterator[pa.Table]:
+def tables_of(reader: pa.RecordBatchReader) -> Iterator[pa.Table]:
     return (pa.Table.from_batches([batch]) for batch in reader)
 
 
@@ -200,7 +220,7 @@ def _batches(tables: Iterable[pa.Table]) -> Iterator[pa.RecordBatch]:
         yield from table.combine_chunks().to_batches()
 
 
-def _subfolder(folder: str, name: str) -> str:
+def subfolder(folder: str, name: str) -> str:
     path = os.path.join(folder, name)
     os.makedirs(path, exist_ok=True)
     return path
