@@ -15,6 +15,7 @@ from typing import Any
 import pyarrow as pa
 
 from ..io import storage
+from ..io.allocator import returning_freed_memory
 from ..io.sql import connect, load_sql, scratch_root, write_parquet
 from ..manifests import PublishedVersion, RunManifest, RunReport
 from . import duplicate_ids, published_tables, report, versions
@@ -55,11 +56,12 @@ def publish(out: str, catalog: str | None = None, *, run_id: str | None = None, 
     now = versions.current(out)
     if now is not None and (now.run_id, now.catalog) == (manifest.run_id, catalog):
         return _summary(out, now, None, prune(out, retention))
-    made = report.build(out, manifest, catalog)
-    verdict = check(made, manifest, limits) if limits is not None else None
-    if verdict is not None and not verdict.passed and not force:
-        raise GateFailed(verdict)
-    record = _write_version(out, manifest, catalog, verdict, now)
+    with returning_freed_memory():  # memory flat whatever the catalog's size (pipeline/io/allocator.py)
+        made = report.build(out, manifest, catalog)
+        verdict = check(made, manifest, limits) if limits is not None else None
+        if verdict is not None and not verdict.passed and not force:
+            raise GateFailed(verdict)
+        record = _write_version(out, manifest, catalog, verdict, now)
     versions.point(out, record)
     return _summary(out, record, verdict, prune(out, retention))
 

@@ -7,9 +7,12 @@ Written under `_reports/run=<id>/` before the quality gate decides (`report.json
 `fill.parquet`, `disagreements.parquet`), and linked from the version publish makes. Built again only when
 the published state or the catalog it compared with has changed since.
 
-The states are wide (columns per task); the queries (queries/report_*.sql) read them long, one row per
+The fill and disagreements files are streamed within a fixed memory (`reviews`). For the figures per task,
+the states are wide (columns per task); the queries (queries/report_*.sql) read them long, one row per
 (product, task), through views this module builds with DuckDB's relational API, so column names are
-identifiers DuckDB quotes, never text formatted into SQL. DuckDB runs within a memory limit (`sql.connect`).
+identifiers DuckDB quotes, never text formatted into SQL. DuckDB runs within a memory limit (`sql.connect`):
+the join of the new state with the previous one (report_tasks.sql) is DuckDB's, bounded by that limit, not
+streamed.
 """
 from __future__ import annotations
 
