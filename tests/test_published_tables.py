@@ -117,3 +117,14 @@ def test_fill_and_disagreements_span_sorted_runs_in_their_order(tmp_path):
     assert [(r["product_id"], r["task"], r["catalog_value"], r["predicted"]) for r in got] == [d[:4] for d in differ]
     tasks = {t.task: t for t in made.tasks}
     assert (tasks["color"].filled, tasks["color"].disagreements) == (sum(f[1] == "color" for f in fill), len(differ))
+
+
+def test_publish_allocates_from_a_pool_that_returns_freed_memory_and_restores_the_default():
+    from pipeline.io.allocator import returning_freed_memory
+
+    before = pa.default_memory_pool().backend_name
+    with pytest.raises(RuntimeError, match="inside"):
+        with returning_freed_memory():
+            assert pa.default_memory_pool().backend_name in ("jemalloc", "system")
+            raise RuntimeError("inside")
+    assert pa.default_memory_pool().backend_name == before

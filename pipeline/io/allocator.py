@@ -2,9 +2,9 @@
 
 pyarrow's default allocator, mimalloc, keeps much of what it frees, and more the more batches pass through
 it: publish at 5x fashion-small peaked 13% above 1x with mimalloc, though what pyarrow held at once was the
-same (about 20 MB: `pa.total_allocated_bytes()`); with jemalloc, which hands freed pages back within a
-second, 5% (docs/benchmarks.md, "Scale"). Process-wide while the block runs: a buffer is freed by the pool
-that allocated it, whichever is the default then.
+same (about 20 MB: `pa.total_allocated_bytes()`); with jemalloc, 5% (docs/benchmarks.md, "Scale").
+Process-wide while the block runs: a buffer is freed by the pool that allocated it, whichever is the default
+then.
 """
 from __future__ import annotations
 

@@ -44,7 +44,7 @@ CHUNK_ROWS = 4_096                       # rows per table passed from step to st
 
 def run_predictions(con: Any, files: Sequence[str]) -> pa.RecordBatchReader:
     """queries/publish_predictions.sql's rows of a run's prediction `files`, read one file at a time: DuckDB's
-    scan of several files holds memory for each until the scan ends (about 3 MB a prediction file, measured
+    scan of several files holds memory for each until the scan ends (about 3.5 MB a prediction file, measured
     on fashion-small), and a run has a file per shard, as many as the catalog has shards. Each file's rows
     get the types the files meet in (by name, as `union_by_name` reads them); a column a file lacks is null."""
     query = load_sql("publish_predictions")
