@@ -7,6 +7,7 @@ a window or a join over the whole catalog in DuckDB holds the catalog in memory 
 below it, as much as it likes: publish's peak memory grew by 42% from 1x to 5x the catalog
 (docs/benchmarks.md, "Scale"). Here the sorts are `ingest.external_sort`'s (runs of a fixed size on local
 disk, merged a small batch of each at a time) and the join a merge of two streams sorted by the same key.
+The report's fill and disagreements (`reviews`) are made of the same parts.
 
 The catalog view's rule for duplicated ids (docs/contracts.md, "Duplicate product_ids"): a catalog row is
 matched by its product_id normalised as scoring normalised the prediction's (`duplicate_ids.register_key`),
