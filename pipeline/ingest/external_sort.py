@@ -18,53 +18,57 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-RUN_BYTES = 16 << 20          # rows sorted in memory at once
+RUN_BYTES = 16 << 20          # rows sorted in memory at once (by default)
 FAN_IN = 32                   # runs merged at once: the merge holds one batch of each
 BATCH_BYTES = RUN_BYTES // FAN_IN
 MAX_BATCH_ROWS = 256
 
 
-def sorted_tables(tables: Iterable[pa.Table], keys: Sequence[str], folder: str,
-                  out_rows: int = 1024) -> Iterator[pa.Table]:
-    """The rows of `tables` sorted by `keys` (ascending), as tables of at most `out_rows` rows; runs are
-    written under `folder` (which must exist) and removed as they are merged."""
-    runs = _runs(tables, keys, folder)
+def sorted_tables(tables: Iterable[pa.Table], keys: Sequence[str], folder: str, out_rows: int = 1024,
+                  run_bytes: int | None = None) -> Iterator[pa.Table]:
+    """The rows of `tables` sorted by `keys` (ascending), as tables of at most `out_rows` rows; runs of
+    about `run_bytes` (default `RUN_BYTES`) are written under `folder` (which must exist) and removed as
+    they are merged."""
+    run_bytes, batch_bytes = (RUN_BYTES, BATCH_BYTES) if run_bytes is None else (run_bytes, run_bytes // FAN_IN)
+    runs = _runs(tables, keys, folder, run_bytes, batch_bytes)
     level = 0
     while len(runs) > FAN_IN:
         level += 1
         runs = [_write_run(_merged(runs[i:i + FAN_IN], keys, out_rows),
-                           os.path.join(folder, f"merge-{level}-{i:06d}.arrow"))
+                           os.path.join(folder, f"merge-{level}-{i:06d}.arrow"), batch_bytes)
                 for i in range(0, len(runs), FAN_IN)]
     yield from _merged(runs, keys, out_rows)
 
 
-def _runs(tables: Iterable[pa.Table], keys: Sequence[str], folder: str) -> list[str]:
+def _runs(tables: Iterable[pa.Table], keys: Sequence[str], folder: str, run_bytes: int,
+          batch_bytes: int) -> list[str]:
     runs, buffer, size = [], [], 0
     for table in tables:
         buffer.append(table)
         size += table.nbytes
-        if size >= RUN_BYTES:
-            runs.append(_sort_run(buffer, keys, os.path.join(folder, f"run-{len(runs):06d}.arrow")))
+        if size >= run_bytes:
+            runs.append(_sort_run(buffer, keys, os.path.join(folder, f"run-{len(runs):06d}.arrow"), batch_bytes))
             buffer, size = [], 0
     if buffer:
-        runs.append(_sort_run(buffer, keys, os.path.join(folder, f"run-{len(runs):06d}.arrow")))
+        runs.append(_sort_run(buffer, keys, os.path.join(folder, f"run-{len(runs):06d}.arrow"), batch_bytes))
     return runs
 
 
-def _sort_run(buffer: list[pa.Table], keys: Sequence[str], path: str) -> str:
+def _sort_run(buffer: list[pa.Table], keys: Sequence[str], path: str, batch_bytes: int) -> str:
     table = pa.concat_tables(buffer)
-    return _write_run(iter([table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))]), path)
+    ordered = table.take(pc.sort_indices(table, sort_keys=[(k, "ascending") for k in keys]))
+    return _write_run(iter([ordered]), path, batch_bytes)
 
 
-def _write_run(tables: Iterator[pa.Table], path: str) -> str:
-    """Tables into an Arrow file in batches of about BATCH_BYTES, so its merge reads little at a time."""
+def _write_run(tables: Iterator[pa.Table], path: str, batch_bytes: int) -> str:
+    """Tables into an Arrow file in batches of about `batch_bytes`, so its merge reads little at a time."""
     with contextlib.ExitStack() as stack:
         writer = None
         for table in tables:
             if writer is None:
                 sink = stack.enter_context(pa.OSFile(path, "wb"))
                 writer = stack.enter_context(pa.ipc.new_file(sink, table.schema))
-            rows = max(1, min(MAX_BATCH_ROWS, int(BATCH_BYTES * table.num_rows / max(1, table.nbytes))))
+            rows = max(1, min(MAX_BATCH_ROWS, int(batch_bytes * table.num_rows / max(1, table.nbytes))))
             for batch in table.to_batches(max_chunksize=rows):
                 writer.write_batch(batch)
     return path

@@ -55,11 +55,12 @@ def connect(spill_dir: str | None = None, limit: str | None = None) -> Iterator[
         yield con
 
 
-def write_parquet(reader: pa.RecordBatchReader, uri: str, metadata: dict[str, str] | None = None) -> int:
-    """Stream a query's result (`relation.to_arrow_reader(rows)`: one row group per batch) into a Parquet
-    file committed atomically, with `metadata` in its schema; its row count."""
+def write_parquet(reader: pa.RecordBatchReader, uri: str, metadata: dict[str, str] | None = None,
+                  row_group_rows: int | None = None) -> int:
+    """Stream a query's result into a Parquet file committed atomically, with `metadata` in its schema; its
+    row count. One row group per batch (`relation.to_arrow_reader(rows)`), or of `row_group_rows` rows."""
     schema = reader.schema.with_metadata(metadata) if metadata else reader.schema
-    with AtomicParquetWriter(uri, schema) as writer:
+    with AtomicParquetWriter(uri, schema, row_group_rows) as writer:
         for batch in reader:
             writer.write(batch)
     return writer.rows

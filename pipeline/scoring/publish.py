@@ -8,15 +8,17 @@ no longer kept. Versions, the current one and rollback: `versions`."""
 from __future__ import annotations
 
 import logging
+import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
 import pyarrow as pa
 
 from ..io import storage
-from ..io.sql import connect, load_sql, write_parquet
+from ..io.allocator import returning_freed_memory
+from ..io.sql import connect, load_sql, scratch_root, write_parquet
 from ..manifests import PublishedVersion, RunManifest, RunReport
-from . import duplicate_ids, report, versions
+from . import duplicate_ids, published_tables, report, versions
 from .finalize import read_run_manifests
 from .gate import GateFailed, Limits, Verdict, check
 from .layout import ROW_GROUP_ROWS, check_run_id, manifest_uri, published_uri, report_uri, version_uri
@@ -54,11 +56,12 @@ def publish(out: str, catalog: str | None = None, *, run_id: str | None = None, 
     now = versions.current(out)
     if now is not None and (now.run_id, now.catalog) == (manifest.run_id, catalog):
         return _summary(out, now, None, prune(out, retention))
-    made = report.build(out, manifest, catalog)
-    verdict = check(made, manifest, limits) if limits is not None else None
-    if verdict is not None and not verdict.passed and not force:
-        raise GateFailed(verdict)
-    record = _write_version(out, manifest, catalog, verdict, now)
+    with returning_freed_memory():  # memory flat whatever the catalog's size (pipeline/io/allocator.py)
+        made = report.build(out, manifest, catalog)
+        verdict = check(made, manifest, limits) if limits is not None else None
+        if verdict is not None and not verdict.passed and not force:
+            raise GateFailed(verdict)
+        record = _write_version(out, manifest, catalog, verdict, now)
     versions.point(out, record)
     return _summary(out, record, verdict, prune(out, retention))
 
@@ -68,13 +71,14 @@ def _write_version(out: str, manifest: RunManifest, catalog: str | None, verdict
     """Write the version's tables, then its record (the version exists once the record does)."""
     number = versions.next_number(out)
     latest = version_uri(out, number, "latest")
-    with connect() as con:
+    with connect() as con, tempfile.TemporaryDirectory(prefix="cmaclip-publish-", dir=scratch_root()) as sorts:
         storage.register_duckdb(con, out)
-        rows = write_parquet(_query(con, "publish_latest", {"predictions": manifest.predictions}), latest,
-                             versions.metadata(number))
+        predictions = published_tables.run_predictions(con, manifest.predictions)
+        rows = write_parquet(published_tables.latest(predictions, sorts), latest, versions.metadata(number),
+                             ROW_GROUP_ROWS)
         _check_rows(manifest, rows)
         joined = _publish_catalog(con, catalog, latest, version_uri(out, number, "catalog"),
-                                  versions.metadata(number)) if catalog else {}
+                                  versions.metadata(number), sorts) if catalog else {}
     record = PublishedVersion(
         version=number, run_id=manifest.run_id, model_name=manifest.model_name,
         model_version=manifest.model_version, rows=rows, files=["latest", "catalog"] if joined else ["latest"],
@@ -105,25 +109,30 @@ def _summary(out: str, record: PublishedVersion, verdict: Verdict | None, remove
             "forced": record.forced, "removed": removed}
 
 
-def _publish_catalog(con: Any, catalog: str, latest: str, view: str, metadata: dict[str, str]) -> dict[str, Any]:
-    """queries/publish_catalog_view.sql, with catalog rows keyed by the scoring rule (`duplicate_ids.register_key`)
-    and catalog columns named like a prediction column renamed (`_unique_columns`)."""
+def _publish_catalog(con: Any, catalog: str, latest: str, view: str, metadata: dict[str, str],
+                     sorts: str) -> dict[str, Any]:
+    """The catalog view (`published_tables.catalog_view`): the catalog's rows (queries/publish_catalog_rows.sql,
+    keyed by the scoring rule: `duplicate_ids.register_key`) with the new state's columns, prefixed
+    `predicted_` (`published_tables.predicted`); catalog columns named like a prediction column are renamed
+    (`_unique_names`). `sorts`: a local folder for the sorted runs."""
     storage.register_duckdb(con, catalog)
     files = storage.parquet_files(catalog)
     columns = con.sql(load_sql("publish_catalog_columns"), params={"catalog": files})
     duplicate_ids.register_key(con, str(dict(zip(columns.columns, columns.types)).get("product_id", "")))
-    reader, renamed = _unique_columns(_query(con, "publish_catalog_view", {"catalog": files, "latest": [latest]}))
+    rows = _query(con, "publish_catalog_rows", {"catalog": files})
+    state = published_tables.predicted(latest)
+    names, renamed = _unique_names(published_tables.column_names(rows.schema, state.schema))
     if renamed:
         logging.getLogger(__name__).warning("publish: catalog columns %s are named like prediction columns; "
                                             "published as %s", sorted(renamed), sorted(renamed.values()))
-    return {"catalog": view, "catalog_rows": write_parquet(reader, view, metadata), "renamed": renamed}
+    reader = published_tables.catalog_view(rows, state, names, sorts)
+    return {"catalog": view, "catalog_rows": write_parquet(reader, view, metadata, ROW_GROUP_ROWS), "renamed": renamed}
 
 
-def _unique_columns(reader: pa.RecordBatchReader) -> tuple[pa.RecordBatchReader, dict[str, str]]:
+def _unique_names(names: list[str]) -> tuple[list[str], dict[str, str]]:
     """The catalog view has the catalog's columns first, then the `predicted_` ones. A catalog column with a
     prediction column's name (say, the catalog keeps predictions of its own) would make two columns of one
     name, a file no reader accepts: it is published as `catalog_<name>` (prefixed again while taken)."""
-    names = reader.schema.names
     unique, taken, renamed = list(names), set(names), {}
     for i, name in enumerate(names):
         if name in names[i + 1:]:
@@ -132,7 +141,4 @@ def _unique_columns(reader: pa.RecordBatchReader) -> tuple[pa.RecordBatchReader,
                 alias = CATALOG_PREFIX + alias
             unique[i], renamed[name] = alias, alias
             taken.add(alias)
-    if not renamed:
-        return reader, {}
-    schema = pa.schema([field.with_name(name) for field, name in zip(reader.schema, unique)])
-    return pa.RecordBatchReader.from_batches(schema, (b.rename_columns(unique) for b in reader)), renamed
+    return unique, renamed

@@ -7,9 +7,12 @@ Written under `_reports/run=<id>/` before the quality gate decides (`report.json
 `fill.parquet`, `disagreements.parquet`), and linked from the version publish makes. Built again only when
 the published state or the catalog it compared with has changed since.
 
-The states are wide (columns per task); the queries (queries/report_*.sql) read them long, one row per
+The fill and disagreements files are streamed within a fixed memory (`reviews`). For the figures per task,
+the states are wide (columns per task); the queries (queries/report_*.sql) read them long, one row per
 (product, task), through views this module builds with DuckDB's relational API, so column names are
-identifiers DuckDB quotes, never text formatted into SQL. DuckDB runs within a memory limit (`sql.connect`).
+identifiers DuckDB quotes, never text formatted into SQL. DuckDB runs within a memory limit (`sql.connect`):
+the join of the new state with the previous one (report_tasks.sql) is DuckDB's, bounded by that limit, not
+streamed.
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import dataclasses
 import functools
 import json
 import math
+import tempfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from typing import Any
@@ -24,17 +28,16 @@ from typing import Any
 import pyarrow as pa
 from tabulate import tabulate
 
-from ..contracts import DISAGREEMENTS, FILL, schema_of, tasks_in
+from ..contracts import tasks_in
 from ..io import storage
-from ..io.sql import connect, load_sql, write_parquet
-from ..io.text import normalize_labels
+from ..io.sql import connect, load_sql, scratch_root
 from ..manifests import RunManifest, RunReport, TaskReport
-from . import duplicate_ids, versions
-from .layout import ROW_GROUP_ROWS, published_uri, report_uri
+from . import reviews, versions
+from .layout import published_uri, report_uri
 
 PSI_EPSILON = 1e-4                        # the share a class empty on one side counts as: PSI stays finite
 STATE_COLUMNS = ("product_id", "task", "label", "confidence", "image_weight", "rescored")
-REVIEWS = {"fill": FILL, "disagreements": DISAGREEMENTS}
+REVIEWS = reviews.SCHEMAS
 TOP_CLASSES = 5                           # classes per task the summary names
 
 
@@ -54,7 +57,7 @@ def build(out: str, manifest: RunManifest, catalog: str | None = None) -> RunRep
                 storage.register_duckdb(con, uri)
         tasks = _state_view(con, "new_state", manifest.predictions, manifest.run_id)
         _state_view(con, "previous_state", [previous] if previous else [], "", tasks)
-        reviewed = _write_reviews(con, out, manifest.run_id, catalog, tasks) if catalog else {}
+        reviewed = _write_reviews(con, out, manifest, catalog, tasks) if catalog else {}
         stats = [_task_report(row, reviewed) for row in _query(con, "report_tasks").to_pylist()]
         stats = _with_classes(con, stats, _vocabulary(manifest.predictions))
     report = RunReport(run_id=manifest.run_id, model_name=manifest.model_name, model_version=manifest.model_version,
@@ -114,48 +117,13 @@ def _state_view(con: Any, name: str, files: Sequence[str], run_id: str,
     return found
 
 
-def _catalog_view(con: Any, catalog: str, tasks: Sequence[str]) -> None:
-    """View `catalog_values`: (product_id, task, value) of every catalog row and task, the id keyed as
-    scoring keys it and the value cleaned as ingest cleans labels; null where the catalog has no such
-    column, the cell is null or blank, or it is not text."""
-    from duckdb import ColumnExpression as column, ConstantExpression as constant, FunctionExpression as call
-
-    files = storage.parquet_files(catalog)
-    columns = con.sql(load_sql("publish_catalog_columns"), params={"catalog": files})
-    types = {name: str(kind) for name, kind in zip(columns.columns, columns.types)}
-    duplicate_ids.register_key(con, types.get("product_id", ""))
-    con.create_function("cmaclip_label", normalize_labels, ["VARCHAR"], "VARCHAR", type="arrow",
-                        null_handling="special")
-    con.create_function("cmaclip_label_bytes", normalize_labels, ["BLOB"], "VARCHAR", type="arrow",
-                        null_handling="special")
-
-    def value(task: str) -> Any:
-        if task not in types:
-            return constant(None).cast("VARCHAR")
-        if types[task] == "BLOB":
-            return call("cmaclip_label_bytes", column(task))
-        return call("cmaclip_label", column(task).cast("VARCHAR"))
-
-    relation = con.read_parquet(files, union_by_name=True, hive_partitioning=False)
-    key = call(duplicate_ids.KEY_FUNCTION, column("product_id"))
-    parts = [relation.select(key.alias("product_id"), constant(t).alias("task"), value(t).alias("value"))
-             for t in tasks]
-    functools.reduce(lambda a, b: a.union(b), parts).create_view("catalog_values")
-
-
 # --- the outputs ----------------------------------------------------------------------------------------
 
-def _write_reviews(con: Any, out: str, run_id: str, catalog: str, tasks: Sequence[str]) -> dict[str, dict]:
-    """fill.parquet and disagreements.parquet; their rows per task, by review."""
-    _catalog_view(con, catalog, tasks)
-    counts = {}
-    for name, columns in REVIEWS.items():
-        uri = report_uri(out, run_id, f"{name}.parquet")
-        reader = con.sql(load_sql(f"report_{name}")).to_arrow_reader(ROW_GROUP_ROWS)
-        write_parquet(reader.cast(schema_of(columns)), uri)  # the contract's schema, non-null keys included
-        rows = _query(con, "report_review_counts", {"review": [uri]}).to_pylist()
-        counts[name] = {r["task"]: r["products"] for r in rows}
-    return counts
+def _write_reviews(con: Any, out: str, manifest: RunManifest, catalog: str, tasks: Sequence[str]) -> dict[str, dict]:
+    """fill.parquet and disagreements.parquet (`reviews`); their rows per task, by review."""
+    uris = {name: report_uri(out, manifest.run_id, f"{name}.parquet") for name in REVIEWS}
+    with tempfile.TemporaryDirectory(prefix="cmaclip-report-", dir=scratch_root()) as folder:
+        return reviews.write(con, manifest.predictions, catalog, tasks, uris, folder)
 
 
 def _task_report(row: Mapping[str, Any], reviewed: Mapping[str, Mapping[str, int]]) -> TaskReport:
