@@ -34,6 +34,9 @@ def one_thread():
 
 
 def _score(catalog, model, out, **kw) -> dict:
+    # fp32: only it is batch-invariant on a CPU. `auto` picks int8 where bf16 is not native (AVX2-only) and bf16
+    # where it is; both move a row's outputs with the rows batched beside it, up to 1e-3 here.
+    kw.setdefault("precision", "fp32")
     return distributor.score(str(catalog), model, str(out), rows_per_shard=SHARD_ROWS, batch_size=BATCH, workers=0,
                              progress=False, **kw)
 
@@ -99,7 +102,7 @@ def full_rescore(nights, checkpoint, tmp_path_factory) -> dict:
     with contextlib.redirect_stdout(printed):
         assert cli.main(["score", "--catalog", str(nights["second"]), "--model", checkpoint, "--out", str(out),
                          "--rows-per-shard", str(SHARD_ROWS), "--batch-size", str(BATCH), "--workers", "0",
-                         "--full", "--all"]) == 0
+                         "--precision", "fp32", "--full", "--all"]) == 0
     return json.loads(printed.getvalue())
 
 
