@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import resource
 import subprocess
@@ -110,7 +111,12 @@ def step_ingest(args: argparse.Namespace, workers: int) -> dict:
     out = Path(args.work_dir) / f"dataset-{Path(args.catalog).stem}-{workers}"
     started = time.perf_counter()
     manifest = ingest(args.catalog, args.tasks, str(out), workers=workers)
-    return {"rows": manifest["counts"]["rows_in"], "seconds": time.perf_counter() - started}
+    seconds = time.perf_counter() - started
+    # Ingest returns without waiting for its worker processes to wind down: wait here, so that their CPU
+    # seconds and peak RSS (RUSAGE_CHILDREN counts only children waited for) are in the figures.
+    for child in multiprocessing.active_children():
+        child.join()
+    return {"rows": manifest["counts"]["rows_in"], "seconds": seconds}
 
 
 def _predictions(args: argparse.Namespace) -> Path:
