@@ -3,10 +3,11 @@
 The row pass runs per group of the catalog's row groups (pipeline.ingest.plan), in parallel processes here
 or as mapped Airflow tasks: each group reads its rows, checks them (pipeline.ingest.validate) and stages
 the good ones sorted in dataset order, committed with a done marker (pipeline.ingest.staging), so a retry
-redoes only its own group. `finish` then takes the whole-catalog decisions over the staged rows' metadata
-only (pipeline.ingest.decide: duplicates, split positions, label counts) and writes the dataset's parts,
-in parallel too (pipeline.ingest.dataset_writer), each image read once more. Part boundaries are positions
-in dataset order, so the dataset is byte for byte the same for any number of groups and processes.
+redoes only its own group. `finish` then takes the whole-catalog decisions in one streaming pass over the
+staged rows' metadata only (pipeline.ingest.decide: duplicates, split positions, label counts) and writes
+the dataset's parts, in parallel too (pipeline.ingest.dataset_writer), each image read once more. Part
+boundaries are positions in dataset order, so the dataset is byte for byte the same for any number of groups
+and processes.
 
 Output under `out_uri`:
     dataset/part-<split>-<n>.parquet  product_id, title, image, one string column per task, split
@@ -55,7 +56,7 @@ from ..io.sql import connect, load_sql, scratch_root
 from ..manifests import (DatasetCounts, DatasetFiles, DatasetInput, DatasetManifest, DatasetPart, IngestRun,
                          ManifestError, StagedGroup)
 from .dataset_writer import PartJob, part_name, write_part
-from .decide import Decisions, LabelStats, decide, write_order, write_quarantine
+from .decide import Decisions, LabelStats, decide, write_quarantine
 from .plan import ROWS_PER_PART, SPLITS, IngestPlan, check_splits, check_tasks, make_params, plan_ingest, split_of
 from .staging import committed, stage_group
 
@@ -181,14 +182,10 @@ def finish(plan: IngestPlan, staging: str, out_uri: str, workers: int | None = N
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="cmaclip-ingest-", dir=scratch_root()))
         order = os.path.join(tmp, "order.parquet")
-        # The decisions end in files (order, quarantine): DuckDB's memory is given back before the parts.
-        with connect(os.path.join(tmp, "spill")) as con:
-            storage.register_duckdb(con, staging)
-            decisions = decide(con, markers, plan.params)
-            counts = _counts(plan, markers, decisions)
-            _clear(out_uri)
-            write_quarantine(con, markers, storage.join(out_uri, QUARANTINE))
-            write_order(con, plan.params.part_rows, order)
+        decisions = decide(markers, plan.params, tmp, order)
+        counts = _counts(plan, markers, decisions)
+        _clear(out_uri)
+        write_quarantine(markers, tmp, storage.join(out_uri, QUARANTINE))
         pool = pool or stack.enter_context(_pool(n_workers, [out_uri, staging]))
         dataset = _write_parts(plan, markers, decisions, order, out_uri, pool)
     verify_counts(out_uri, dataset, decisions.by_split)

@@ -44,7 +44,7 @@ class PartJob:
     split: str
     index: int
     uri: str                             # where the part goes
-    order: str                           # the order file (decide.write_order)
+    order: str                           # the order file (decide.decide)
     start: int                           # the part's first row in the order file
     rows: int
     groups: tuple[str, ...]              # each group's rows.parquet, by group number

@@ -1,6 +1,7 @@
 """Sort a stream of Arrow tables by key columns within a fixed memory budget: rows are gathered into runs of
 about `RUN_BYTES`, each run sorted in memory and written to a local Arrow file in small batches, and the runs
-merged (`FAN_IN` at a time, in passes when there are more) reading one small batch of each at a time.
+merged (`FAN_IN` at a time, in passes when there are more) reading one small batch of each at a time. `merged`
+is that merge on its own, for streams that are sorted already (ingest's staged groups).
 
 Memory is bounded by the constants, never by the number of rows: the staged rows of a group carry their
 image bytes, so sorting them in DuckDB (whose sort of wide blobs runs out of memory rather than spilling) or
@@ -31,13 +32,24 @@ def sorted_tables(tables: Iterable[pa.Table], keys: Sequence[str], folder: str, 
     they are merged."""
     run_bytes, batch_bytes = (RUN_BYTES, BATCH_BYTES) if run_bytes is None else (run_bytes, run_bytes // FAN_IN)
     runs = _runs(tables, keys, folder, run_bytes, batch_bytes)
+    yield from merged([_run_batches(path) for path in runs], keys, folder, out_rows, FAN_IN, batch_bytes)
+
+
+def merged(streams: Sequence[Iterator[pa.RecordBatch]], keys: Sequence[str], folder: str, out_rows: int = 1024,
+           fan_in: int = FAN_IN, batch_bytes: int = BATCH_BYTES) -> Iterator[pa.Table]:
+    """The rows of `streams` (each sorted by `keys`, all of one schema) merged by `keys`, as tables of at
+    most `out_rows` rows. At most `fan_in` streams are read at once: with more, they are merged `fan_in` at
+    a time into Arrow files under `folder` (which must exist), in passes, until `fan_in` are left. A stream
+    is a generator, so it opens its source only when the merge first reads it. Ties are broken by stream
+    order: the earlier stream's row first."""
     level = 0
-    while len(runs) > FAN_IN:
+    while len(streams) > fan_in:
         level += 1
-        runs = [_write_run(_merged(runs[i:i + FAN_IN], keys, out_rows),
-                           os.path.join(folder, f"merge-{level}-{i:06d}.arrow"), batch_bytes)
-                for i in range(0, len(runs), FAN_IN)]
-    yield from _merged(runs, keys, out_rows)
+        paths = [_write_run(_merged(streams[i:i + fan_in], keys, out_rows),
+                            os.path.join(folder, f"merge-{level}-{i:06d}.arrow"), batch_bytes)
+                 for i in range(0, len(streams), fan_in)]
+        streams = [_run_batches(path) for path in paths if path is not None]
+    yield from _merged(streams, keys, out_rows)
 
 
 def _runs(tables: Iterable[pa.Table], keys: Sequence[str], folder: str, run_bytes: int,
@@ -60,8 +72,9 @@ def _sort_run(buffer: list[pa.Table], keys: Sequence[str], path: str, batch_byte
     return _write_run(iter([ordered]), path, batch_bytes)
 
 
-def _write_run(tables: Iterator[pa.Table], path: str, batch_bytes: int) -> str:
-    """Tables into an Arrow file in batches of about `batch_bytes`, so its merge reads little at a time."""
+def _write_run(tables: Iterator[pa.Table], path: str, batch_bytes: int) -> str | None:
+    """Tables into an Arrow file in batches of about `batch_bytes`, so its merge reads little at a time;
+    None (and no file) when there are no rows."""
     with contextlib.ExitStack() as stack:
         writer = None
         for table in tables:
@@ -71,30 +84,33 @@ def _write_run(tables: Iterator[pa.Table], path: str, batch_bytes: int) -> str:
             rows = max(1, min(MAX_BATCH_ROWS, int(batch_bytes * table.num_rows / max(1, table.nbytes))))
             for batch in table.to_batches(max_chunksize=rows):
                 writer.write_batch(batch)
-    return path
+    return None if writer is None else path
+
+
+def _run_batches(path: str) -> Iterator[pa.RecordBatch]:
+    """A run's batches, the file removed once read."""
+    with pa.OSFile(path) as source:
+        reader = pa.ipc.open_file(source)
+        for i in range(reader.num_record_batches):
+            yield reader.get_batch(i)
+    os.remove(path)
 
 
 class _Run:
-    """A sorted run read back one batch at a time; `key()` is the current row's key tuple."""
+    """A sorted stream read one batch at a time; `key()` is the current row's key tuple."""
 
-    def __init__(self, path: str, keys: Sequence[str]):
-        self.path, self.keys = path, keys
-        self.source = pa.OSFile(path)
-        self.reader = pa.ipc.open_file(self.source)
-        self.next_batch, self.batch, self.row, self.key_rows = 0, None, 0, []
+    def __init__(self, batches: Iterator[pa.RecordBatch], keys: Sequence[str]):
+        self.batches, self.keys = batches, keys
+        self.batch, self.row, self.key_rows = None, 0, []
         self._load()
 
     def _load(self) -> None:
         self.batch, self.row = None, 0
-        while self.next_batch < self.reader.num_record_batches:
-            batch = self.reader.get_batch(self.next_batch)
-            self.next_batch += 1
+        for batch in self.batches:
             if batch.num_rows:
                 self.batch = batch
                 self.key_rows = list(zip(*(batch.column(k).to_pylist() for k in self.keys)))
                 return
-        self.source.close()
-        os.remove(self.path)
 
     def key(self) -> tuple:
         return self.key_rows[self.row]
@@ -106,8 +122,8 @@ class _Run:
         return self.batch is not None
 
 
-def _merged(paths: list[str], keys: Sequence[str], out_rows: int) -> Iterator[pa.Table]:
-    runs = [_Run(p, keys) for p in paths]
+def _merged(streams: Sequence[Iterator[pa.RecordBatch]], keys: Sequence[str], out_rows: int) -> Iterator[pa.Table]:
+    runs = [_Run(stream, keys) for stream in streams]
     heap = [(run.key(), i) for i, run in enumerate(runs) if run.batch is not None]
     heapq.heapify(heap)
     picks: list[tuple[pa.RecordBatch, int]] = []

@@ -7,7 +7,7 @@ publish. When scored, a product_id on more than one row of the catalog snapshot 
 one of the rows would give the others its attributes (a "Red Dress" row showing Navy/Skirt predicted from the
 other row's image), and rows that differ have no prediction that is each row's own. Ingest, which builds
 training examples rather than per-row attributes, keeps one row of each id (the smallest content hash,
-queries/ingest_rank.sql) and quarantines the others under the same code.
+pipeline.ingest.decide) and quarantines the others under the same code.
 
 Shards are scored independently and the rows of one id may lie in any files and shards, so the plan looks
 at the product_id of every row, staged once for the whole plan (`catalog_scan`, memory bounded for any catalog
