@@ -295,7 +295,7 @@ def ingest(catalog_uri: str, tasks: Sequence[str] | str, out_uri: str, *,
     log.info("ingest %s (%d files, %d rows) -> %s: %d groups on %d processes", catalog_uri, len(plan.files),
              plan.rows, out_uri, len(plan.group_ids), n_workers)
     with _staging_folder(staging) as folder, _pool(n_workers, [catalog_uri, out_uri, folder]) as pool:
-        largest_first = sorted(plan.group_ids, key=lambda g: -sum(u.rows for u in plan.group(g)))
+        largest_first = sorted(plan.group_ids, key=lambda g: -plan.group_rows(g))
         _map(pool, stage_group, [(plan, g, folder) for g in largest_first])
         manifest = finish(plan, folder, out_uri, n_workers, pool, started)
     return manifest.to_dict()

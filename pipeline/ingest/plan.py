@@ -9,6 +9,7 @@ after staging, and so the dataset, is the same for any number of groups.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -148,15 +149,23 @@ class IngestPlan:
         return [GROUP_ID.format(g) for g in range(len(self.bounds) - 1)]
 
     def units(self) -> list[Unit]:
+        return list(self._units)
+
+    @functools.cached_property
+    def _units(self) -> tuple[Unit, ...]:
+        # Once per plan: a catalog has as many units as row groups, and every group is asked for its own.
         sizes = [(f, g, n) for f, groups in enumerate(self.row_groups) for g, n in enumerate(groups)]
         starts = itertools.accumulate((n for _, _, n in sizes), initial=0)
-        return [Unit(f, g, seq, n) for (f, g, n), seq in zip(sizes, starts)]
+        return tuple(Unit(f, g, seq, n) for (f, g, n), seq in zip(sizes, starts))
 
     def group(self, group_id: str) -> list[Unit]:
-        if group_id not in self.group_ids:
+        g = int(group_id) if group_id.isdigit() else -1
+        if not 0 <= g < len(self.bounds) - 1 or group_id != GROUP_ID.format(g):
             raise ValueError(f"no group {group_id!r} in ingest plan {self.id} (groups {self.group_ids})")
-        g = int(group_id)
-        return self.units()[self.bounds[g]:self.bounds[g + 1]]
+        return list(self._units[self.bounds[g]:self.bounds[g + 1]])
+
+    def group_rows(self, group_id: str) -> int:
+        return sum(u.rows for u in self.group(group_id))
 
     def regrouped(self, groups: int) -> "IngestPlan":
         """The same catalog and params cut into at most `groups` groups."""

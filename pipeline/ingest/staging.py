@@ -75,7 +75,7 @@ def committed(plan: IngestPlan, staging: str, group_id: str) -> StagedGroup | No
         return None
     marker = StagedGroup.read(files.marker)
     if (marker.plan_id, marker.rows, marker.quarantine) != (plan.id, files.rows, files.quarantine) or \
-            marker.rows_in != sum(u.rows for u in plan.group(group_id)):
+            marker.rows_in != plan.group_rows(group_id):
         return None
     try:
         found = tuple(storage.parquet_file(u).metadata.num_rows for u in (marker.rows, marker.quarantine))
@@ -131,7 +131,7 @@ def _stage(plan: IngestPlan, group_id: str, files: GroupFiles, scratch: str) -> 
             good = _checked_tables(plan, group_id, bad, tally)
             for table in sorted_tables(good, ORDER, scratch, STAGED_ROW_GROUP):
                 out.write(table)
-    promised = sum(u.rows for u in plan.group(group_id))
+    promised = plan.group_rows(group_id)
     if tally.rows_in != promised:
         raise RuntimeError(f"group {group_id}: read {tally.rows_in} rows but the catalog footers promise {promised}")
     return tally
